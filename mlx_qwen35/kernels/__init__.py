@@ -1,0 +1,42 @@
+"""The one entry the model calls for the delta-rule scan. It validates inputs and picks a path for the
+device and sequence length; each path sits beside a plain reference with the same signature."""
+
+import mlx.core as mx
+
+from .chunked import gated_delta_chunked
+from .reference import gated_delta_recurrent
+
+__all__ = ["gated_delta_update", "gated_delta_recurrent", "gated_delta_chunked"]
+
+# Below this many steps the per-step recurrence does less work than building 64x64 chunk matrices.
+CHUNKED_MIN_STEPS = 16
+
+
+def gated_delta_update(q, k, v, g, beta, state=None, mask=None):
+    """Gated delta rule over a sequence; see `gated_delta_recurrent` for shapes and conventions."""
+    check_inputs(q, k, v, g, beta, state, mask)
+    if q.shape[1] >= CHUNKED_MIN_STEPS:
+        return gated_delta_chunked(q, k, v, g, beta, state, mask)
+    return gated_delta_recurrent(q, k, v, g, beta, state, mask)
+
+
+def check_inputs(q, k, v, g, beta, state, mask):
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"q, k, v must be [B, T, H, D]; got ranks {q.ndim}, {k.ndim}, {v.ndim}")
+    if q.shape != k.shape:
+        raise ValueError(f"q {q.shape} and k {k.shape} must have the same shape")
+    B, T, Hk, Dk = q.shape
+    if v.shape[:2] != (B, T):
+        raise ValueError(f"v {v.shape} must share [B, T] = {(B, T)} with q")
+    Hv, Dv = v.shape[2:]
+    if Hv % Hk:
+        raise ValueError(f"value heads ({Hv}) must be a multiple of key heads ({Hk})")
+    for name, x in (("g", g), ("beta", beta)):
+        if x.shape != (B, T, Hv):
+            raise ValueError(f"{name} must be [B, T, Hv] = {(B, T, Hv)}, got {x.shape}")
+    if q.dtype != k.dtype:
+        raise ValueError(f"q and k dtypes differ: {q.dtype} vs {k.dtype}")
+    if state is not None and state.shape != (B, Hv, Dv, Dk):
+        raise ValueError(f"state must be [B, Hv, Dv, Dk] = {(B, Hv, Dv, Dk)}, got {state.shape}")
+    if mask is not None and mask.shape != (B, T):
+        raise ValueError(f"mask must be [B, T] = {(B, T)}, got {mask.shape}")

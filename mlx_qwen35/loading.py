@@ -1,0 +1,197 @@
+"""From a checkpoint directory to a ready model: find and validate the safetensors files, read them lazily,
+map keys with the one idempotent `sanitize`, check names and shapes strictly, and cast."""
+
+import json
+import re
+import struct
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from . import platform
+from .config import ModelConfig
+from .models.qwen35 import Model
+
+EXTRA_PREFIXES = ("model.visual.", "mtp.")
+PER_EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+# Parameters kept in float32 whatever the model dtype: the norms, and the DeltaNet decay parameters.
+FLOAT32_SUFFIXES = ("layernorm.weight", "norm.weight", "A_log", "dt_bias")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def resolve_path(path_or_id) -> Path:
+    path = Path(path_or_id).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file; expected a checkpoint directory")
+        return path
+    if str(path_or_id).count("/") != 1 or str(path_or_id).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"no checkpoint directory at {path}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(path_or_id), allow_patterns=[
+            "*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]))
+    except Exception as error:  # offline, unknown repo, or no access: all end the same way for the user
+        raise FileNotFoundError(
+            f"{path_or_id!r} is not a local directory and could not be fetched from the Hugging Face hub "
+            f"({type(error).__name__}: {error})") from error
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    index_file = path / "model.safetensors.index.json"
+    if index_file.exists():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as error:
+            raise CheckpointError(f"{index_file} is not a valid safetensors index: {error}") from error
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"{path}: shards listed in the index are missing: {', '.join(missing)}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path} contains no .safetensors files")
+    return files
+
+
+def check_safetensors_file(file: Path) -> dict:
+    """Validate the header and the file length (a truncated download fails here, not mid-forward)."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{file} is truncated or not a safetensors file ({size} bytes)")
+        header_len = struct.unpack("<Q", head)[0]
+        if header_len > size - 8:
+            raise CheckpointError(f"{file} is corrupt: header length {header_len} exceeds the file size")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise CheckpointError(f"{file} is corrupt: unreadable header ({error})") from error
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end > size:
+        raise CheckpointError(
+            f"{file} is truncated: {size} bytes on disk, {8 + header_len + end} expected from its header")
+    return header
+
+
+def read_weights(path: Path) -> dict:
+    """Every tensor of the checkpoint as a lazy MLX array: nothing is read until it is used."""
+    weights = {}
+    for file in safetensors_files(path):
+        check_safetensors_file(file)
+        try:
+            weights.update(mx.load(str(file)))
+        except Exception as error:
+            raise CheckpointError(f"{file} could not be read: {error}") from error
+    return weights
+
+
+def sanitize(weights: dict, config: ModelConfig) -> dict:
+    """Map any supported key layout to the model's names. Idempotent: sanitize(sanitize(w)) == sanitize(w).
+
+    - `*_text` checkpoints (`model.layers...`) move under `model.language_model.`;
+    - per-expert MoE tensors `experts.{e}.{gate,up,down}_proj.weight` are stacked into the fused
+      `experts.gate_up_proj` [E, 2I, H] and `experts.down_proj` [E, H, I];
+    - a tied `lm_head.weight` is dropped.
+    Norm offsets and the conv layout stay as in the checkpoint: the model reads them as stored.
+    """
+    if any(k.startswith("language_model.model.") for k in weights):
+        raise CheckpointError("these weights are an mlx-lm conversion (norms shifted by +1, conv transposed); "
+                              "load the original Hugging Face checkpoint instead")
+    renamed = {}
+    for key, value in weights.items():
+        if key.startswith("model.") and not key.startswith(("model.language_model.", "model.visual.")):
+            key = "model.language_model." + key.removeprefix("model.")
+        renamed[key] = value
+    if config.tie_word_embeddings:
+        renamed.pop("lm_head.weight", None)
+    return stack_per_expert_weights(renamed, config)
+
+
+def stack_per_expert_weights(weights: dict, config: ModelConfig) -> dict:
+    groups = {}
+    for key in list(weights):
+        match = PER_EXPERT_KEY.match(key)
+        if match:
+            prefix, expert, projection = match.groups()
+            groups.setdefault(prefix, {})[(int(expert), projection)] = weights.pop(key)
+    num_experts = config.text_config.num_experts
+    for prefix, tensors in groups.items():
+        missing = [f"{prefix}.{e}.{p}_proj.weight" for e in range(num_experts) for p in ("gate", "up", "down")
+                   if (e, f"{p}_proj") not in tensors]
+        if missing:
+            raise CheckpointError(f"checkpoint lacks {len(missing)} expert tensors, e.g. {', '.join(missing[:4])}")
+        weights[f"{prefix}.gate_up_proj"] = mx.stack([
+            mx.concatenate([tensors[(e, "gate_proj")], tensors[(e, "up_proj")]], axis=0)
+            for e in range(num_experts)])
+        weights[f"{prefix}.down_proj"] = mx.stack([tensors[(e, "down_proj")] for e in range(num_experts)])
+    return weights
+
+
+def _listed(names, limit=8) -> str:
+    names = sorted(names)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def load_model(path, dtype=None) -> Model:
+    path = resolve_path(path)
+    config = ModelConfig.from_path(path)
+    weights = sanitize(read_weights(path), config)
+    dtype = platform.parse_dtype(dtype) or platform.default_dtype()
+
+    model = Model(config)
+    expected = dict(tree_flatten(model.parameters()))
+    extras = {k: v for k, v in weights.items() if k.startswith(EXTRA_PREFIXES)}
+    used = {k: v for k, v in weights.items() if k not in extras}
+    missing, unexpected = expected.keys() - used.keys(), used.keys() - expected.keys()
+    if missing or unexpected:
+        problems = []
+        if missing:
+            problems.append(f"missing {len(missing)} tensors: {_listed(missing)}")
+        if unexpected:
+            problems.append(f"unexpected {len(unexpected)} tensors: {_listed(unexpected)}")
+        raise CheckpointError(f"{path} does not match its config ({config.model_type}): " + "; ".join(problems))
+    wrong_shapes = [f"{k} {tuple(v.shape)} (expected {tuple(expected[k].shape)})"
+                    for k, v in used.items() if v.shape != expected[k].shape]
+    if wrong_shapes:
+        raise CheckpointError(f"{path}: tensors with wrong shapes: {_listed(wrong_shapes)}")
+
+    model.load_weights([(k, cast(k, v, dtype)) for k, v in used.items()], strict=True)
+    try:
+        mx.eval(model.parameters())
+    except Exception as error:
+        raise CheckpointError(f"{path}: reading tensors failed: {error}") from error
+    model._extra_weights.update(extras)
+    model.eval()
+    return model
+
+
+def cast(key: str, value, dtype):
+    if not mx.issubdtype(value.dtype, mx.floating):
+        return value
+    if key.endswith(FLOAT32_SUFFIXES):
+        return value.astype(mx.float32)
+    return value.astype(dtype)
+
+
+def load_processor(path):
+    """The tokenizer (mlx-lm's wrapper) when the checkpoint has tokenizer files, else None."""
+    path = resolve_path(path)
+    if not (path / "tokenizer.json").exists() and not (path / "tokenizer_config.json").exists():
+        return None
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    return load_tokenizer(path)
+
+
+def load(path, dtype=None):
+    """Load a Qwen 3.5 checkpoint directory (Hugging Face or converted). Returns (model, processor)."""
+    return load_model(path, dtype), load_processor(path)

@@ -1,0 +1,43 @@
+"""Gated full attention: every fourth layer of Qwen 3.5."""
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..config import TextConfig
+from .layers import ZeroCenteredRMSNorm, apply_rotary
+
+
+class GatedAttention(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim**-0.5
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, 2 * self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_norm = ZeroCenteredRMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = ZeroCenteredRMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def __call__(self, x, rotary, cache=None):
+        B, L, _ = x.shape
+        # q_proj rows are per-head [query | gate] pairs of head_dim each.
+        query_and_gate = self.q_proj(x).reshape(B, L, self.num_heads, 2 * self.head_dim)
+        queries, gate = mx.split(query_and_gate, 2, axis=-1)
+        gate = gate.reshape(B, L, -1)
+        queries = self.q_norm(queries).transpose(0, 2, 1, 3)
+        keys = self.k_norm(self.k_proj(x).reshape(B, L, self.num_kv_heads, -1)).transpose(0, 2, 1, 3)
+        values = self.v_proj(x).reshape(B, L, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
+
+        cos, sin = rotary
+        queries, keys = apply_rotary(queries, cos, sin), apply_rotary(keys, cos, sin)
+        if cache is not None:
+            keys, values = cache.update_and_fetch(keys, values)
+
+        out = mx.fast.scaled_dot_product_attention(
+            queries, keys, values, scale=self.scale, mask="causal" if L > 1 else None)
+        out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
+        return self.o_proj(out * mx.sigmoid(gate))

@@ -1,0 +1,61 @@
+"""The sparse MoE block of `qwen3_5_moe`: softmax router, routed experts as stacked tensors driven by
+gather_mm over expert-sorted tokens, and a sigmoid-gated shared expert."""
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..config import TextConfig
+from .layers import MLP
+
+
+class Experts(nn.Module):
+    """All routed experts of one layer, stored as in the checkpoint: gate_up_proj [E, 2I, H] (rows [0, I)
+    gate, [I, 2I) up) and down_proj [E, H, I]."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_up_proj = mx.zeros((num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = mx.zeros((num_experts, hidden_size, intermediate_size))
+
+    def __call__(self, x, expert_indices):
+        """x [N, H], expert_indices [N, K] -> per-choice outputs [N, K, H]."""
+        N, K = expert_indices.shape
+        flat = expert_indices.flatten()
+        order = mx.argsort(flat)
+        experts_sorted = flat[order]
+        # Grouping rows by expert lets each gather_mm read every expert's weights once.
+        rows = x[order // K][:, None, :]  # [N*K, 1, H]
+        gate_up = mx.gather_mm(rows, self.gate_up_proj.swapaxes(-1, -2), rhs_indices=experts_sorted,
+                               sorted_indices=True)
+        gate, up = mx.split(gate_up, 2, axis=-1)
+        hidden = nn.silu(gate) * up
+        out = mx.gather_mm(hidden, self.down_proj.swapaxes(-1, -2), rhs_indices=experts_sorted,
+                           sorted_indices=True)
+        return out[mx.argsort(order)].reshape(N, K, -1)
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        H = config.hidden_size
+        self.gate = nn.Linear(H, config.num_experts, bias=False)
+        self.experts = Experts(config.num_experts, H, config.moe_intermediate_size)
+        self.shared_expert = MLP(H, config.shared_expert_intermediate_size)
+        self.shared_expert_gate = nn.Linear(H, 1, bias=False)
+
+    def route(self, x):
+        """x [N, H] -> (expert indices [N, K], weights [N, K] summing to 1), selected in float32."""
+        probs = mx.softmax(self.gate(x).astype(mx.float32), axis=-1)
+        indices = mx.argpartition(-probs, kth=self.top_k - 1, axis=-1)[:, : self.top_k]
+        weights = mx.take_along_axis(probs, indices, axis=-1)
+        weights = weights / weights.sum(-1, keepdims=True)
+        return indices, weights.astype(x.dtype)
+
+    def __call__(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        indices, weights = self.route(x)
+        routed = (self.experts(x, indices) * weights[..., None]).sum(axis=1)
+        shared = mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return (routed + shared).reshape(shape)
