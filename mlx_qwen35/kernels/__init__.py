@@ -6,7 +6,7 @@ import mlx.core as mx
 from .chunked import gated_delta_chunked
 from .reference import gated_delta_recurrent
 
-__all__ = ["gated_delta_update", "gated_delta_recurrent", "gated_delta_chunked"]
+__all__ = ["gated_delta_update", "gated_delta_recurrent", "gated_delta_chunked", "expert_matmul"]
 
 # Below this many steps the per-step recurrence does less work than building 64x64 chunk matrices.
 CHUNKED_MIN_STEPS = 16
@@ -40,3 +40,14 @@ def check_inputs(q, k, v, g, beta, state, mask):
         raise ValueError(f"state must be [B, Hv, Dv, Dk] = {(B, Hv, Dv, Dk)}, got {state.shape}")
     if mask is not None and mask.shape != (B, T):
         raise ValueError(f"mask must be [B, T] = {(B, T)}, got {mask.shape}")
+
+
+def expert_matmul(x, weights, expert_indices):
+    """Rows x [N, 1, in] times weights[expert_indices[n]] ([E, out, in], stored as the checkpoint has it)
+    -> [N, 1, out]; expert_indices must be sorted so each expert's weights are read once."""
+    w = weights.swapaxes(-1, -2)
+    if mx.default_device() == mx.cpu and x.dtype != mx.float32:
+        # MLX's CPU gather_mm supports float32 only.
+        return mx.gather_mm(x.astype(mx.float32), w.astype(mx.float32), rhs_indices=expert_indices,
+                            sorted_indices=True).astype(x.dtype)
+    return mx.gather_mm(x, w, rhs_indices=expert_indices, sorted_indices=True)

@@ -4,6 +4,7 @@ gather_mm over expert-sorted tokens, and a sigmoid-gated shared expert."""
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import kernels
 from ..config import TextConfig
 from .layers import MLP
 
@@ -25,12 +26,10 @@ class Experts(nn.Module):
         experts_sorted = flat[order]
         # Grouping rows by expert lets each gather_mm read every expert's weights once.
         rows = x[order // K][:, None, :]  # [N*K, 1, H]
-        gate_up = mx.gather_mm(rows, self.gate_up_proj.swapaxes(-1, -2), rhs_indices=experts_sorted,
-                               sorted_indices=True)
+        gate_up = kernels.expert_matmul(rows, self.gate_up_proj, experts_sorted)
         gate, up = mx.split(gate_up, 2, axis=-1)
         hidden = nn.silu(gate) * up
-        out = mx.gather_mm(hidden, self.down_proj.swapaxes(-1, -2), rhs_indices=experts_sorted,
-                           sorted_indices=True)
+        out = kernels.expert_matmul(hidden, self.down_proj, experts_sorted)
         return out[mx.argsort(order)].reshape(N, K, -1)
 
 

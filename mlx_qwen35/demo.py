@@ -1,0 +1,57 @@
+"""A tiny random-weight Qwen 3.5 checkpoint in Hugging Face layout, with the real 248,320-row vocabulary.
+It stands in as the default model until the trained one ships: it exercises the real loading and
+generation path, and its output is meaningless."""
+
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+
+DEFAULT_PATH = Path.home() / ".cache" / "mlx-qwen35" / "tiny-random-qwen3_5"
+TEXT_CONFIG = dict(
+    model_type="qwen3_5_text", vocab_size=248320, hidden_size=128, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=64, intermediate_size=384,
+    max_position_embeddings=262144, rms_norm_eps=1e-6, hidden_act="silu",
+    linear_conv_kernel_dim=4, linear_key_head_dim=32, linear_value_head_dim=32, linear_num_key_heads=2,
+    linear_num_value_heads=4, layer_types=["linear_attention"] * 3 + ["full_attention"],
+    rope_parameters=dict(rope_type="default", rope_theta=1e7, partial_rotary_factor=0.25,
+                         mrope_section=[3, 3, 2], mrope_interleaved=True),
+    eos_token_id=248046,
+)
+
+
+def build_random_checkpoint(path: Path = DEFAULT_PATH, seed: int = 0) -> Path:
+    from .config import ModelConfig
+    from .models.qwen35 import Model
+    from mlx.utils import tree_flatten
+
+    path = Path(path)
+    config_dict = dict(model_type="qwen3_5", text_config=TEXT_CONFIG, tie_word_embeddings=True,
+                       eos_token_id=248046)
+    model = Model(ModelConfig.from_dict(config_dict))
+    mx.random.seed(seed)
+    weights = {}
+    for name, param in tree_flatten(model.parameters()):
+        if name.endswith("A_log"):
+            value = mx.random.uniform(-1.0, 1.0, param.shape)
+        elif param.ndim == 1:
+            value = param + 0.1 * mx.random.normal(param.shape)
+        else:
+            value = mx.random.normal(param.shape) * param.shape[-1] ** -0.5
+        weights[name] = value.astype(mx.bfloat16)
+    # Written beside the target and renamed at the end: a directory at `path` is always complete.
+    partial = path.with_name(path.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    mx.save_safetensors(str(partial / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (partial / "config.json").write_text(json.dumps(config_dict, indent=2))
+    shutil.rmtree(path, ignore_errors=True)
+    partial.rename(path)
+    return path
+
+
+def ensure_random_checkpoint(path: Path = DEFAULT_PATH) -> Path:
+    if not (Path(path) / "model.safetensors").exists():
+        build_random_checkpoint(path)
+    return Path(path)

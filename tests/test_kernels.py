@@ -1,0 +1,112 @@
+"""The delta-rule scan paths against a float64 NumPy recurrence (fla-style grid over odd sizes)."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_qwen35 import kernels
+from mlx_qwen35.kernels import gated_delta_chunked, gated_delta_recurrent, gated_delta_update
+from mlx_qwen35.kernels.chunked import unit_lower_inverse
+
+
+def numpy_recurrence(q, k, v, g, beta, state, mask):
+    """float64: S <- g S; S <- S + beta (v - S k) k^T; y = S q, with S [B, Hv, Dv, Dk]."""
+    rep = v.shape[2] // q.shape[2]
+    q, k = np.repeat(q, rep, axis=2), np.repeat(k, rep, axis=2)
+    S = state.copy()
+    ys = np.zeros(v.shape)
+    for t in range(q.shape[1]):
+        for b in range(q.shape[0]):
+            if mask is not None and not mask[b, t]:
+                ys[b, t] = np.einsum("hvk,hk->hv", S[b], q[b, t])
+                continue
+            S[b] = S[b] * g[b, t, :, None, None]
+            predicted = np.einsum("hvk,hk->hv", S[b], k[b, t])
+            delta = (v[b, t] - predicted) * beta[b, t, :, None]
+            S[b] = S[b] + delta[:, :, None] * k[b, t][:, None, :]
+            ys[b, t] = np.einsum("hvk,hk->hv", S[b], q[b, t])
+    return ys, S
+
+
+def random_inputs(B, T, Hk, Hv, D, seed, zero_state=False, padded=False):
+    rng = np.random.default_rng(seed)
+
+    def unit(x):
+        return x / np.sqrt((x * x).sum(-1, keepdims=True) + 1e-6)
+
+    q = unit(rng.normal(size=(B, T, Hk, D))) * D**-0.5
+    k = unit(rng.normal(size=(B, T, Hk, D)))
+    v = rng.normal(size=(B, T, Hv, D))
+    g = np.exp(-rng.uniform(0.0, 1.5, size=(B, T, Hv)))
+    beta = rng.uniform(0.0, 1.0, size=(B, T, Hv))
+    state = np.zeros((B, Hv, D, D)) if zero_state else rng.normal(size=(B, Hv, D, D)) * 0.5
+    mask = None
+    if padded:
+        mask = np.ones((B, T), dtype=bool)
+        mask[0, : T // 3] = False  # left padding in the first sequence
+    return q, k, v, g, beta, state, mask
+
+
+def to_mx(x):
+    if x is None:
+        return None
+    return mx.array(x) if x.dtype == bool else mx.array(x.astype(np.float32))
+
+
+def rel(a, b):
+    return np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b)
+
+
+GRID = [  # B, T, Hk, Hv, D
+    (1, 1, 2, 2, 64), (3, 2, 2, 4, 64), (1, 63, 2, 8, 64), (3, 64, 2, 2, 128), (1, 65, 2, 4, 128),
+    (2, 200, 1, 4, 64), (1, 1000, 2, 4, 64),
+]
+
+
+@pytest.mark.parametrize("path", [gated_delta_recurrent, gated_delta_chunked, gated_delta_update],
+                         ids=["recurrent", "chunked", "entry"])
+@pytest.mark.parametrize("B,T,Hk,Hv,D", GRID)
+@pytest.mark.parametrize("variant", ["random-state", "zero-state", "padded"])
+def test_scan_matches_float64_recurrence(path, B, T, Hk, Hv, D, variant):
+    inputs = random_inputs(B, T, Hk, Hv, D, seed=T + D, zero_state=variant == "zero-state",
+                           padded=variant == "padded")
+    expected_y, expected_state = numpy_recurrence(*inputs)
+    y, state = path(*map(to_mx, inputs))
+    assert y.shape == expected_y.shape and state.shape == expected_state.shape
+    assert state.dtype == mx.float32
+    assert rel(y, expected_y) <= 1e-5
+    assert rel(state, expected_state) <= 1e-5
+
+
+def test_chunked_then_recurrent_equals_recurrent_state():
+    """Prefill by chunks then decode by steps ends in the same state as steps all the way."""
+    q, k, v, g, beta, state, _ = random_inputs(2, 130, 2, 4, 64, seed=1)
+    args = [to_mx(x) for x in (q, k, v, g, beta)]
+    _, chunk_state = gated_delta_chunked(*[a[:, :120] for a in args], to_mx(state))
+    _, chunk_state = gated_delta_recurrent(*[a[:, 120:] for a in args], chunk_state)
+    _, step_state = gated_delta_recurrent(*args, to_mx(state))
+    assert rel(chunk_state, np.array(step_state)) <= 1e-5
+
+
+def test_unit_lower_inverse_against_numpy():
+    rng = np.random.default_rng(0)
+    A = np.tril(rng.normal(size=(5, 64, 64)), -1) * 0.05
+    inverse = np.array(unit_lower_inverse(mx.array(A.astype(np.float32))))
+    np.testing.assert_allclose(inverse, np.linalg.inv(np.eye(64) + A), atol=1e-5)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(q=(1, 4, 2)), "ranks"),
+    (dict(v=(1, 4, 3, 16)), "multiple of key heads"),
+    (dict(g=(1, 4, 2)), "g must be"),
+    (dict(state=(1, 4, 16, 8)), "state must be"),
+    (dict(mask=(1, 5)), "mask must be"),
+])
+def test_bad_inputs_are_rejected(bad, message):
+    shapes = dict(q=(1, 4, 2, 16), k=(1, 4, 2, 16), v=(1, 4, 4, 16), g=(1, 4, 4), beta=(1, 4, 4),
+                  state=(1, 4, 16, 16), mask=(1, 4))
+    shapes.update(bad)
+    arrays = {name: mx.zeros(shape) for name, shape in shapes.items()}
+    arrays["mask"] = arrays["mask"].astype(mx.bool_)
+    with pytest.raises(ValueError, match=message):
+        kernels.gated_delta_update(**arrays)
