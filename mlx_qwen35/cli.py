@@ -71,6 +71,20 @@ def cmd_generate(args):
           f"{last.time_to_first_token:.3f} s; peak memory {last.peak_memory_gb:.2f} GB", file=sys.stderr)
 
 
+def cmd_bench(args):
+    from .bench import bench
+    from .demo import QWEN35_0_8B_TEXT_CONFIG, build_random_checkpoint
+
+    path = args.model
+    if not path:
+        path = DEFAULT_PATH.with_name("random-qwen3_5-0.8b-shaped")
+        print(f"NOTE: benchmarking a RANDOM-weight checkpoint with Qwen3.5-0.8B shapes at {path}",
+              file=sys.stderr)
+        if not (path / "model.safetensors").exists():
+            build_random_checkpoint(path, text_config=QWEN35_0_8B_TEXT_CONFIG)
+    bench(path, args.prompt_lengths, args.max_tokens, args.repeats, args.dtype, args.compare)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="mlx-qwen35", description="Qwen 3.5 in MLX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +99,14 @@ def main(argv=None):
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--dtype", choices=sorted(platform.DTYPES))
     gen.set_defaults(run=cmd_generate)
+    bench = sub.add_parser("bench", help="prefill/decode tok/s and peak memory, optionally against mlx-lm")
+    bench.add_argument("--model", help="checkpoint (default: a random one with Qwen3.5-0.8B shapes)")
+    bench.add_argument("--prompt-lengths", type=int, nargs="+", default=[512])
+    bench.add_argument("--max-tokens", type=int, default=64)
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--dtype", choices=sorted(platform.DTYPES))
+    bench.add_argument("--compare", nargs="*", default=[], choices=["mlx-lm"])
+    bench.set_defaults(run=cmd_bench)
     args = parser.parse_args(argv)
     try:
         args.run(args)

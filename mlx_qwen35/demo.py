@@ -21,13 +21,25 @@ TEXT_CONFIG = dict(
 )
 
 
-def build_random_checkpoint(path: Path = DEFAULT_PATH, seed: int = 0) -> Path:
-    from .config import ModelConfig
-    from .models.qwen35 import Model
+# The Qwen3.5-0.8B text shapes (shared/docs/qwen35_spec.md section 6), for benchmarks.
+QWEN35_0_8B_TEXT_CONFIG = dict(
+    TEXT_CONFIG, hidden_size=1024, num_hidden_layers=24, num_attention_heads=8, num_key_value_heads=2,
+    head_dim=256, intermediate_size=3584, linear_key_head_dim=128, linear_value_head_dim=128,
+    linear_num_key_heads=16, linear_num_value_heads=16, layer_types=None, full_attention_interval=4,
+    rope_parameters=dict(rope_type="default", rope_theta=1e7, partial_rotary_factor=0.25,
+                         mrope_section=[11, 11, 10], mrope_interleaved=True),
+)
+
+
+def build_random_checkpoint(path: Path = DEFAULT_PATH, seed: int = 0, text_config: dict = TEXT_CONFIG) -> Path:
     from mlx.utils import tree_flatten
 
+    from .config import ModelConfig
+    from .models.qwen35 import Model
+
     path = Path(path)
-    config_dict = dict(model_type="qwen3_5", text_config=TEXT_CONFIG, tie_word_embeddings=True,
+    text_config = {k: v for k, v in text_config.items() if v is not None} | {"tie_word_embeddings": True}
+    config_dict = dict(model_type="qwen3_5", text_config=text_config, tie_word_embeddings=True,
                        eos_token_id=248046)
     model = Model(ModelConfig.from_dict(config_dict))
     mx.random.seed(seed)
@@ -40,6 +52,7 @@ def build_random_checkpoint(path: Path = DEFAULT_PATH, seed: int = 0) -> Path:
         else:
             value = mx.random.normal(param.shape) * param.shape[-1] ** -0.5
         weights[name] = value.astype(mx.bfloat16)
+        mx.eval(weights[name])
     # Written beside the target and renamed at the end: a directory at `path` is always complete.
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)

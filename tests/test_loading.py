@@ -11,7 +11,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 import mlx_qwen35
-from hf_reference import build_hf_model, hf_logits, relative_error, save_hf_checkpoint, split_experts
+from hf_reference import build_hf_model, relative_error, save_hf_checkpoint
 from mlx_qwen35.config import ConfigError, ModelConfig
 from mlx_qwen35.loading import CheckpointError, read_weights, sanitize
 

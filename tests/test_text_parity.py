@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mlx_qwen35
-from hf_reference import build_hf_model, hf_logits, relative_error, save_hf_checkpoint
+from hf_reference import build_hf_model, relative_error, save_hf_checkpoint
 
 BOUND = 1e-5
 LENGTHS = (1, 63, 64, 65, 300)

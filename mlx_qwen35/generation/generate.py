@@ -32,6 +32,11 @@ def generate_tokens(model, prompt_ids, max_tokens: int = 64, temperature: float 
         raise ValueError("the prompt is empty: at least one token is needed")
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+    vocab_size = model.config.text_config.vocab_size
+    out_of_range = [t for t in prompt_ids if not 0 <= t < vocab_size]
+    if out_of_range:
+        raise ValueError(f"prompt token ids {out_of_range[:5]} are outside the model's vocabulary "
+                         f"(size {vocab_size}): is the tokenizer meant for this model?")
     cache = model.make_cache() if cache is None else cache
     prompt = mx.array(prompt_ids)[None]
     start = time.perf_counter()

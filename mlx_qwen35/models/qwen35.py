@@ -2,7 +2,6 @@
 `lm_head` (absent when tied to the embeddings); `model.visual` and `mtp` are kept as raw tensors
 until the vision tower and MTP head consume them."""
 
-import mlx.core as mx
 import mlx.nn as nn
 
 from ..cache import cache_offset

@@ -1,0 +1,57 @@
+"""The platform policy and the thin CLI."""
+
+import os
+import sys
+
+import mlx.core as mx
+import pytest
+
+from mlx_qwen35 import platform
+from mlx_qwen35.cli import main
+from mlx_qwen35.generation import generate_tokens
+from mlx_qwen35.loading import load_model
+
+OPENBLAS_PRESENT = any(os.path.exists(p) for p in platform.OPENBLAS_PATHS)
+
+
+@pytest.mark.skipif(not (sys.platform == "linux" and OPENBLAS_PRESENT), reason="needs Linux with OpenBLAS")
+def test_openblas_is_loaded_before_mlx():
+    assert platform.blas_in_use().startswith("OpenBLAS")
+
+
+def test_cpu_defaults_to_float32():
+    if mx.default_device() == mx.cpu:
+        assert platform.default_dtype() == mx.float32
+    with pytest.raises(ValueError, match="unknown dtype"):
+        platform.parse_dtype("float8")
+
+
+def test_info_reports_blas_and_model(capsys, tmp_path):
+    from hf_reference import build_hf_model, save_hf_checkpoint
+
+    path = save_hf_checkpoint(build_hf_model(moe=True, seed=2), tmp_path)
+    main(["info", "--model", str(path)])
+    out = capsys.readouterr().out
+    assert "BLAS:" in out and platform.blas_in_use() in out
+    assert "qwen3_5_moe, 4 layers" in out and "experts: 8, 2 routed per token" in out
+
+
+def test_generate_rejects_ids_outside_vocabulary(tmp_path):
+    from hf_reference import build_hf_model, save_hf_checkpoint
+
+    model = load_model(save_hf_checkpoint(build_hf_model(seed=4), tmp_path))
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        next(generate_tokens(model, [1, 2, 9999]))
+
+
+def test_generate_without_model_says_it_uses_random_weights(capsys, tmp_path, monkeypatch):
+    from mlx_qwen35 import cli, demo
+
+    target = tmp_path / "random"
+    monkeypatch.setattr(cli, "DEFAULT_PATH", target)
+    monkeypatch.setattr(cli, "ensure_random_checkpoint", lambda: demo.ensure_random_checkpoint(target))
+    main(["generate", "--prompt", "Hello", "--max-tokens", "4"])
+    captured = capsys.readouterr()
+    assert "RANDOM-weight" in captured.err
+    assert "generated 4 tokens" in captured.err
+    assert (target / "model.safetensors").exists() and not target.with_name("random.partial").exists()
