@@ -78,3 +78,25 @@ def bench(path, prompt_lengths=(512,), max_tokens=64, repeats=3, dtype=None, com
             print(f"ratio vs {other}, prompt {length}: prefill {ours[0] / theirs[0]:.2f}x, "
                   f"decode {ours[1] / theirs[1]:.2f}x")
     return rows
+
+
+def attention_memory(lengths=(4096, 8192, 16384), heads=8, kv_heads=2, head_dim=256):
+    """Peak memory of one causal attention call over a whole prompt: ours (query blocks) against a single
+    mx.fast.scaled_dot_product_attention call, at Qwen3.5-0.8B attention shapes."""
+    from .models.attention import causal_attention
+
+    print(f"# attention peak memory above inputs, {heads}/{kv_heads} heads, head_dim {head_dim}, "
+          f"device {platform.device_name()}, float32")
+    for length in lengths:
+        q = mx.random.normal((1, heads, length, head_dim))
+        k = mx.random.normal((1, kv_heads, length, head_dim))
+        mx.eval(q, k)
+        peaks = []
+        for attend in (lambda: causal_attention(q, k, k, head_dim**-0.5),
+                       lambda: mx.fast.scaled_dot_product_attention(q, k, k, scale=head_dim**-0.5, mask="causal")):
+            mx.clear_cache()
+            mx.reset_peak_memory()
+            base = mx.get_active_memory()
+            mx.eval(attend())
+            peaks.append((mx.get_peak_memory() - base) / 2**20)
+        print(f"length {length:6d}: blocked {peaks[0]:8.0f} MiB   single call {peaks[1]:8.0f} MiB", flush=True)

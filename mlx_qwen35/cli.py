@@ -72,7 +72,10 @@ def cmd_generate(args):
 
 
 def cmd_bench(args):
-    from .bench import bench
+    from .bench import attention_memory, bench
+
+    if args.attention_memory:
+        return attention_memory(tuple(args.prompt_lengths))
     from .demo import QWEN35_0_8B_TEXT_CONFIG, build_random_checkpoint
 
     path = args.model
@@ -106,6 +109,8 @@ def main(argv=None):
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--dtype", choices=sorted(platform.DTYPES))
     bench.add_argument("--compare", nargs="*", default=[], choices=["mlx-lm"])
+    bench.add_argument("--attention-memory", action="store_true",
+                       help="peak memory of prompt attention at --prompt-lengths instead of generation speed")
     bench.set_defaults(run=cmd_bench)
     args = parser.parse_args(argv)
     try:

@@ -94,3 +94,18 @@ def test_snapshot_restore_gives_identical_logits(reference):
         np.testing.assert_array_equal(a, b)
     expected = reference_logits(hf64, ids)[:, 20:]
     assert relative_error(np.concatenate(second, axis=1), expected) <= BOUND
+
+
+def test_blocked_attention_for_long_prompts_matches_reference(reference, monkeypatch):
+    """Prompts longer than QUERY_BLOCK attend block by block (memory linear in length); force small blocks."""
+    from mlx_qwen35.models import attention
+
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 64)
+    hf64, paths = reference
+    model, _ = mlx_qwen35.load(next(iter(paths.values())))
+    ids = np.random.default_rng(11).integers(0, 512, size=(1, 300))
+    cache = model.make_cache()
+    first = model(mx.array(ids[:, :100]), cache=cache)
+    rest = model(mx.array(ids[:, 100:]), cache=cache)
+    expected = reference_logits(hf64, ids)
+    assert relative_error(np.array(mx.concatenate([first, rest], axis=1)), expected) <= BOUND

@@ -6,6 +6,9 @@ import mlx.nn as nn
 from ..config import TextConfig
 from .layers import ZeroCenteredRMSNorm, apply_rotary
 
+# Prompts longer than this attend in blocks of queries, so scores take [block, keys], never [L, L].
+QUERY_BLOCK = 1024
+
 
 class GatedAttention(nn.Module):
     def __init__(self, config: TextConfig):
@@ -37,7 +40,25 @@ class GatedAttention(nn.Module):
         if cache is not None:
             keys, values = cache.update_and_fetch(keys, values)
 
-        out = mx.fast.scaled_dot_product_attention(
-            queries, keys, values, scale=self.scale, mask="causal" if L > 1 else None)
+        out = causal_attention(queries, keys, values, self.scale)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
         return self.o_proj(out * mx.sigmoid(gate))
+
+
+def causal_attention(queries, keys, values, scale, block: int | None = None):
+    """queries [B, nh, L, D] are the last L positions of keys/values [B, nkv, S, D] (S >= L)."""
+    block = block or QUERY_BLOCK
+    L, S = queries.shape[2], keys.shape[2]
+    if L == 1:
+        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale)
+    if L <= block:
+        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask="causal")
+    outputs = []
+    for start in range(0, L, block):
+        end = min(start + block, L)
+        visible = S - L + end  # keys after the block's last query are masked anyway: leave them out
+        outputs.append(mx.fast.scaled_dot_product_attention(
+            queries[:, :, start:end], keys[:, :, :visible], values[:, :, :visible], scale=scale, mask="causal"))
+        # Evaluating block by block bounds the live scores to one block's.
+        mx.eval(outputs[-1])
+    return mx.concatenate(outputs, axis=2)
