@@ -2,7 +2,8 @@
 
 from . import platform  # noqa: F401  (must precede every MLX import)
 from .cache import restore, snapshot
+from .generation import Chat, generate, stream_generate
 from .loading import load
 
-__all__ = ["load", "snapshot", "restore"]
+__all__ = ["Chat", "generate", "load", "restore", "snapshot", "stream_generate"]
 __version__ = "0.1.0"

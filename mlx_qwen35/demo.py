@@ -36,6 +36,7 @@ def build_random_checkpoint(path: Path = DEFAULT_PATH, seed: int = 0, text_confi
 
     from .config import ModelConfig
     from .models.qwen35 import Model
+    from .tokenizer import write_tokenizer_files
 
     path = Path(path)
     text_config = {k: v for k, v in text_config.items() if v is not None} | {"tie_word_embeddings": True}
@@ -59,12 +60,13 @@ def build_random_checkpoint(path: Path = DEFAULT_PATH, seed: int = 0, text_confi
     partial.mkdir(parents=True)
     mx.save_safetensors(str(partial / "model.safetensors"), weights, metadata={"format": "mlx"})
     (partial / "config.json").write_text(json.dumps(config_dict, indent=2))
+    write_tokenizer_files(partial)
     shutil.rmtree(path, ignore_errors=True)
     partial.rename(path)
     return path
 
 
 def ensure_random_checkpoint(path: Path = DEFAULT_PATH) -> Path:
-    if not (Path(path) / "model.safetensors").exists():
+    if not (Path(path) / "tokenizer.json").exists():
         build_random_checkpoint(path)
     return Path(path)
