@@ -100,3 +100,69 @@ def attention_memory(lengths=(4096, 8192, 16384), heads=8, kv_heads=2, head_dim=
             mx.eval(attend())
             peaks.append((mx.get_peak_memory() - base) / 2**20)
         print(f"length {length:6d}: blocked {peaks[0]:8.0f} MiB   single call {peaks[1]:8.0f} MiB", flush=True)
+
+
+def _load_peer_scans():
+    """The peers' delta-rule scans, each with our signature (q, k, v, g, beta, state) -> (y, state)."""
+    peers = {}
+    try:
+        from mlx_lm.models.gated_delta import gated_delta_ops
+
+        peers["mlx-lm gated_delta_ops (its CPU path)"] = gated_delta_ops
+    except ImportError:
+        pass
+    peers["mx.fast.gated_delta_update"] = lambda q, k, v, g, beta, state: tuple(
+        mx.fast.gated_delta_update(q, k, v, g, beta, state))
+    try:
+        import importlib.util
+        from pathlib import Path
+
+        # Loaded by file: the mlx_vlm package __init__ pulls in Pillow, OpenCV and an HTTP server.
+        spec = importlib.util.find_spec("mlx_vlm")
+        if spec is not None:
+            file = Path(spec.origin).parent / "models" / "qwen3_5" / "gated_delta.py"
+            module_spec = importlib.util.spec_from_file_location("_mlx_vlm_gated_delta", file)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+            peers["mlx-vlm gated_delta_chunked"] = module.gated_delta_chunked
+    except (ImportError, FileNotFoundError, AttributeError):
+        pass
+    return peers
+
+
+def kernels_bench(lengths=(512, 2048, 8192), heads=32, key_heads=16, dim=128, repeats=3):
+    """Our delta-rule entry against the peers' scans, float32, one process. Work counted as the
+    recurrence's 6 * Dk * Dv FLOPs per token and head (S k, k u^T, S q)."""
+    from .kernels import gated_delta_recurrent, gated_delta_update
+
+    engines = {"mlx-qwen35 gated_delta_update": gated_delta_update, **_load_peer_scans()}
+    print(f"# delta-rule scan, B=1, Hv={heads}, Hk={key_heads}, Dk=Dv={dim}, float32, device "
+          f"{platform.device_name()}, BLAS {platform.blas_in_use()}, median of {repeats}")
+    for length in lengths:
+        keys = mx.random.split(mx.random.key(length), 5)
+        q = mx.random.normal((1, length, key_heads, dim), key=keys[0])
+        k = mx.random.normal((1, length, key_heads, dim), key=keys[1])
+        q = q * mx.rsqrt((q * q).sum(-1, keepdims=True)) * dim**-0.5
+        k = k * mx.rsqrt((k * k).sum(-1, keepdims=True))
+        v = mx.random.normal((1, length, heads, dim), key=keys[2])
+        g = mx.exp(-mx.random.uniform(0.0, 0.5, (1, length, heads), key=keys[3]))
+        beta = mx.random.uniform(shape=(1, length, heads), key=keys[4])
+        state = mx.zeros((1, heads, dim, dim))
+        mx.eval(q, k, v, g, beta)
+        reference = gated_delta_recurrent(q[:, :256], k[:, :256], v[:, :256], g[:, :256], beta[:, :256], state)
+        flops = 6 * dim * dim * heads * length
+        times = {}
+        for name, scan in engines.items():
+            check = scan(q[:, :256], k[:, :256], v[:, :256], g[:, :256], beta[:, :256], state)
+            error = (mx.linalg.norm(check[0] - reference[0]) / mx.linalg.norm(reference[0])).item()
+            samples = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                mx.eval(scan(q, k, v, g, beta, state))
+                samples.append(time.perf_counter() - start)
+            times[name] = statistics.median(samples)
+            print(f"T={length:5d}  {name:40s} {times[name]:8.3f} s  {flops / times[name] / 1e9:7.1f} GFLOP/s  "
+                  f"(rel. error vs recurrence on 256 steps {error:.1e})", flush=True)
+        ours = times["mlx-qwen35 gated_delta_update"]
+        print("          " + ", ".join(f"{ours and times[n] / ours:.2f}x faster than {n}"
+                                       for n in times if not n.startswith("mlx-qwen35")), flush=True)

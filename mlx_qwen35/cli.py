@@ -121,10 +121,12 @@ def cmd_convert(args):
 
 
 def cmd_bench(args):
-    from .bench import attention_memory, bench
+    from .bench import attention_memory, bench, kernels_bench
 
     if args.attention_memory:
         return attention_memory(tuple(args.prompt_lengths))
+    if args.kernels:
+        return kernels_bench(tuple(args.prompt_lengths), repeats=args.repeats)
     from .demo import QWEN35_0_8B_TEXT_CONFIG, build_random_checkpoint
 
     path = args.model
@@ -185,6 +187,8 @@ def main(argv=None):
     bench.add_argument("--compare", nargs="*", default=[], choices=["mlx-lm"])
     bench.add_argument("--attention-memory", action="store_true",
                        help="peak memory of prompt attention at --prompt-lengths instead of generation speed")
+    bench.add_argument("--kernels", action="store_true",
+                       help="the delta-rule scan at --prompt-lengths against mlx-lm, mlx-vlm and mx.fast")
     bench.set_defaults(run=cmd_bench)
 
     args = parser.parse_args(argv)
