@@ -117,7 +117,9 @@ def cmd_chat(args):
 def cmd_convert(args):
     from convert.convert import main as convert_main
 
-    convert_main(args.convert_args)
+    status = convert_main(args.convert_args)
+    if status:
+        raise SystemExit(status)
 
 
 def cmd_bench(args):
@@ -155,6 +157,9 @@ def _add_model_options(parser, sampling=True):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["convert"]:  # the converter owns its own options (see `python -m convert --help`)
+        return cmd_convert(argparse.Namespace(convert_args=argv[1:]))
     parser = argparse.ArgumentParser(prog="mlx-qwen35", description="Qwen 3.5 in MLX")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -174,10 +179,7 @@ def main(argv=None):
     chat.add_argument("--system", help="system prompt")
     chat.set_defaults(run=cmd_chat)
 
-    conv = sub.add_parser("convert", help="convert a Hugging Face checkpoint (see `python -m convert --help`)",
-                          add_help=False)
-    conv.add_argument("convert_args", nargs=argparse.REMAINDER)
-    conv.set_defaults(run=cmd_convert)
+    sub.add_parser("convert", help="convert a Hugging Face checkpoint (options: `mlx-qwen35 convert --help`)")
 
     bench = sub.add_parser("bench", help="prefill/decode tok/s and peak memory, optionally against mlx-lm")
     _add_model_options(bench, sampling=False)

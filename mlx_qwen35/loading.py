@@ -7,6 +7,7 @@ import struct
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import platform
@@ -102,17 +103,25 @@ def sanitize(weights: dict, config: ModelConfig) -> dict:
     - a tied `lm_head.weight` is dropped.
     Norm offsets and the conv layout stay as in the checkpoint: the model reads them as stored.
     """
-    if any(k.startswith("language_model.model.") for k in weights):
-        raise CheckpointError("these weights are an mlx-lm conversion (norms shifted by +1, conv transposed); "
-                              "load the original Hugging Face checkpoint instead")
     renamed = {}
     for key, value in weights.items():
-        if key.startswith("model.") and not key.startswith(("model.language_model.", "model.visual.")):
-            key = "model.language_model." + key.removeprefix("model.")
-        renamed[key] = value
-    if config.tie_word_embeddings:
-        renamed.pop("lm_head.weight", None)
+        key = sanitize_key(key, config)
+        if key is not None:
+            renamed[key] = value
     return stack_per_expert_weights(renamed, config)
+
+
+def sanitize_key(key: str, config: ModelConfig) -> str | None:
+    """The model's name for one checkpoint key, or None for a key to drop (the converter maps keys one
+    tensor at a time with this; per-expert keys keep their names and are stacked afterwards)."""
+    if key.startswith("language_model.model."):
+        raise CheckpointError("these weights are an mlx-lm conversion (norms shifted by +1, conv transposed); "
+                              "load the original Hugging Face checkpoint instead")
+    if key.startswith("model.") and not key.startswith(("model.language_model.", "model.visual.")):
+        key = "model.language_model." + key.removeprefix("model.")
+    if key == "lm_head.weight" and config.tie_word_embeddings:
+        return None
+    return key
 
 
 def stack_per_expert_weights(weights: dict, config: ModelConfig) -> dict:
@@ -144,10 +153,15 @@ def _listed(names, limit=8) -> str:
 def load_model(path, dtype=None) -> Model:
     path = resolve_path(path)
     config = ModelConfig.from_path(path)
+    if is_fp8_checkpoint(config):
+        raise CheckpointError(f"{path} holds FP8 weights with block scales; convert it first "
+                              f"(python -m convert {path} OUTPUT [--bits 4])")
     weights = sanitize(read_weights(path), config)
     dtype = platform.parse_dtype(dtype) or platform.default_dtype()
 
     model = Model(config)
+    if config.raw.get("quantization"):
+        quantize_model(model, config.raw["quantization"], weights)
     expected = dict(tree_flatten(model.parameters()))
     extras = {k: v for k, v in weights.items() if k.startswith(EXTRA_PREFIXES)}
     used = {k: v for k, v in weights.items() if k not in extras}
@@ -174,6 +188,34 @@ def load_model(path, dtype=None) -> Model:
     return model
 
 
+def is_fp8_checkpoint(config: ModelConfig) -> bool:
+    return (config.raw.get("quantization_config") or {}).get("quant_method") == "fp8"
+
+
+def quantize_model(model: Model, quantization: dict, weights: dict):
+    """Swap in MLX affine-quantised layers where the checkpoint holds quantised tensors.
+
+    `quantization` is config.json's mlx-lm style entry: {"group_size": g, "bits": b, "mode": "affine"} plus
+    optional per-module entries keyed by module path, each {"group_size": ..., "bits": ...} or false. A module
+    is quantised only when the checkpoint has its scales (`X.scales`, or `X.gate_up_proj_scales` for the
+    stacked experts), so a tensor the converter left in float loads as float.
+    """
+    defaults = {"group_size": quantization.get("group_size", 64), "bits": quantization.get("bits", 4),
+                "mode": quantization.get("mode", "affine")}
+
+    def predicate(path, module):
+        if not hasattr(module, "to_quantized"):
+            return False
+        if f"{path}.scales" not in weights and f"{path}.gate_up_proj_scales" not in weights:
+            return False
+        override = quantization.get(path, True)
+        if isinstance(override, dict):
+            return {**defaults, **{k: v for k, v in override.items() if k in defaults}}
+        return dict(defaults) if override else False
+
+    nn.quantize(model, class_predicate=predicate)
+
+
 def cast(key: str, value, dtype):
     if not mx.issubdtype(value.dtype, mx.floating):
         return value
@@ -187,7 +229,7 @@ def load_processor(path):
     path = resolve_path(path)
     if not (path / "tokenizer.json").exists() and not (path / "tokenizer_config.json").exists():
         return None
-    from mlx_lm.tokenizer_utils import load as load_tokenizer
+    from .tokenizer import load_tokenizer
 
     return load_tokenizer(path)
 

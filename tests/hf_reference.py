@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 BASE_TEXT = dict(
     vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -53,18 +53,24 @@ def build_hf_model(moe=False, tie=False, seed=0, **text_overrides):
 
 
 def save_hf_checkpoint(model, path: Path, expert_layout="fused", shards=1) -> Path:
-    """save_pretrained, then optionally rewrite MoE experts per expert and split into several shards."""
+    """save_pretrained for config.json, then the weights written in the requested MoE expert layout: the
+    runtime (fused 3-D, as Qwen's BF16 releases) or split per expert. transformers 5.23's own
+    save_pretrained writes experts per expert, so its weight files are replaced. One shard is written as
+    a plain model.safetensors; several get an index."""
     path = Path(path)
     model.save_pretrained(path, safe_serialization=True)
-    if expert_layout == "per_expert" or shards > 1:
-        tensors = {}
-        for file in sorted(path.glob("*.safetensors")):
-            tensors.update(load_file(file))
-            file.unlink()
-        for index in path.glob("*.index.json"):
-            index.unlink()
-        if expert_layout == "per_expert":
-            tensors = split_experts(tensors)
+    for file in [*path.glob("*.safetensors"), *path.glob("*.index.json")]:
+        file.unlink()
+    tensors = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    if expert_layout == "per_expert":
+        tensors = split_experts(tensors)
+    elif expert_layout != "fused":
+        raise ValueError(f"unknown expert layout {expert_layout!r}")
+    if shards == 1:
+        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    else:
         write_shards(tensors, path, shards)
     return path
 

@@ -55,3 +55,16 @@ def test_generate_without_model_says_it_uses_random_weights(capsys, tmp_path, mo
     assert "RANDOM-weight" in captured.err
     assert "generated 4 tokens" in captured.err
     assert (target / "model.safetensors").exists() and not target.with_name("random.partial").exists()
+
+
+def test_convert_subcommand_writes_a_loadable_model(tmp_path):
+    import mlx.core as mx
+    import numpy as np
+    from hf_reference import build_hf_model, save_hf_checkpoint
+
+    source = save_hf_checkpoint(build_hf_model(moe=True, seed=6), tmp_path / "src")
+    main(["convert", str(source), str(tmp_path / "out"), "--dtype", "float32", "--quiet"])
+    ids = mx.array([[5, 6, 7, 8]])
+    np.testing.assert_array_equal(np.array(load_model(tmp_path / "out")(ids)), np.array(load_model(source)(ids)))
+    with pytest.raises(SystemExit):
+        main(["convert", str(source), str(tmp_path / "out"), "--quiet"])  # exists, no --force

@@ -53,6 +53,8 @@ def test_sanitize_is_idempotent_and_layouts_agree(moe_model, tmp_path):
     fused = save_hf_checkpoint(moe_model, tmp_path / "fused")
     per_expert = save_hf_checkpoint(moe_model, tmp_path / "per_expert", "per_expert")
     config = ModelConfig.from_path(fused)
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in read_weights(fused))
+    assert any(".mlp.experts.0.gate_proj.weight" in k for k in read_weights(per_expert))
     once = sanitize(read_weights(fused), config)
     twice = sanitize(dict(once), config)
     from_per_expert = sanitize(read_weights(per_expert), config)

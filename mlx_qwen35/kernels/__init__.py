@@ -4,6 +4,7 @@ device and sequence length; each path sits beside a plain reference with the sam
 import mlx.core as mx
 
 from .chunked import gated_delta_chunked
+from .metal import gated_delta_step_metal
 from .reference import gated_delta_recurrent
 
 __all__ = ["gated_delta_update", "gated_delta_recurrent", "gated_delta_chunked", "expert_matmul"]
@@ -15,6 +16,9 @@ CHUNKED_MIN_STEPS = 16
 def gated_delta_update(q, k, v, g, beta, state=None, mask=None):
     """Gated delta rule over a sequence; see `gated_delta_recurrent` for shapes and conventions."""
     check_inputs(q, k, v, g, beta, state, mask)
+    if mx.metal.is_available() and q.shape[-1] % 32 == 0:
+        # The sequential Metal kernel until a chunked one exists (verified in CPU emulation only).
+        return gated_delta_step_metal(q, k, v, g, beta, state, mask)
     if q.shape[1] >= CHUNKED_MIN_STEPS:
         return gated_delta_chunked(q, k, v, g, beta, state, mask)
     return gated_delta_recurrent(q, k, v, g, beta, state, mask)
@@ -42,9 +46,14 @@ def check_inputs(q, k, v, g, beta, state, mask):
         raise ValueError(f"mask must be [B, T] = {(B, T)}, got {mask.shape}")
 
 
-def expert_matmul(x, weights, expert_indices):
+def expert_matmul(x, weights, expert_indices, scales=None, biases=None, group_size=None, bits=None,
+                  mode="affine"):
     """Rows x [N, 1, in] times weights[expert_indices[n]] ([E, out, in], stored as the checkpoint has it)
-    -> [N, 1, out]; expert_indices must be sorted so each expert's weights are read once."""
+    -> [N, 1, out]; expert_indices must be sorted so each expert's weights are read once. With `scales`
+    (and `biases`), `weights` are MLX-quantised [E, out, in*bits/32] and gather_qmm dequantises on the fly."""
+    if scales is not None:
+        return mx.gather_qmm(x, weights, scales, biases, rhs_indices=expert_indices, transpose=True,
+                             group_size=group_size, bits=bits, mode=mode, sorted_indices=True)
     w = weights.swapaxes(-1, -2)
     if mx.default_device() == mx.cpu and x.dtype != mx.float32:
         # MLX's CPU gather_mm supports float32 only.

@@ -1,5 +1,5 @@
 """The sparse MoE block of `qwen3_5_moe`: softmax router, routed experts as stacked tensors driven by
-gather_mm over expert-sorted tokens, and a sigmoid-gated shared expert."""
+gather_mm (gather_qmm when quantised) over expert-sorted tokens, and a sigmoid-gated shared expert."""
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -18,6 +18,9 @@ class Experts(nn.Module):
         self.gate_up_proj = mx.zeros((num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = mx.zeros((num_experts, hidden_size, intermediate_size))
 
+    def project(self, rows, name: str, experts_sorted):
+        return kernels.expert_matmul(rows, self[name], experts_sorted)
+
     def __call__(self, x, expert_indices):
         """x [N, H], expert_indices [N, K] -> per-choice outputs [N, K, H]."""
         N, K = expert_indices.shape
@@ -26,11 +29,35 @@ class Experts(nn.Module):
         experts_sorted = flat[order]
         # Grouping rows by expert lets each gather_mm read every expert's weights once.
         rows = x[order // K][:, None, :]  # [N*K, 1, H]
-        gate_up = kernels.expert_matmul(rows, self.gate_up_proj, experts_sorted)
+        gate_up = self.project(rows, "gate_up_proj", experts_sorted)
         gate, up = mx.split(gate_up, 2, axis=-1)
         hidden = nn.silu(gate) * up
-        out = kernels.expert_matmul(hidden, self.down_proj, experts_sorted)
+        out = self.project(hidden, "down_proj", experts_sorted)
         return out[mx.argsort(order)].reshape(N, K, -1)
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine"):
+        return QuantizedExperts(self, group_size, bits, mode)
+
+
+class QuantizedExperts(Experts):
+    """Experts with MLX-quantised weights, still in the fused checkpoint layout: `gate_up_proj` [E, 2I, H*bits/32]
+    packed along the input dim, with `gate_up_proj_scales` / `gate_up_proj_biases` [E, 2I, H/group_size]
+    (and the same for down_proj); the suffixes follow transformers' `experts.gate_up_proj_scale_inv`."""
+
+    def __init__(self, experts: Experts, group_size: int, bits: int, mode: str = "affine"):
+        nn.Module.__init__(self)
+        self.group_size, self.bits, self.mode = group_size, bits, mode
+        for name in ("gate_up_proj", "down_proj"):
+            weight, scales, *biases = mx.quantize(experts[name], group_size, bits, mode=mode)
+            self[name], self[f"{name}_scales"] = weight, scales
+            if biases:
+                self[f"{name}_biases"] = biases[0]
+        self.freeze()
+
+    def project(self, rows, name: str, experts_sorted):
+        return kernels.expert_matmul(rows, self[name], experts_sorted, scales=self[f"{name}_scales"],
+                                     biases=self.get(f"{name}_biases"), group_size=self.group_size,
+                                     bits=self.bits, mode=self.mode)
 
 
 class SparseMoeBlock(nn.Module):
