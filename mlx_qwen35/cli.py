@@ -54,6 +54,17 @@ def cmd_info(args):
     if quantization:
         print(f"quantization: {quantization.get('bits')} bit, group size {quantization.get('group_size')}")
     print(f"weights in memory: {nbytes / 2**30:.2f} GiB")
+    itemsize = (mx.float32 if model.model.language_model.embed_tokens.weight.dtype == mx.float32
+                else mx.bfloat16).size
+    attention_layers = text.layer_types.count("full_attention")
+    linear_layers = text.num_hidden_layers - attention_layers
+    per_token = attention_layers * 2 * text.num_key_value_heads * text.head_dim * itemsize
+    conv_dim = 2 * text.linear_num_key_heads * text.linear_key_head_dim + \
+        text.linear_num_value_heads * text.linear_value_head_dim
+    fixed = linear_layers * (text.linear_num_value_heads * text.linear_value_head_dim * text.linear_key_head_dim * 4
+                             + (text.linear_conv_kernel_dim - 1) * conv_dim * itemsize)
+    print(f"cache: {fixed / 2**20:.1f} MiB of DeltaNet state + {per_token / 2**10:.1f} KiB per token of context "
+          f"({(fixed + 32768 * per_token) / 2**30:.2f} GiB at 32K tokens)")
     print(f"kept for later features: {len(model.extra_weights)} tensors (vision tower, MTP head)")
 
 
