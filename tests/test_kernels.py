@@ -88,11 +88,18 @@ def test_chunked_then_recurrent_equals_recurrent_state():
     assert rel(chunk_state, np.array(step_state)) <= 1e-5
 
 
-def test_unit_lower_inverse_against_numpy():
+def test_unit_lower_inverse_and_its_gradient_against_numpy():
+    inverse_fn = unit_lower_inverse
     rng = np.random.default_rng(0)
     A = np.tril(rng.normal(size=(5, 64, 64)), -1) * 0.05
-    inverse = np.array(unit_lower_inverse(mx.array(A.astype(np.float32))))
-    np.testing.assert_allclose(inverse, np.linalg.inv(np.eye(64) + A), atol=1e-5)
+    expected = np.linalg.inv(np.eye(64) + A)
+    np.testing.assert_allclose(np.array(inverse_fn(mx.array(A.astype(np.float32)))), expected, atol=1e-5)
+    # d/dA sum(W * (I + A)^-1) = -(M^T W M^T), restricted to the strict lower triangle.
+    weights = rng.normal(size=(64, 64))
+    grad = mx.grad(lambda a: (inverse_fn(a) * mx.array(weights.astype(np.float32))).sum())(
+        mx.array(A.astype(np.float32)))
+    expected_grad = np.tril(-(expected.swapaxes(-1, -2) @ weights @ expected.swapaxes(-1, -2)), -1)
+    np.testing.assert_allclose(np.tril(np.array(grad), -1), expected_grad, atol=1e-4)
 
 
 @pytest.mark.parametrize("bad, message", [
