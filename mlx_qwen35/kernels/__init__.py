@@ -5,19 +5,25 @@ import mlx.core as mx
 
 from .chunked import gated_delta_chunked
 from .metal import gated_delta_step_metal
+from .metal_chunked import gated_delta_chunked_metal
 from .reference import gated_delta_recurrent
 
 __all__ = ["gated_delta_update", "gated_delta_recurrent", "gated_delta_chunked", "expert_matmul"]
 
 # Below this many steps the per-step recurrence does less work than building 64x64 chunk matrices.
 CHUNKED_MIN_STEPS = 16
+# The chunked Metal kernel passes in CPU emulation only; switch it on once tests/test_metal_chunked.py
+# has passed on a Mac.
+METAL_CHUNKED_PREFILL = False
 
 
 def gated_delta_update(q, k, v, g, beta, state=None, mask=None):
     """Gated delta rule over a sequence; see `gated_delta_recurrent` for shapes and conventions."""
     check_inputs(q, k, v, g, beta, state, mask)
     if mx.metal.is_available() and q.shape[-1] % 32 == 0:
-        # The sequential Metal kernel until a chunked one exists (verified in CPU emulation only).
+        Dk, Dv = q.shape[-1], v.shape[-1]
+        if METAL_CHUNKED_PREFILL and q.shape[1] >= CHUNKED_MIN_STEPS and Dk <= 256 and Dv in (32, 64, 128):
+            return gated_delta_chunked_metal(q, k, v, g, beta, state, mask)
         return gated_delta_step_metal(q, k, v, g, beta, state, mask)
     if q.shape[1] >= CHUNKED_MIN_STEPS:
         return gated_delta_chunked(q, k, v, g, beta, state, mask)

@@ -1,5 +1,5 @@
 // The subset of the Metal Shading Language and execution model that the kernels in
-// mlx_qwen35/kernels/metal.py use, as plain C++20, so their exact source strings run on a CPU.
+// mlx_qwen35/kernels/metal.py and metal_chunked.py use, as plain C++20, so their exact source strings run on a CPU.
 // Each thread of a threadgroup is a cooperative fiber; threadgroup_barrier and the simd_* ops
 // are real synchronisation points, so a kernel that relies on an order they do not give fails here.
 // Supported subset: docs/kernels.md.
@@ -19,8 +19,14 @@
 
 typedef unsigned int uint;
 typedef unsigned short ushort;
+typedef unsigned long ulong;
 struct uint3 { uint x, y, z; };
 struct uint2 { uint x, y; };
+struct ulong2 {
+  ulong x, y;
+  ulong2(ulong v = 0) : x(v), y(v) {}
+  ulong2(ulong x_, ulong y_) : x(x_), y(y_) {}
+};
 
 struct bfloat16_t {
   uint16_t bits;
@@ -67,7 +73,8 @@ struct Fiber {
 };
 
 struct SimdGroup {
-  uint64_t slot[2][kSimd];
+  struct alignas(16) Slot { unsigned char bytes[16]; };
+  Slot slot[2][kSimd];
   uint deposited[2];  // bit mask of lanes that wrote this parity's generation
   uint line[2];
   int arrived[2];
@@ -89,7 +96,9 @@ struct Runtime {
   void (*body)(void*, int) = nullptr;
   void* body_ctx = nullptr;
   std::map<void*, uint64_t> tg_epochs;
+  size_t tg_bytes = 0;  // threadgroup memory declared by the current threadgroup
 };
+constexpr size_t kMaxThreadgroupBytes = 32768;  // Apple GPUs' threadgroup memory limit
 inline Runtime rt;
 
 // Identifies a call site (line and column), so lanes at different simd ops or barriers are caught.
@@ -204,6 +213,7 @@ inline void run_threadgroup(int n) {
   rt.bar_arrived = 0;
   rt.bar_active = n;
   rt.bar_released = 0;
+  rt.tg_bytes = 0;
   ++rt.epoch;
   for (int i = 0; i < n; ++i) {
     Fiber& f = rt.fibers[i];
@@ -248,8 +258,8 @@ namespace mtl_emu {
 // Lock-step exchange: every active lane of the simdgroup deposits v, waits until all have, then
 // combines the 32 slots with f. Two parities suffice: a lane can run at most one op ahead.
 template <class T, class F>
-T simd_exchange(T v, std::source_location loc, F f) {
-  static_assert(sizeof(T) <= 8, "simd ops support scalars only");
+auto simd_exchange(T v, std::source_location loc, F f) {
+  static_assert(sizeof(T) <= sizeof(SimdGroup::Slot), "simd ops exchange at most 16 bytes per lane");
   Fiber& me = rt.fibers[rt.cur];
   SimdGroup& sg = rt.sgs[me.sg];
   uint gen = me.simd_gen++;
@@ -281,6 +291,9 @@ inline void tg_poison(void* p, size_t n) {
   if (e != rt.epoch) {
     std::memset(p, 0xff, n);  // fresh threadgroup memory reads as NaN / all ones, never as zeros
     e = rt.epoch;
+    rt.tg_bytes += n;
+    if (rt.tg_bytes > kMaxThreadgroupBytes)
+      fail("threadgroup memory over 32 KiB (Apple GPUs' limit)", std::source_location::current());
   }
 }
 }  // namespace mtl_emu
@@ -332,6 +345,111 @@ template <class T> T simd_shuffle_up(T v, ushort d, MTL_LOC) {
 }
 inline void simdgroup_barrier(mem_flags = mem_flags::mem_none, MTL_LOC) {
   mtl_emu::simd_exchange(0, loc, [](int, uint, auto) { return 0; });
+}
+
+// simdgroup matrices: an 8x8 matrix spread over the 32 lanes of a simdgroup, two elements per lane,
+// in the layout Apple GPUs use (lane l holds row (l/4 & 4) + (l/2) % 4, columns (l/4 & 2) * 2 +
+// (l % 2) * 2 and +1). Every op is a lock-step exchange that all 32 lanes must enter at the same
+// call site; the loads and stores touch memory before the exchange, so a value stored by one lane
+// is visible to every lane after the op.
+namespace mtl_emu {
+inline int mat_row(int lane) { return ((lane / 4) & 4) + (lane / 2) % 4; }
+inline int mat_col(int lane) { return ((lane / 4) & 2) * 2 + (lane % 2) * 2; }
+inline int my_lane() { return rt.fibers[rt.cur].lane; }
+inline void need_full_simdgroup(uint act, std::source_location loc) {
+  if (act != 0xffffffffu) fail("simdgroup matrix op run by fewer than 32 lanes", loc);
+}
+}  // namespace mtl_emu
+
+template <class T, int Cols, int Rows>
+struct simdgroup_matrix {
+  static_assert(Cols == 8 && Rows == 8, "the shim supports 8x8 simdgroup matrices only");
+  T e[2];  // this lane's elements: (row, col) and (row, col + 1)
+  simdgroup_matrix() = default;
+  // Metal: a diagonal matrix with dval on the diagonal.
+  explicit simdgroup_matrix(T dval) {
+    int l = mtl_emu::my_lane(), r = mtl_emu::mat_row(l), c = mtl_emu::mat_col(l);
+    e[0] = r == c ? dval : T(0);
+    e[1] = r == c + 1 ? dval : T(0);
+  }
+};
+typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
+
+template <class T, int Cols, int Rows>
+simdgroup_matrix<T, Cols, Rows> make_filled_simdgroup_matrix(T value, MTL_LOC) {
+  mtl_emu::simd_exchange(0, loc, [loc](int, uint act, auto) { mtl_emu::need_full_simdgroup(act, loc); return 0; });
+  simdgroup_matrix<T, Cols, Rows> m;
+  m.e[0] = m.e[1] = value;
+  return m;
+}
+
+// Element (r, c) of the matrix is src[(origin.y + r) * elements_per_row + origin.x + c], or with
+// transpose_matrix the element (c, r) of that block (origin and stride address the memory side).
+template <class T, int Cols, int Rows>
+void simdgroup_load(simdgroup_matrix<T, Cols, Rows>& d, const T* src, ulong elements_per_row = Cols,
+                    ulong2 origin = ulong2(0), bool transpose_matrix = false, MTL_LOC) {
+  int l = mtl_emu::my_lane(), r = mtl_emu::mat_row(l), c = mtl_emu::mat_col(l);
+  for (int i = 0; i < 2; ++i) {
+    ulong mr = transpose_matrix ? c + i : r, mc = transpose_matrix ? r : c + i;
+    d.e[i] = src[(origin.y + mr) * elements_per_row + origin.x + mc];
+  }
+  mtl_emu::simd_exchange(0, loc, [loc](int, uint act, auto) { mtl_emu::need_full_simdgroup(act, loc); return 0; });
+}
+
+template <class T, int Cols, int Rows>
+void simdgroup_store(const simdgroup_matrix<T, Cols, Rows>& a, T* dst, ulong elements_per_row = Cols,
+                     ulong2 origin = ulong2(0), bool transpose_matrix = false, MTL_LOC) {
+  int l = mtl_emu::my_lane(), r = mtl_emu::mat_row(l), c = mtl_emu::mat_col(l);
+  for (int i = 0; i < 2; ++i) {
+    ulong mr = transpose_matrix ? c + i : r, mc = transpose_matrix ? r : c + i;
+    dst[(origin.y + mr) * elements_per_row + origin.x + mc] = a.e[i];
+  }
+  mtl_emu::simd_exchange(0, loc, [loc](int, uint act, auto) { mtl_emu::need_full_simdgroup(act, loc); return 0; });
+}
+
+namespace mtl_emu {
+// d = a * b + c for this lane's two elements of d; every lane deposits its elements of a and b.
+template <class T>
+void mat_fma(simdgroup_matrix<T, 8, 8>& d, const simdgroup_matrix<T, 8, 8>& a,
+             const simdgroup_matrix<T, 8, 8>& b, const T* c, std::source_location loc) {
+  struct Pair { T a[2], b[2]; };
+  Pair mine{{a.e[0], a.e[1]}, {b.e[0], b.e[1]}};
+  T acc[2] = {c ? c[0] : T(0), c ? c[1] : T(0)};
+  auto out = simd_exchange(mine, loc, [&](int lane, uint act, auto get) {
+    need_full_simdgroup(act, loc);
+    float A[8][8], B[8][8];
+    for (int l = 0; l < kSimd; ++l) {
+      Pair p = get(l);
+      for (int i = 0; i < 2; ++i) {
+        A[mat_row(l)][mat_col(l) + i] = float(p.a[i]);
+        B[mat_row(l)][mat_col(l) + i] = float(p.b[i]);
+      }
+    }
+    int r = mat_row(lane), c0 = mat_col(lane);
+    struct Out { T v[2]; } o;
+    for (int i = 0; i < 2; ++i) {
+      float s = float(acc[i]);
+      for (int k = 0; k < 8; ++k) s = std::fma(A[r][k], B[k][c0 + i], s);
+      o.v[i] = T(s);
+    }
+    return o;
+  });
+  d.e[0] = out.v[0];
+  d.e[1] = out.v[1];
+}
+}  // namespace mtl_emu
+
+template <class T>
+void simdgroup_multiply_accumulate(simdgroup_matrix<T, 8, 8>& d, const simdgroup_matrix<T, 8, 8>& a,
+                                   const simdgroup_matrix<T, 8, 8>& b, const simdgroup_matrix<T, 8, 8>& c,
+                                   MTL_LOC) {
+  T cc[2] = {c.e[0], c.e[1]};
+  mtl_emu::mat_fma(d, a, b, cc, loc);
+}
+template <class T>
+void simdgroup_multiply(simdgroup_matrix<T, 8, 8>& d, const simdgroup_matrix<T, 8, 8>& a,
+                        const simdgroup_matrix<T, 8, 8>& b, MTL_LOC) {
+  mtl_emu::mat_fma(d, a, b, static_cast<const T*>(nullptr), loc);
 }
 #undef MTL_LOC
 
