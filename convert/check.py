@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_qwen35.config import ModelConfig
-from mlx_qwen35.loading import EXTRA_PREFIXES, is_fp8_checkpoint, load_model, resolve_path, sanitize
+from mlx_qwen35.loading import is_fp8_checkpoint, load_model, resolve_path, sanitize, unbuilt_prefixes
 from mlx_qwen35.models.qwen35 import Model
 
 from .source import FP8_ACTIVATION_SUFFIXES, fp8_block_size, inventory
@@ -78,6 +78,7 @@ def load_float32_source(path: Path, config: ModelConfig) -> Model:
     weights = sanitize({t.name: t.read().astype(mx.float32) for t in tensors
                         if not t.name.endswith(FP8_ACTIVATION_SUFFIXES)}, config)
     model = Model(config)
-    model.load_weights([(k, v) for k, v in weights.items() if not k.startswith(EXTRA_PREFIXES)], strict=True)
+    raw_prefixes = unbuilt_prefixes(model)
+    model.load_weights([(k, v) for k, v in weights.items() if not k.startswith(raw_prefixes)], strict=True)
     model.eval()
     return model

@@ -187,8 +187,9 @@ def plan(config: ModelConfig, tensors: list, dtype: mx.Dtype, bits: int | None, 
     text = config.text_config
     model = Model(config)  # never evaluated: only its parameter names and shapes are used
     expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    # The vision tower stays in float: its matmuls are a small share of the work, and quality first.
     quantizable = [path for path, module in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
-                   if hasattr(module, "to_quantized")]
+                   if hasattr(module, "to_quantized") and not path.startswith("model.visual.")]
     destinations, pieces, unknown, wrong_shapes, notes = {}, [], [], [], []
     dropped_activation_scales = 0
 

@@ -150,6 +150,13 @@ def _listed(names, limit=8) -> str:
     return ", ".join(names[:limit]) + more
 
 
+def unbuilt_prefixes(model: Model) -> tuple:
+    """The EXTRA_PREFIXES the model has no parameters under: those tensors are kept raw in extra_weights.
+    A part the model builds (the vision tower, when the config has one) loads strictly like the rest."""
+    names = [k for k, _ in tree_flatten(model.parameters())]
+    return tuple(p for p in EXTRA_PREFIXES if not any(k.startswith(p) for k in names))
+
+
 def load_model(path, dtype=None) -> Model:
     path = resolve_path(path)
     config = ModelConfig.from_path(path)
@@ -163,7 +170,7 @@ def load_model(path, dtype=None) -> Model:
     if config.raw.get("quantization"):
         quantize_model(model, config.raw["quantization"], weights)
     expected = dict(tree_flatten(model.parameters()))
-    extras = {k: v for k, v in weights.items() if k.startswith(EXTRA_PREFIXES)}
+    extras = {k: v for k, v in weights.items() if k.startswith(unbuilt_prefixes(model))}
     used = {k: v for k, v in weights.items() if k not in extras}
     missing, unexpected = expected.keys() - used.keys(), used.keys() - expected.keys()
     if missing or unexpected:

@@ -364,7 +364,7 @@ def test_vision_and_mtp_tensors_survive_unquantised(tmp_path):
         expected = original if norm else original.to(torch.bfloat16).float()
         np.testing.assert_array_equal(value, expected.numpy(), err_msg=name)
     model, _ = mlx_qwen35.load(out)
-    assert set(originals) <= set(model.extra_weights)
+    assert set(mtp) <= set(model.extra_weights)
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncate"])

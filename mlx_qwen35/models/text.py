@@ -43,14 +43,17 @@ class TextModel(nn.Module):
         self.norm = ZeroCenteredRMSNorm(config.hidden_size, config.rms_norm_eps)
         self._rope = MRoPE(config.rotary_dim, config.rope_theta, config.mrope_section, config.mrope_interleaved)
 
-    def __call__(self, input_ids=None, cache=None, input_embeddings=None, position_ids=None):
+    def __call__(self, input_ids=None, cache=None, input_embeddings=None, position_ids=None, rope_delta=None):
         """input_ids [B, L] or input_embeddings [B, L, H]; position_ids [3, B, L] (default: text positions
-        continuing the cache). Returns the final-normed hidden states [B, L, H]."""
+        continuing the cache, shifted by rope_delta, an int or [B], after a multimodal prefill).
+        Returns the final-normed hidden states [B, L, H]."""
         h = self.embed_tokens(input_ids) if input_embeddings is None else input_embeddings
         B, L, _ = h.shape
         if position_ids is None:
             start = cache_offset(cache)
             position_ids = mx.broadcast_to(mx.arange(start, start + L), (3, B, L))
+            if rope_delta is not None:
+                position_ids = position_ids + mx.array(rope_delta).reshape(1, -1, 1)
         rotary = self._rope(position_ids, h.dtype)
         cache = cache or [None] * len(self.layers)
         for layer, layer_cache in zip(self.layers, cache):
