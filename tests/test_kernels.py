@@ -7,54 +7,15 @@ import pytest
 from mlx_qwen35 import kernels
 from mlx_qwen35.kernels import gated_delta_chunked, gated_delta_recurrent, gated_delta_update
 from mlx_qwen35.kernels.chunked import unit_lower_inverse
+from delta_reference import numpy_recurrence, random_inputs, rel, to_mx
 
 
-def numpy_recurrence(q, k, v, g, beta, state, mask):
-    """float64: S <- g S; S <- S + beta (v - S k) k^T; y = S q, with S [B, Hv, Dv, Dk]."""
-    rep = v.shape[2] // q.shape[2]
-    q, k = np.repeat(q, rep, axis=2), np.repeat(k, rep, axis=2)
-    S = state.copy()
-    ys = np.zeros(v.shape)
-    for t in range(q.shape[1]):
-        for b in range(q.shape[0]):
-            if mask is not None and not mask[b, t]:
-                ys[b, t] = np.einsum("hvk,hk->hv", S[b], q[b, t])
-                continue
-            S[b] = S[b] * g[b, t, :, None, None]
-            predicted = np.einsum("hvk,hk->hv", S[b], k[b, t])
-            delta = (v[b, t] - predicted) * beta[b, t, :, None]
-            S[b] = S[b] + delta[:, :, None] * k[b, t][:, None, :]
-            ys[b, t] = np.einsum("hvk,hk->hv", S[b], q[b, t])
-    return ys, S
 
 
-def random_inputs(B, T, Hk, Hv, D, seed, zero_state=False, padded=False):
-    rng = np.random.default_rng(seed)
-
-    def unit(x):
-        return x / np.sqrt((x * x).sum(-1, keepdims=True) + 1e-6)
-
-    q = unit(rng.normal(size=(B, T, Hk, D))) * D**-0.5
-    k = unit(rng.normal(size=(B, T, Hk, D)))
-    v = rng.normal(size=(B, T, Hv, D))
-    g = np.exp(-rng.uniform(0.0, 1.5, size=(B, T, Hv)))
-    beta = rng.uniform(0.0, 1.0, size=(B, T, Hv))
-    state = np.zeros((B, Hv, D, D)) if zero_state else rng.normal(size=(B, Hv, D, D)) * 0.5
-    mask = None
-    if padded:
-        mask = np.ones((B, T), dtype=bool)
-        mask[0, : T // 3] = False  # left padding in the first sequence
-    return q, k, v, g, beta, state, mask
 
 
-def to_mx(x):
-    if x is None:
-        return None
-    return mx.array(x) if x.dtype == bool else mx.array(x.astype(np.float32))
 
 
-def rel(a, b):
-    return np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b)
 
 
 GRID = [  # B, T, Hk, Hv, D

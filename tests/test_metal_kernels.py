@@ -14,55 +14,17 @@ from mlx_qwen35.kernels.metal import (
     step_launch,
 )
 from mlx_qwen35.kernels.metal_emulation import emulate, f32_to_bf16, run_kernel
+from delta_reference import numpy_recurrence, random_inputs, rel, to_mx
 
 needs_metal = pytest.mark.skipif(not mx.metal.is_available(), reason="no Metal device")
 
 
-def numpy_recurrence(q, k, v, g, beta, state, mask):
-    """float64, per head: S <- g S; S += beta (v - S k) k^T; y = S q, S [Dv, Dk]; masked steps keep S."""
-    rep = v.shape[2] // q.shape[2]
-    q, k = np.repeat(q, rep, axis=2), np.repeat(k, rep, axis=2)
-    S = np.array(state, np.float64)
-    ys = np.zeros(v.shape)
-    for t in range(q.shape[1]):
-        keep = np.ones(q.shape[0], bool) if mask is None else mask[:, t]
-        gt = np.where(keep[:, None], g[:, t], 1.0)
-        bt = np.where(keep[:, None], beta[:, t], 0.0)
-        S = S * gt[:, :, None, None]
-        delta = (v[:, t] - np.einsum("bhvk,bhk->bhv", S, k[:, t])) * bt[:, :, None]
-        S = S + delta[..., None] * k[:, t][:, :, None, :]
-        ys[:, t] = np.einsum("bhvk,bhk->bhv", S, q[:, t])
-    return ys, S
 
 
-def random_inputs(B, T, Hk, Hv, D, seed, zero_state=False, padded=False):
-    rng = np.random.default_rng(seed)
-
-    def unit(x):
-        return x / np.sqrt((x * x).sum(-1, keepdims=True) + 1e-6)
-
-    q = unit(rng.normal(size=(B, T, Hk, D))) * D**-0.5
-    k = unit(rng.normal(size=(B, T, Hk, D)))
-    v = rng.normal(size=(B, T, Hv, D))
-    g = np.exp(-rng.uniform(0.0, 1.5, size=(B, T, Hv)))
-    beta = rng.uniform(0.0, 1.0, size=(B, T, Hv))
-    state = np.zeros((B, Hv, D, D)) if zero_state else rng.normal(size=(B, Hv, D, D)) * 0.5
-    mask = None
-    if padded:
-        mask = np.ones((B, T), dtype=bool)
-        mask[0, : max(1, T // 3)] = False  # left padding in the first sequence
-        if B > 1:
-            mask[-1, T - 1] = False
-    f32 = [x.astype(np.float32) for x in (q, k, v, g, beta, state)]
-    return (*f32, mask)
 
 
-def to_mx(x):
-    return None if x is None else mx.array(x)
 
 
-def rel(a, b):
-    return np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b)
 
 
 GRID = [  # B, T, Hk, Hv, D: every B in {1, 3}, T in {1, 2, 63, 64, 65}, Hv/Hk in {1, 2, 4}, D in {64, 128}
@@ -87,7 +49,7 @@ def test_emulated_step_kernel_matches_float64(B, T, Hk, Hv, D, variant):
 
 def bf16_inputs(B, T, Hk, Hv, D, seed):
     """Inputs rounded to bfloat16 once, so the float64 reference sees exactly what the kernel reads."""
-    q, k, v, g, beta, state, _ = random_inputs(B, T, Hk, Hv, D, seed)
+    q, k, v, g, beta, state, _ = random_inputs(B, T, Hk, Hv, D, seed=seed)
     bits = [f32_to_bf16(x) for x in (q, k, v)]
     exact = [(b.astype(np.uint32) << 16).view(np.float32) for b in bits]
     as_bf16 = [mx.array(b).view(mx.bfloat16) for b in bits]
