@@ -7,6 +7,7 @@ from .chunked import gated_delta_chunked
 from .metal import gated_delta_step_metal
 from .metal_chunked import gated_delta_chunked_metal
 from .reference import gated_delta_recurrent
+from .validation import check_inputs
 
 __all__ = ["gated_delta_update", "gated_delta_recurrent", "gated_delta_chunked", "expert_matmul"]
 
@@ -28,28 +29,6 @@ def gated_delta_update(q, k, v, g, beta, state=None, mask=None):
     if q.shape[1] >= CHUNKED_MIN_STEPS:
         return gated_delta_chunked(q, k, v, g, beta, state, mask)
     return gated_delta_recurrent(q, k, v, g, beta, state, mask)
-
-
-def check_inputs(q, k, v, g, beta, state, mask):
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"q, k, v must be [B, T, H, D]; got ranks {q.ndim}, {k.ndim}, {v.ndim}")
-    if q.shape != k.shape:
-        raise ValueError(f"q {q.shape} and k {k.shape} must have the same shape")
-    B, T, Hk, Dk = q.shape
-    if v.shape[:2] != (B, T):
-        raise ValueError(f"v {v.shape} must share [B, T] = {(B, T)} with q")
-    Hv, Dv = v.shape[2:]
-    if Hv % Hk:
-        raise ValueError(f"value heads ({Hv}) must be a multiple of key heads ({Hk})")
-    for name, x in (("g", g), ("beta", beta)):
-        if x.shape != (B, T, Hv):
-            raise ValueError(f"{name} must be [B, T, Hv] = {(B, T, Hv)}, got {x.shape}")
-    if q.dtype != k.dtype:
-        raise ValueError(f"q and k dtypes differ: {q.dtype} vs {k.dtype}")
-    if state is not None and state.shape != (B, Hv, Dv, Dk):
-        raise ValueError(f"state must be [B, Hv, Dv, Dk] = {(B, Hv, Dv, Dk)}, got {state.shape}")
-    if mask is not None and mask.shape != (B, T):
-        raise ValueError(f"mask must be [B, T] = {(B, T)}, got {mask.shape}")
 
 
 def expert_matmul(x, weights, expert_indices, scales=None, biases=None, group_size=None, bits=None,

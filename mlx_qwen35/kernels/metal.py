@@ -10,6 +10,8 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
+from .validation import check_inputs
+
 
 class KernelSource(NamedTuple):
     name: str
@@ -93,32 +95,13 @@ MAX_DK = 512  # Dk / 32 floats of state per lane; beyond this the registers spil
 
 def check_step_inputs(q, k, v, g, beta, state, mask):
     """ValueErrors for anything the kernel cannot take, raised before any launch."""
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"q, k, v must be [B, T, H, D]; got ranks {q.ndim}, {k.ndim}, {v.ndim}")
-    if q.shape != k.shape:
-        raise ValueError(f"q {q.shape} and k {k.shape} must have the same shape")
-    B, T, Hk, Dk = q.shape
-    if T < 1 or B < 1:
-        raise ValueError(f"need at least one batch row and one step, got q {q.shape}")
-    if v.shape[:2] != (B, T):
-        raise ValueError(f"v {v.shape} must share [B, T] = {(B, T)} with q")
-    Hv, Dv = v.shape[2:]
-    if Hv % Hk:
-        raise ValueError(f"value heads ({Hv}) must be a multiple of key heads ({Hk})")
+    check_inputs(q, k, v, g, beta, state, mask)
+    Dk = q.shape[-1]
     if Dk % 32 or not 32 <= Dk <= MAX_DK:
         raise ValueError(f"Dk ({Dk}) must be a multiple of 32 in [32, {MAX_DK}] (one simdgroup per row)")
-    for name, x in (("g", g), ("beta", beta)):
-        if x.shape != (B, T, Hv):
-            raise ValueError(f"{name} must be [B, T, Hv] = {(B, T, Hv)}, got {x.shape}")
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dtype not in INPUT_DTYPES:
             raise ValueError(f"{name} dtype {x.dtype} not supported; use one of {INPUT_DTYPES}")
-    if q.dtype != k.dtype:
-        raise ValueError(f"q and k dtypes differ: {q.dtype} vs {k.dtype}")
-    if state is not None and state.shape != (B, Hv, Dv, Dk):
-        raise ValueError(f"state must be [B, Hv, Dv, Dk] = {(B, Hv, Dv, Dk)}, got {state.shape}")
-    if mask is not None and (mask.shape != (B, T) or mask.dtype != mx.bool_):
-        raise ValueError(f"mask must be bool [B, T] = {(B, T)}, got {mask.dtype} {mask.shape}")
 
 
 def step_launch(q, k, v, g, beta, state=None, mask=None):
