@@ -406,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--check", action="store_true",
                         help="compare the converted model with the source in float32 on a fixed prompt")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--expert-store", action="store_true",
+                        help="also write the per-layer expert store that `load(..., expert_cache_gb=X)` streams from")
     return parser
 
 
@@ -421,4 +423,8 @@ def main(argv=None) -> int:
     if report.check is not None and not report.check.finite:
         print("error: the converted model's logits are not finite", file=sys.stderr)
         return 1
+    if args.expert_store:
+        from mlx_qwen35.experts.store import write_expert_store
+
+        write_expert_store(report.output, log=None if args.quiet else print)
     return 0

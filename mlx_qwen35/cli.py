@@ -74,8 +74,14 @@ def cmd_generate(args):
 
     model, processor = load(_model_path(args), args.dtype)
     prompt = args.prompt
+    media = [{"type": "image", "image": path} for path in args.image] + \
+        [{"type": "video", "video": path} for path in args.video]
+    if args.raw and media:
+        raise SystemExit("error: --image/--video go through the chat template; leave out --raw "
+                         "(or put the placeholders in the prompt through the Python API)")
     if not args.raw:
-        prompt = [{"role": "user", "content": args.prompt}]
+        prompt = [{"role": "user", "content": media + [{"type": "text", "text": args.prompt}] if media
+                   else args.prompt}]
     last = None
     for last in stream_generate(model, processor, prompt, max_tokens=args.max_tokens, stop=args.stop,
                                 enable_thinking=not args.no_thinking, **_sampling(args)):
@@ -183,6 +189,10 @@ def main(argv=None):
     gen.add_argument("--prompt", default="Hello, Qwen 3.5!")
     gen.add_argument("--raw", action="store_true", help="feed the prompt as raw text, without the chat template")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--image", action="append", default=[], help="image file or URL, shown before the prompt "
+                     "(repeatable)")
+    gen.add_argument("--video", action="append", default=[], help="video file, shown after the images "
+                     "(repeatable)")
     gen.set_defaults(run=cmd_generate)
 
     chat = sub.add_parser("chat", help="interactive chat in the terminal")

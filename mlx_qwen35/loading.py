@@ -157,7 +157,9 @@ def unbuilt_prefixes(model: Model) -> tuple:
     return tuple(p for p in EXTRA_PREFIXES if not any(k.startswith(p) for k in names))
 
 
-def load_model(path, dtype=None) -> Model:
+def load_model(path, dtype=None, expert_cache_gb=None) -> Model:
+    """With `expert_cache_gb`, routed experts are not loaded: they are read on demand into a cache of that
+    many GB (see mlx_qwen35.experts), from CHECKPOINT/expert_store when present, else from the safetensors."""
     path = resolve_path(path)
     config = ModelConfig.from_path(path)
     if is_fp8_checkpoint(config):
@@ -185,6 +187,10 @@ def load_model(path, dtype=None) -> Model:
     if wrong_shapes:
         raise CheckpointError(f"{path}: tensors with wrong shapes: {_listed(wrong_shapes)}")
 
+    if expert_cache_gb is not None:
+        from .experts import attach_expert_cache
+
+        used = attach_expert_cache(model, path, used, expert_cache_gb, dtype)
     model.load_weights([(k, cast(k, v, dtype)) for k, v in used.items()], strict=True)
     try:
         mx.eval(model.parameters())
@@ -232,15 +238,22 @@ def cast(key: str, value, dtype):
 
 
 def load_processor(path):
-    """The tokenizer (mlx-lm's wrapper) when the checkpoint has tokenizer files, else None."""
+    """The tokenizer (mlx-lm's wrapper) when the checkpoint has tokenizer files, else None; wrapped in the
+    image / video Processor (which still answers every tokenizer call) when the config has a vision tower."""
     path = resolve_path(path)
     if not (path / "tokenizer.json").exists() and not (path / "tokenizer_config.json").exists():
         return None
     from .tokenizer import load_tokenizer
 
-    return load_tokenizer(path)
+    tokenizer = load_tokenizer(path)
+    if ModelConfig.from_path(path).vision_config is None:
+        return tokenizer
+    from .processing.processor import Processor
+
+    return Processor.from_path(path, tokenizer)
 
 
-def load(path, dtype=None):
-    """Load a Qwen 3.5 checkpoint directory (Hugging Face or converted). Returns (model, processor)."""
-    return load_model(path, dtype), load_processor(path)
+def load(path, dtype=None, expert_cache_gb=None):
+    """Load a Qwen 3.5 checkpoint directory (Hugging Face or converted). Returns (model, processor).
+    `expert_cache_gb` streams the routed experts through a cache of that size instead of loading them."""
+    return load_model(path, dtype, expert_cache_gb), load_processor(path)

@@ -68,3 +68,20 @@ def test_convert_subcommand_writes_a_loadable_model(tmp_path):
     np.testing.assert_array_equal(np.array(load_model(tmp_path / "out")(ids)), np.array(load_model(source)(ids)))
     with pytest.raises(SystemExit):
         main(["convert", str(source), str(tmp_path / "out"), "--quiet"])  # exists, no --force
+
+
+def test_convert_with_expert_store_streams_identical_logits(tmp_path):
+    import mlx.core as mx
+    import numpy as np
+    from hf_reference import build_hf_model, save_hf_checkpoint
+
+    import mlx_qwen35
+
+    source = save_hf_checkpoint(build_hf_model(moe=True, seed=8), tmp_path / "src")
+    main(["convert", str(source), str(tmp_path / "out"), "--dtype", "float32", "--expert-store", "--quiet"])
+    assert (tmp_path / "out" / "expert_store" / "manifest.json").exists()
+    ids = mx.array([[3, 1, 4, 1, 5, 9, 2, 6]])
+    streamed, _ = mlx_qwen35.load(tmp_path / "out", expert_cache_gb=1e-4)
+    resident = load_model(tmp_path / "out")
+    np.testing.assert_array_equal(np.array(streamed(ids)), np.array(resident(ids)))
+    assert streamed.expert_cache.summary()["overall"]["misses"] > 0

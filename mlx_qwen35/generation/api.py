@@ -1,7 +1,16 @@
 """The notebook-facing API: `stream_generate` and `generate` over the token loop."""
 
+import time
+
+import mlx.core as mx
+
+from ..cache import cache_offset
+from ..processing.features import VisionFeatureCache, multimodal_embeddings
+from ..processing.processor import media_from_messages
 from .generate import STOP_TOKEN_IDS, generate_tokens, make_sampling, stream_text
 from .parsing import StreamParser
+
+_FEATURE_CACHE = VisionFeatureCache()  # for a processor without its own
 
 THINK_START, THINK_END = 248068, 248069
 
@@ -31,27 +40,109 @@ def _require(processor):
 
 
 def stream_generate(model, processor, prompt, max_tokens=256, stop=(), cache=None, prefill_chunk=512,
-                    enable_thinking=None, tools=None, history=(), **sampling):
+                    enable_thinking=None, tools=None, history=(), images=None, videos=None, **sampling):
     """Yield GenerationResponse objects whose `.text` are the new text of each token and whose `.events`
     split it into thinking, answer and finished tool calls.
 
     Sampling settings: temperature (0 = greedy), top_p, top_k, min_p, repetition_penalty, seed.
     `cache` may hold earlier tokens of the same conversation: then `prompt` must be token ids of the
-    continuation only, and `history` the earlier tokens (used by repetition penalties)."""
+    continuation only, and `history` the earlier tokens (used by repetition penalties).
+    `images` / `videos` (paths, PIL images, arrays; a video may be a list of frames) fill the prompt's
+    placeholders in order, after those of chat messages' {"type": "image"/"video"} content parts."""
     options = {k: v for k, v in (("enable_thinking", enable_thinking), ("tools", tools)) if v is not None}
-    prompt_ids = encode_prompt(processor, prompt, **options)
+    prompt_ids, items = encode_prompt_with_media(processor, prompt, images, videos, **options)
+    yield from stream_ids(model, processor, prompt_ids, items, max_tokens=max_tokens, stop=stop, cache=cache,
+                          prefill_chunk=prefill_chunk, tools=tools, history=history, **sampling)
+
+
+def encode_prompt_with_media(processor, prompt, images=None, videos=None, **template_options):
+    """(token ids with expanded placeholders, items from Processor.prepare or None without media)."""
+    images, videos = list(_listed(images)), list(_listed(videos))
+    is_messages = isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt)
+    if is_messages:
+        in_messages = media_from_messages(prompt)
+        images, videos = in_messages[0] + images, in_messages[1] + videos
+    if not images and not videos:
+        return encode_prompt(processor, prompt, **template_options), None
+    if not hasattr(_require(processor), "prepare"):
+        raise ValueError("images and videos need a checkpoint with a vision config (its processor); this "
+                         "one loaded a plain tokenizer")
+    if is_messages:
+        text = processor.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False,
+                                             **template_options)
+    elif isinstance(prompt, str):
+        text = prompt
+    else:
+        raise TypeError("with images or videos, the prompt must be a str holding placeholders or chat messages")
+    items = processor.prepare(images, videos)
+    return processor.encode_expanded([text], items)["input_ids"][0].tolist(), items
+
+
+def _listed(media):
+    if media is None:
+        return []
+    return media if isinstance(media, (list, tuple)) else [media]
+
+
+def has_media(items) -> bool:
+    return bool(items) and any(items.values())
+
+
+def multimodal_prefill(model, processor, ids, items, cache, chunk: int = 512):
+    """Run token ids (a list continuing `cache`) holding the placeholders of `items` into the cache: vision
+    features (through the processor's feature cache) and 3-D positions for the whole span, then the text
+    model in chunks. The rope delta lands on the cache for decoding."""
+    if not hasattr(cache, "rope_delta"):
+        raise ValueError("multimodal generation needs the cache of model.make_cache() (it keeps the rope delta)")
+    offset = cache_offset(cache)
+    previous = cache.rope_delta if offset else None
+    features = getattr(processor, "feature_cache", None) or _FEATURE_CACHE
+    embeddings, positions, delta = multimodal_embeddings(model, mx.array(ids)[None], items, features, offset,
+                                                         previous)
+    for begin in range(0, len(ids), chunk):
+        model(None, cache=cache, input_embeddings=embeddings[:, begin:begin + chunk],
+              position_ids=positions[:, :, begin:begin + chunk], rope_delta=delta, logits_to_keep=1)
+        mx.eval([c.state for c in cache])
+        mx.clear_cache()
+    cache.rope_delta = delta
+
+
+def stream_ids(model, processor, prompt_ids, items=None, max_tokens=256, stop=(), cache=None, prefill_chunk=512,
+               tools=None, history=(), **sampling):
+    """stream_generate for token ids whose placeholders (if any) belong to `items` (Processor.prepare)."""
     sampler, processors = make_sampling(**sampling)
-    tokens = generate_tokens(model, prompt_ids, max_tokens, sampler, processors, cache=cache,
-                             stop_ids=STOP_TOKEN_IDS, prefill_chunk=prefill_chunk,
-                             history=history)
+    if has_media(items):
+        tokens = _multimodal_tokens(model, processor, prompt_ids, items, max_tokens, sampler, processors, cache,
+                                    prefill_chunk, history)
+    else:
+        tokens = generate_tokens(model, prompt_ids, max_tokens, sampler, processors, cache=cache,
+                                 stop_ids=STOP_TOKEN_IDS, prefill_chunk=prefill_chunk, history=history)
     if processor is None:
         yield from tokens
         return
-    parser = StreamParser(thinking=thinking_is_open(list(history) + prompt_ids), tools=tools)
+    parser = StreamParser(thinking=thinking_is_open(list(history) + list(prompt_ids)), tools=tools)
     for response in stream_text(processor, tokens, stop):
         response.events = parser.feed(response.text)
         if response.finish_reason:
             response.events += parser.finish()
+        yield response
+
+
+def _multimodal_tokens(model, processor, prompt_ids, items, max_tokens, sampler, processors, cache, chunk,
+                       history):
+    # All but the last prompt token go through the multimodal prefill (the last one is never a placeholder:
+    # each run is closed by <|vision_end|>); the token loop then starts from the last token.
+    if len(prompt_ids) < 2:
+        raise ValueError("a prompt with images or videos needs their placeholders and at least one more token")
+    cache = model.make_cache() if cache is None else cache
+    start = time.perf_counter()
+    multimodal_prefill(model, processor, prompt_ids[:-1], items, cache, chunk)
+    elapsed = time.perf_counter() - start
+    for response in generate_tokens(model, prompt_ids[-1:], max_tokens, sampler, processors, cache=cache,
+                                    stop_ids=STOP_TOKEN_IDS, history=list(history) + list(prompt_ids[:-1])):
+        response.prompt_tokens_processed += len(prompt_ids) - 1
+        response.time_to_first_token += elapsed
+        response.prefill_tps = len(prompt_ids) / response.time_to_first_token
         yield response
 
 

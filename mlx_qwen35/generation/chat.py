@@ -4,7 +4,9 @@ follow-up turn runs only the tokens the chat template adds."""
 import mlx.core as mx
 
 from ..cache import cache_offset, restore, snapshot
-from .api import render_messages, stream_generate
+from ..processing.features import items_after
+from ..processing.processor import media_from_messages
+from .api import has_media, multimodal_prefill, render_messages, stream_generate, stream_ids
 from .generate import prefill
 from .parsing import ParsedResponse
 
@@ -23,7 +25,7 @@ class Chat:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
         self.cache = self.model.make_cache()
         self._tokens = []  # what the live cache holds
-        self._checkpoint = None  # (tokens, cache snapshot) at the end of the last user turn
+        self._checkpoint = None  # (tokens, cache snapshot, rope delta) at the end of the last user turn
         self.last_response = None
         self.last_parsed = None
 
@@ -42,28 +44,66 @@ class Chat:
             return len(self._tokens)
         if self._checkpoint and prefix_of(self._checkpoint[0]):
             restore(self.cache, self._checkpoint[1])
+            self.cache.rope_delta = self._checkpoint[2]
             return len(self._checkpoint[0])
         self.cache = self.model.make_cache()
         return 0
 
+    def _render_media(self, messages, add_generation_prompt, items):
+        options = {"enable_thinking": self.enable_thinking}
+        if self.tools:
+            options["tools"] = self.tools
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=False, **options)
+        return self.processor.encode_expanded([text], items)["input_ids"][0].tolist()
+
+    def _media_after(self, tokens, items, start):
+        """The images / videos whose placeholders lie in tokens[start:]; None when `start` cuts one."""
+        if items is None:
+            return None
+        config = self.model.config
+        return items_after(tokens, items, start, config.image_token_id, config.video_token_id)
+
     def stream(self, content, role: str = "user", **overrides):
-        """Send a message (a str or a list of content parts; role "tool" for a tool's result) and yield
+        """Send a message (a str or a list of content parts, which may be {"type": "image", "image": path or
+        PIL image} and {"type": "video", "video": path or frames}; role "tool" for a tool's result) and yield
         responses with text deltas and parsed events. The reply lands in `messages[-1]`."""
         messages = self.messages + [{"role": role, "content": content}]
-        full = self._render(messages, add_generation_prompt=True)
-        turn_end = self._render(messages, add_generation_prompt=False)
+        images, videos = media_from_messages(messages)
+        items = None
+        if images or videos:
+            if not hasattr(self.processor, "prepare"):
+                raise ValueError("images and videos need a checkpoint with a vision config (its processor)")
+            # Earlier turns' media are prepared again, but their features come from the feature cache.
+            items = self.processor.prepare(images, videos)
+            full = self._render_media(messages, True, items)
+            turn_end = self._render_media(messages, False, items)
+        else:
+            full = self._render(messages, add_generation_prompt=True)
+            turn_end = self._render(messages, add_generation_prompt=False)
         if full[: len(turn_end)] != turn_end:
             turn_end = []
         start = self._reuse(full)
+        if items is not None and self._media_after(full, items, start) is None:
+            self.cache, start = self.model.make_cache(), 0
         processed = 0
         if len(turn_end) > start:
-            prefill(self.model, mx.array(turn_end[start:])[None], self.cache)
+            new = self._media_after(turn_end, items, start)
+            if has_media(new):
+                multimodal_prefill(self.model, self.processor, turn_end[start:], new, self.cache)
+            else:
+                prefill(self.model, mx.array(turn_end[start:])[None], self.cache)
             processed, start = len(turn_end) - start, len(turn_end)
-            self._checkpoint = (turn_end, snapshot(self.cache))
+            self._checkpoint = (turn_end, snapshot(self.cache), getattr(self.cache, "rope_delta", None))
         sampling = {**self.sampling, **overrides}
         generated, parsed = [], ParsedResponse()
-        for response in stream_generate(self.model, self.processor, full[start:], cache=self.cache,
-                                        history=full[:start], tools=self.tools, **sampling):
+        if items is None:
+            responses = stream_generate(self.model, self.processor, full[start:], cache=self.cache,
+                                        history=full[:start], tools=self.tools, **sampling)
+        else:
+            responses = stream_ids(self.model, self.processor, full[start:], self._media_after(full, items, start),
+                                   cache=self.cache, history=full[:start], tools=self.tools, **sampling)
+        for response in responses:
             generated.append(response.token)
             for event in response.events:
                 parsed.add(event)

@@ -1,0 +1,28 @@
+"""Routed experts streamed from disk: the on-disk store, the byte-budgeted cache over it, and the cached
+expert source the MoE block calls instead of resident stacked tensors."""
+
+from .cache import ExpertCache, LRFUPolicy, LRUPolicy, simulate
+from .source import CachedExperts, attach_expert_cache
+from .store import (
+                    CheckpointExpertStore,
+                    ExpertReadError,
+                    ExpertStore,
+                    ExpertStoreError,
+                    open_store,
+                    write_expert_store,
+)
+
+__all__ = [
+                    "CachedExperts",
+                    "CheckpointExpertStore",
+                    "ExpertCache",
+                    "ExpertReadError",
+                    "ExpertStore",
+                    "ExpertStoreError",
+                    "LRFUPolicy",
+                    "LRUPolicy",
+                    "attach_expert_cache",
+                    "open_store",
+                    "simulate",
+                    "write_expert_store",
+]
