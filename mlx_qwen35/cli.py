@@ -23,6 +23,22 @@ def _sampling(args) -> dict:
                 repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
+def _load(args):
+    from .loading import load
+
+    return load(_model_path(args), args.dtype, expert_cache_gb=args.expert_cache_gb)
+
+
+def _expert_stats(model) -> str:
+    cache = getattr(model, "expert_cache", None)
+    if cache is None:
+        return ""
+    o = cache.summary()["overall"]
+    return (f"expert cache: hit rate {o['hit_rate']:.1%}, {o['misses']} misses, {o['bytes_read'] / 2**20:.1f} MiB read "
+            f"in {o['read_seconds']:.2f} s, stalled {o['stall_seconds']:.2f} s, prefetch accuracy "
+            f"{o['prefetch_accuracy']:.1%}")
+
+
 def _stats(response) -> str:
     return (f"prompt {response.prompt_tokens} tokens ({response.prompt_tokens_processed} processed), "
             f"{response.prefill_tps:.1f} tok/s; generated {response.generation_tokens} tokens, "
@@ -70,9 +86,8 @@ def cmd_info(args):
 
 def cmd_generate(args):
     from .generation import stream_generate
-    from .loading import load
 
-    model, processor = load(_model_path(args), args.dtype)
+    model, processor = _load(args)
     prompt = args.prompt
     media = [{"type": "image", "image": path} for path in args.image] + \
         [{"type": "video", "video": path} for path in args.video]
@@ -88,13 +103,14 @@ def cmd_generate(args):
         print(last.text, end="", flush=True)
     print()
     print(_stats(last), file=sys.stderr)
+    if args.stats and _expert_stats(model):
+        print(_expert_stats(model), file=sys.stderr)
 
 
 def cmd_chat(args):
     from .generation import Chat
-    from .loading import load
 
-    model, processor = load(_model_path(args), args.dtype)
+    model, processor = _load(args)
     chat = Chat(model, processor, system=args.system, enable_thinking=not args.no_thinking,
                 max_tokens=args.max_tokens, **_sampling(args))
     print("Type a message; /reset clears the conversation, /quit or Ctrl-D leaves.", file=sys.stderr)
@@ -129,6 +145,8 @@ def cmd_chat(args):
                 pending = pending[-8:]
         print((pending + RESET) if thinking else "")
         print(_stats(chat.last_response), file=sys.stderr)
+        if args.stats and _expert_stats(model):
+            print(_expert_stats(model), file=sys.stderr)
 
 
 def cmd_convert(args):
@@ -171,6 +189,9 @@ def _add_model_options(parser, sampling=True):
     parser.add_argument("--repetition-penalty", type=float)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--no-thinking", action="store_true", help="enable_thinking=False in the template")
+    parser.add_argument("--expert-cache-gb", type=float,
+                        help="MoE: stream routed experts through a cache of this many GB instead of loading them")
+    parser.add_argument("--stats", action="store_true", help="also print expert-cache statistics")
 
 
 def main(argv=None):

@@ -85,3 +85,19 @@ def test_convert_with_expert_store_streams_identical_logits(tmp_path):
     resident = load_model(tmp_path / "out")
     np.testing.assert_array_equal(np.array(streamed(ids)), np.array(resident(ids)))
     assert streamed.expert_cache.summary()["overall"]["misses"] > 0
+
+
+def test_generate_with_expert_cache_prints_its_stats(tmp_path, capsys):
+    from hf_reference import build_hf_model, save_hf_checkpoint
+
+    from mlx_qwen35.tokenizer import write_tokenizer_files
+
+    path = save_hf_checkpoint(build_hf_model(moe=True, seed=9, vocab_size=248320), tmp_path)
+    write_tokenizer_files(path)
+    main(["generate", "--model", str(path), "--prompt", "Hi", "--max-tokens", "3"])
+    resident = capsys.readouterr().out
+    main(["generate", "--model", str(path), "--prompt", "Hi", "--max-tokens", "3", "--expert-cache-gb", "0.0001",
+          "--stats"])
+    captured = capsys.readouterr()
+    assert captured.out == resident  # the cache changes speed, never tokens
+    assert "expert cache: hit rate" in captured.err

@@ -12,7 +12,6 @@ import torch
 import hf_reference
 import mlx_qwen35
 from hf_reference import build_hf_model, relative_error, save_hf_checkpoint
-from mlx_qwen35.models.qwen35 import ModelCache
 
 BOUND = 1e-5
 # Deeper than TINY_VISION, with a 6x6 position table so that grids resample it non-trivially.

@@ -318,7 +318,8 @@ class ExpertCache:
     def get(self, layer: int, experts, prefetch=None) -> dict:
         """Pin and return the weights of `experts` (distinct ids) of `layer`: {name: [array per expert]}.
         `prefetch` = (layer, experts) is submitted after this call's own reads and before waiting for them,
-        so it overlaps them and the compute that follows. A read error raises ExpertReadError after the cache is put back in order (nothing stays pinned)."""
+        so it overlaps them and the compute that follows. A read error raises ExpertReadError after the cache
+        is put back in order (nothing stays pinned)."""
         experts = [int(e) for e in experts]
         if len(experts) > self.max_experts(layer):
             raise ValueError(f"{len(experts)} experts of layer {layer} do not fit the budget "

@@ -179,7 +179,8 @@ def source_fingerprint(components: list, num_experts: int, pread=os.pread) -> st
             fd = os.open(file, os.O_RDONLY)
             try:
                 for i in range(FINGERPRINT_SAMPLES):
-                    start = (nbytes - SAMPLE_BYTES) * i // max(1, FINGERPRINT_SAMPLES - 1) if nbytes > SAMPLE_BYTES else 0
+                    spread = (nbytes - SAMPLE_BYTES) * i // max(1, FINGERPRINT_SAMPLES - 1)
+                    start = spread if nbytes > SAMPLE_BYTES else 0
                     digest.update(_pread_exact(pread, fd, min(SAMPLE_BYTES, nbytes), offset + start))
             finally:
                 os.close(fd)
