@@ -78,11 +78,12 @@ class Model(nn.Module):
         return self.logits(h)
 
     def embed_multimodal(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
-                         video_grid_thw=None, offset=0, rope_delta=None):
+                         video_grid_thw=None, offset=0, rope_delta=None, encode=None):
         """input_ids [B, L] whose image / video placeholder tokens (spec 4.4 layout) are replaced, in order
         across the batch, by the vision features of pixel_values [N, C*T*P*P] with image_grid_thw [n, 3]
         (and likewise for video). `offset` and `rope_delta` describe a cache the ids continue (0 and None
-        for a fresh prompt). Returns (input_embeddings [B, L, H], position_ids [3, B, L], rope_delta [B])."""
+        for a fresh prompt); `encode(pixels, grid)` replaces the vision tower call (a feature cache).
+        Returns (input_embeddings [B, L, H], position_ids [3, B, L], rope_delta [B])."""
         ids = np.array(input_ids)
         if ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, length]; got shape {ids.shape}")
@@ -109,9 +110,10 @@ class Model(nn.Module):
         embeddings = self.model.language_model.embed_tokens(mx.array(ids))
         B, L, H = embeddings.shape
         flat = embeddings.reshape(B * L, H)
+        encode = encode or visual
         for name, token, pixels, grid in inputs:
             if pixels is not None:
-                features = visual(pixels, grid)
+                features = encode(pixels, grid)
                 flat[mx.array(np.flatnonzero(ids.reshape(-1) == token))] = features.astype(flat.dtype)
         return flat.reshape(B, L, H), mx.array(positions), mx.array(delta + previous)
 

@@ -7,7 +7,6 @@ from collections import OrderedDict
 import mlx.core as mx
 import numpy as np
 
-from .positions import rope_index
 
 
 
@@ -60,32 +59,22 @@ def items_after(ids, items: dict, start: int, image_token_id: int, video_token_i
 
 def multimodal_embeddings(model, input_ids, items: dict, cache: VisionFeatureCache, offset: int = 0,
                           rope_delta=None):
-    """As Model.embed_multimodal, with features from `cache`: input_ids [1, L] (continuing a model cache
-    of `offset` tokens and rope delta `rope_delta`), items as Processor.prepare returns them.
+    """Model.embed_multimodal with features from `cache`: input_ids [1, L] (continuing a model cache of
+    `offset` tokens and rope delta `rope_delta`), items as Processor.prepare returns them.
     Returns (input_embeddings [1, L, H], position_ids [3, 1, L], rope_delta [1])."""
-    ids = np.asarray(input_ids).reshape(1, -1)
-    config = model.config
     visual = getattr(model.model, "visual", None)
-    merge = visual.config.spatial_merge_size if visual is not None else 2
-    tokens = {"image": config.image_token_id, "video": config.video_token_id}
-    grids = {kind: [item[1] for item in items.get(kind, [])] or None for kind in tokens}
-    for kind, token in tokens.items():
-        if grids[kind] and visual is None:
-            raise ValueError(f"this checkpoint has no vision tower; it cannot take {kind} input")
-        count = int((ids == token).sum())
-        expected = sum(int(np.prod(g)) for g in grids[kind] or []) // merge**2
-        if count != expected:
-            raise ValueError(f"the prompt holds {count} {kind} placeholder tokens but the {kind}s give "
-                             f"{expected} features")
-    previous = np.zeros(1, np.int64) if rope_delta is None else np.array(rope_delta).reshape(-1)
-    positions, delta = rope_index(ids, grids["image"], grids["video"], image_token_id=tokens["image"],
-                                  video_token_id=tokens["video"], spatial_merge_size=merge,
-                                  start=offset + previous)
-    embeddings = model.model.language_model.embed_tokens(mx.array(ids))
-    _, L, H = embeddings.shape
-    flat = embeddings.reshape(L, H)
-    for kind, token in tokens.items():
+
+    def encode(pixels, grids):  # one cache entry per image or video
+        rows = np.asarray(grids).reshape(-1, 3).prod(axis=1)
+        bounds = np.concatenate([[0], np.cumsum(rows)])
+        return mx.concatenate([cache.features(visual, pixels[int(a):int(b)], grid)
+                               for a, b, grid in zip(bounds[:-1], bounds[1:], np.asarray(grids).reshape(-1, 3))])
+
+    media = {}
+    for kind in ("image", "video"):
         if items.get(kind):
-            features = mx.concatenate([cache.features(visual, item[0], item[1]) for item in items[kind]])
-            flat[mx.array(np.flatnonzero(ids[0] == token))] = features.astype(flat.dtype)
-    return flat.reshape(1, L, H), mx.array(positions), mx.array(delta + previous)
+            media[kind] = (np.concatenate([np.asarray(item[0]) for item in items[kind]]),
+                           np.array([item[1] for item in items[kind]]).reshape(-1, 3))
+    image, video = media.get("image", (None, None)), media.get("video", (None, None))
+    return model.embed_multimodal(np.asarray(input_ids).reshape(1, -1), image[0], image[1], video[0], video[1],
+                                  offset=offset, rope_delta=rope_delta, encode=encode)
