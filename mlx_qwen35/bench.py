@@ -166,3 +166,58 @@ def kernels_bench(lengths=(512, 2048, 8192), heads=32, key_heads=16, dim=128, re
         ours = times["mlx-qwen35 gated_delta_update"]
         print("          " + ", ".join(f"{ours and times[n] / ours:.2f}x faster than {n}"
                                        for n in times if not n.startswith("mlx-qwen35")), flush=True)
+
+
+QWEN35_0_8B_VISION = dict(depth=12, hidden_size=768, intermediate_size=3072, num_heads=12, out_hidden_size=1024,
+                          patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                          in_channels=3, hidden_act="gelu_pytorch_tanh")
+
+
+def vision_bench(sizes=(448, 896), repeats=3):
+    """Image encode time and peak memory of our vision tower and mlx-vlm's on the same random weights with
+    the Qwen3.5-0.8B vision shapes, float32, one process."""
+    from mlx.utils import tree_flatten, tree_map
+
+    from .models.vision import VisionConfig, VisionModel
+
+    ours = VisionModel(VisionConfig.from_dict(QWEN35_0_8B_VISION))
+    ours.update(tree_map(lambda p: mx.random.normal(p.shape) * (p.shape[-1] ** -0.5 if p.ndim > 1 else 0.1)
+                         + (1.0 if p.ndim == 1 else 0.0), ours.parameters()))
+    mx.eval(ours.parameters())
+    engines = {"mlx-qwen35": lambda pixels, grid: ours(pixels, grid)}
+    try:
+        from mlx_vlm.models.qwen3_5.config import VisionConfig as PeerConfig
+        from mlx_vlm.models.qwen3_5.vision import VisionModel as PeerModel
+
+        peer = PeerModel(PeerConfig.from_dict({**QWEN35_0_8B_VISION, "model_type": "qwen3_5"}))
+        peer.load_weights(list(peer.sanitize(dict(tree_flatten(ours.parameters()))).items()))
+        mx.eval(peer.parameters())
+        engines["mlx-vlm"] = lambda pixels, grid: peer(pixels, grid)[0]
+    except ImportError as error:
+        print(f"# mlx-vlm not available ({error}); timing ours only")
+    print(f"# vision tower, Qwen3.5-0.8B shapes (depth 12, width 768), float32, device {platform.device_name()}, "
+          f"BLAS {platform.blas_in_use()}, median of {repeats}")
+    for size in sizes:
+        grid = mx.array([[1, size // 16, size // 16]])
+        pixels = mx.random.normal(((size // 16) ** 2, 3 * 2 * 16 * 16))
+        mx.eval(pixels)
+        outputs, times = {}, {}
+        for name, encode in engines.items():
+            mx.eval(encode(pixels, grid))  # warm-up
+            samples, peak = [], 0.0
+            for _ in range(repeats):
+                mx.clear_cache()
+                mx.reset_peak_memory()
+                start = time.perf_counter()
+                outputs[name] = encode(pixels, grid)
+                mx.eval(outputs[name])
+                samples.append(time.perf_counter() - start)
+                peak = max(peak, mx.get_peak_memory() / 2**20)
+            times[name] = statistics.median(samples)
+            print(f"{size}x{size} ({(size // 16) ** 2} patches)  {name:11s} {times[name]:7.3f} s  peak {peak:7.0f} MiB",
+                  flush=True)
+        if "mlx-vlm" in outputs:
+            a, b = outputs["mlx-qwen35"], outputs["mlx-vlm"]
+            agreement = (mx.linalg.norm(a - b) / mx.linalg.norm(b)).item()
+            print(f"          ours {times['mlx-vlm'] / times['mlx-qwen35']:.2f}x the speed of mlx-vlm; "
+                  f"outputs agree to {agreement:.1e} relative", flush=True)

@@ -48,11 +48,8 @@ class VisionConfig:
         return self.in_channels * self.temporal_patch_size * self.patch_size**2
 
 
-def gelu_tanh(x):
-    return 0.5 * x * (1 + mx.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
-
-
-ACTIVATIONS = {"gelu_pytorch_tanh": gelu_tanh, "gelu": nn.gelu}
+# nn.gelu_approx is the tanh form (gelu_pytorch_tanh), compiled into one fused kernel.
+ACTIVATIONS = {"gelu_pytorch_tanh": nn.gelu_approx, "gelu": nn.gelu}
 
 
 class LayerNorm(nn.LayerNorm):
