@@ -158,12 +158,14 @@ def cmd_convert(args):
 
 
 def cmd_bench(args):
-    from .bench import attention_memory, bench, kernels_bench
+    from .bench import attention_memory, bench, kernels_bench, vision_bench
 
     if args.attention_memory:
         return attention_memory(tuple(args.prompt_lengths))
     if args.kernels:
         return kernels_bench(tuple(args.prompt_lengths), repeats=args.repeats)
+    if args.vision:
+        return vision_bench(tuple(args.prompt_lengths), repeats=args.repeats)
     from .demo import QWEN35_0_8B_TEXT_CONFIG, build_random_checkpoint
 
     path = args.model
@@ -198,6 +200,13 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["convert"]:  # the converter owns its own options (see `python -m convert --help`)
         return cmd_convert(argparse.Namespace(convert_args=argv[1:]))
+    if argv[:1] == ["train"]:  # so does the trainer (`mlx-qwen35 train --help`)
+        from .train.cli import train_main
+
+        status = train_main(argv[1:])
+        if status:
+            raise SystemExit(status)
+        return None
     parser = argparse.ArgumentParser(prog="mlx-qwen35", description="Qwen 3.5 in MLX")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -222,6 +231,7 @@ def main(argv=None):
     chat.set_defaults(run=cmd_chat)
 
     sub.add_parser("convert", help="convert a Hugging Face checkpoint (options: `mlx-qwen35 convert --help`)")
+    sub.add_parser("train", help="fine-tune, full or LoRA (options: `mlx-qwen35 train --help`)")
 
     bench = sub.add_parser("bench", help="prefill/decode tok/s and peak memory, optionally against mlx-lm")
     _add_model_options(bench, sampling=False)
@@ -233,6 +243,8 @@ def main(argv=None):
                        help="peak memory of prompt attention at --prompt-lengths instead of generation speed")
     bench.add_argument("--kernels", action="store_true",
                        help="the delta-rule scan at --prompt-lengths against mlx-lm, mlx-vlm and mx.fast")
+    bench.add_argument("--vision", action="store_true",
+                       help="image encode time at --prompt-lengths pixels per side against mlx-vlm's tower")
     bench.set_defaults(run=cmd_bench)
 
     args = parser.parse_args(argv)

@@ -253,7 +253,13 @@ def load_processor(path):
     return Processor.from_path(path, tokenizer)
 
 
-def load(path, dtype=None, expert_cache_gb=None):
+def load(path, dtype=None, expert_cache_gb=None, adapter=None):
     """Load a Qwen 3.5 checkpoint directory (Hugging Face or converted). Returns (model, processor).
-    `expert_cache_gb` streams the routed experts through a cache of that size instead of loading them."""
-    return load_model(path, dtype, expert_cache_gb), load_processor(path)
+    `expert_cache_gb` streams the routed experts through a cache of that size instead of loading them;
+    `adapter` is a LoRA adapter directory written by `mlx-qwen35 train --lora`."""
+    model = load_model(path, dtype, expert_cache_gb)
+    if adapter:
+        from .train.lora import load_adapter
+
+        load_adapter(model, adapter)
+    return model, load_processor(path)

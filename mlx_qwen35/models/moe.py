@@ -73,7 +73,8 @@ class SparseMoeBlock(nn.Module):
     def route(self, x):
         """x [N, H] -> (expert indices [N, K], weights [N, K] summing to 1), selected in float32."""
         probs = mx.softmax(self.gate(x).astype(mx.float32), axis=-1)
-        indices = mx.argpartition(-probs, kth=self.top_k - 1, axis=-1)[:, : self.top_k]
+        # Expert choice is not differentiable; without stop_gradient MLX's backward pass fails on the indices.
+        indices = mx.stop_gradient(mx.argpartition(-probs, kth=self.top_k - 1, axis=-1)[:, : self.top_k])
         weights = mx.take_along_axis(probs, indices, axis=-1)
         weights = weights / weights.sum(-1, keepdims=True)
         return indices, weights.astype(x.dtype)

@@ -1,0 +1,62 @@
+"""`mlx-qwen35 train`: supervised fine-tuning from a JSONL file of chat rows (see train/data.py for the row
+format; image and video parts hold file paths)."""
+
+import argparse
+import json
+from pathlib import Path
+
+
+def train_main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="mlx-qwen35 train", description=__doc__)
+    parser.add_argument("model", help="checkpoint directory to fine-tune")
+    parser.add_argument("--data", required=True, help="training rows, JSONL")
+    parser.add_argument("--val", help="validation rows, JSONL")
+    parser.add_argument("--output", required=True, help="directory for checkpoints / the adapter")
+    parser.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of all weights")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--alpha", type=float, default=16.0)
+    parser.add_argument("--targets", nargs="*", help="module path patterns to wrap (default: decoder projections)")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--grad-checkpoint", action="store_true")
+    parser.add_argument("--moe-aux-weight", type=float, default=0.0)
+    parser.add_argument("--mtp-weight", type=float, default=0.0)
+    parser.add_argument("--eval-every", type=int, default=0)
+    parser.add_argument("--save-every", type=int, default=0)
+    parser.add_argument("--resume", help="training checkpoint directory to continue from")
+    parser.add_argument("--no-thinking", action="store_true", help="render rows with enable_thinking=False")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    from ..loading import load
+    from .data import encode_all
+    from .lora import DEFAULT_TARGETS, apply_lora
+    from .trainer import TrainConfig, Trainer
+
+    model, processor = load(args.model, dtype=args.dtype)
+    if processor is None:
+        parser.error(f"{args.model} has no tokenizer files")
+
+    def read(path):
+        lines = Path(path).read_text().splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+    thinking = not args.no_thinking
+    rows = encode_all(read(args.data), processor, enable_thinking=thinking)
+    val_rows = encode_all(read(args.val), processor, enable_thinking=thinking) if args.val else None
+    if args.lora:
+        apply_lora(model, args.targets or DEFAULT_TARGETS, args.rank, args.alpha)
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                         dtype=args.dtype, grad_checkpoint=args.grad_checkpoint, moe_aux_weight=args.moe_aux_weight,
+                         mtp_weight=args.mtp_weight, eval_every=args.eval_every, save_every=args.save_every,
+                         seed=args.seed)
+    trainer = Trainer(model, rows, config, val_rows=val_rows, output_dir=args.output)
+    if args.resume:
+        trainer.resume(args.resume)
+    trainer.fit(max(0, args.steps - trainer.step))
+    trainer.save(args.output)
+    if val_rows:
+        print(f"validation loss {trainer.evaluate():.4f}")
+    return 0

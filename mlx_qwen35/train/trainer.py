@@ -1,0 +1,286 @@
+"""Supervised fine-tuning of a Qwen 3.5 model, full or LoRA: AdamW on the next-token loss over assistant
+tokens, an optional MoE load-balancing loss, gradient checkpointing, fp32/bf16, validation loss, and
+checkpoints (trainable weights + optimizer state + step) that resume exactly."""
+
+import json
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from ..models.moe import SparseMoeBlock
+from .data import collate
+
+FLOAT32_SUFFIXES = ("layernorm.weight", "norm.weight", "A_log", "dt_bias")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 4
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float | None = 1.0
+    dtype: str = "float32"  # or "bfloat16": weights and activations; LoRA matrices and optimizer stay fp32
+    grad_checkpoint: bool = False
+    moe_aux_weight: float = 0.0  # load-balancing loss weight (Switch Transformer form)
+    mtp_weight: float = 0.0  # loss on the token after next through the MTP head, when the model has one
+    seed: int = 0
+    eval_every: int = 0
+    save_every: int = 0
+    pad_id: int = 248044
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def cast_model(model, dtype):
+    """Cast floating parameters to dtype, keeping norms and DeltaNet decay parameters in float32 (as loading does)."""
+    params = [(k, v.astype(mx.float32 if k.endswith(FLOAT32_SUFFIXES) or k.endswith(("lora_a", "lora_b"))
+                           else dtype)) for k, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
+    model.update(tree_unflatten(params))
+
+
+def enable_grad_checkpoint(model):
+    """Recompute each decoder layer in the backward pass instead of keeping its activations."""
+    for layer in model.layers:
+        base = type(layer)
+        if getattr(base, "_checkpointed", False):
+            continue
+
+        def call(self, x, rotary, cache=None, _base=base):
+            if cache is not None:
+                return _base.__call__(self, x, rotary, cache)
+
+            def inner(params, x, rotary):
+                self.update(params)
+                return _base.__call__(self, x, rotary)
+
+            return mx.checkpoint(inner)(self.trainable_parameters(), x, rotary)
+
+        layer.__class__ = type(base.__name__, (base,), {"__call__": call, "_checkpointed": True})
+
+
+@contextmanager
+def trainable_router(model, records=None):
+    """Make every MoE block's routing differentiable while the context is open, appending (router probs
+    [N, E], chosen experts [N, K]) to `records` when given. models/moe.py `route` lacks a stop_gradient on the
+    argpartition indices, so MLX's VJP fails there; this is that route with the stop_gradient."""
+    blocks = [m for _, m in model.named_modules() if isinstance(m, SparseMoeBlock)]
+
+    def route(self, x):
+        probs = mx.softmax(self.gate(x).astype(mx.float32), axis=-1)
+        indices = mx.stop_gradient(mx.argpartition(-probs, kth=self.top_k - 1, axis=-1)[:, : self.top_k])
+        weights = mx.take_along_axis(probs, indices, axis=-1)
+        weights = weights / weights.sum(-1, keepdims=True)
+        if records is not None:
+            records.append((probs, indices))
+        return indices, weights.astype(x.dtype)
+
+    classes = [b.__class__ for b in blocks]
+    for block, cls in zip(blocks, classes):
+        block.__class__ = type(cls.__name__, (cls,), {"route": route})
+    try:
+        yield records
+    finally:
+        for block, cls in zip(blocks, classes):
+            block.__class__ = cls
+
+
+def load_balancing_loss(records) -> mx.array:
+    """mean over layers of E * sum_e f_e * P_e: f_e the fraction of routed choices to expert e, P_e its mean
+    router probability (Switch Transformer; Qwen MoE's aux loss)."""
+    losses = []
+    for probs, indices in records:
+        E = probs.shape[-1]
+        counts = mx.zeros((E,)).at[indices.flatten()].add(1.0)
+        fraction = mx.stop_gradient(counts / indices.size)
+        losses.append(E * (fraction * probs.mean(0)).sum())
+    return sum(losses) / len(losses)
+
+
+def hidden_states(model, batch):
+    """Final-normed hidden states [B, L, H] of the batch (images and videos merged into the embeddings)."""
+    ids = batch["input_ids"]
+    if "pixel_values" in batch or "pixel_values_videos" in batch:
+        embeddings, positions, _ = model.embed_multimodal(
+            ids, batch.get("pixel_values"), batch.get("image_grid_thw"), batch.get("pixel_values_videos"),
+            batch.get("video_grid_thw"))
+        return model.model.language_model(None, None, embeddings, positions)
+    return model.model.language_model(ids)
+
+
+def token_losses(model, batch):
+    """(sum of next-token cross-entropies over assistant targets, number of targets, hidden states)."""
+    h = hidden_states(model, batch)
+    logits = model.logits(h[:, :-1]).astype(mx.float32)
+    targets, weight = batch["input_ids"][:, 1:], batch["mask"][:, 1:].astype(mx.float32)
+    ce = nn.losses.cross_entropy(logits, targets, reduction="none")
+    return (ce * weight).sum(), weight.sum(), h
+
+
+def mtp_head(model):
+    """The model's MTP head when it has one built (a callable (hidden [B, L, H], next ids [B, L]) -> logits of the
+    token after next), else None: mlx_qwen35.models has no MTP module yet, so the MTP loss is skipped."""
+    return getattr(model, "mtp", None) if callable(getattr(model, "mtp", None)) else None
+
+
+def loss_fn(model, batch, config: TrainConfig):
+    aux_on = config.moe_aux_weight > 0 and model.config.text_config.is_moe
+    records = [] if aux_on else None
+    with trainable_router(model, records):
+        total, count, h = token_losses(model, batch)
+    loss = total / mx.maximum(count, 1.0)
+    parts = {"ce": loss}
+    if aux_on:
+        parts["aux"] = load_balancing_loss(records)
+        loss = loss + config.moe_aux_weight * parts["aux"]
+    head = mtp_head(model) if config.mtp_weight > 0 else None
+    if head is not None:
+        # position t sees h_t and token t+1 and predicts token t+2
+        logits = head(h[:, :-2], batch["input_ids"][:, 1:-1]).astype(mx.float32)
+        weight = batch["mask"][:, 2:].astype(mx.float32)
+        ce = nn.losses.cross_entropy(logits, batch["input_ids"][:, 2:], reduction="none")
+        parts["mtp"] = (ce * weight).sum() / mx.maximum(weight.sum(), 1.0)
+        loss = loss + config.mtp_weight * parts["mtp"]
+    return loss, (count, parts)
+
+
+class Trainer:
+    def __init__(self, model, train_rows, config: TrainConfig, val_rows=None, output_dir=None):
+        self.model, self.rows, self.val_rows, self.config = model, list(train_rows), list(val_rows or []), config
+        self.output_dir = Path(output_dir) if output_dir else None
+        if not self.rows:
+            raise ValueError("no training rows")
+        if config.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {config.dtype!r}")
+        cast_model(model, getattr(mx, config.dtype))
+        if config.grad_checkpoint:
+            enable_grad_checkpoint(model)
+        if config.mtp_weight > 0 and mtp_head(model) is None:
+            print("mtp_weight > 0 but this model has no MTP head built (mlx_qwen35 has no MTP module yet): "
+                  "training without the MTP loss", file=sys.stderr)
+        schedule = config.learning_rate
+        if config.warmup_steps:
+            schedule = optim.join_schedules([optim.linear_schedule(0.0, config.learning_rate, config.warmup_steps),
+                                             optim.constant(config.learning_rate) if hasattr(optim, "constant")
+                                             else lambda _: config.learning_rate], [config.warmup_steps])
+        self.optimizer = optim.AdamW(learning_rate=schedule, weight_decay=config.weight_decay)
+        self.step = 0
+        self._grad = nn.value_and_grad(model, lambda m, b: loss_fn(m, b, config))
+        self.history = []
+
+    def batch_indices(self, step: int) -> list[int]:
+        """The rows of step `step`: a fixed function of (seed, step), so a resumed run sees the same batches."""
+        per_epoch = max(1, len(self.rows) // self.config.batch_size)
+        epoch, i = divmod(step, per_epoch)
+        order = np.random.default_rng([self.config.seed, epoch]).permutation(len(self.rows))
+        size = min(self.config.batch_size, len(self.rows))
+        return order[i * size:(i + 1) * size].tolist()
+
+    def train_step(self) -> dict:
+        batch = collate([self.rows[i] for i in self.batch_indices(self.step)], self.config.pad_id)
+        self.model.train()
+        # Checkpointed layers recompute in the backward pass, after loss_fn returned: keep routing trainable.
+        with trainable_router(self.model):
+            (loss, (count, parts)), grads = self._grad(self.model, batch)
+        if self.config.grad_clip:
+            grads, _ = optim.clip_grad_norm(grads, self.config.grad_clip)
+        self.optimizer.update(self.model, grads)
+        mx.eval(loss, count, parts, self.model.trainable_parameters(), self.optimizer.state)
+        self.step += 1
+        return {"step": self.step, "loss": loss.item(), "tokens": int(batch["input_ids"].size),
+                **{k: v.item() for k, v in parts.items()}}
+
+    def evaluate(self, rows=None) -> float:
+        """Mean cross-entropy per assistant token over `rows` (default: the validation rows)."""
+        rows = self.val_rows if rows is None else rows
+        self.model.eval()
+        total = count = 0.0
+        for start in range(0, len(rows), self.config.batch_size):
+            batch = collate(rows[start:start + self.config.batch_size], self.config.pad_id)
+            s, n, _ = token_losses(self.model, batch)
+            mx.eval(s, n)
+            total, count = total + s.item(), count + n.item()
+        return total / max(count, 1.0)
+
+    def fit(self, steps: int | None = None) -> list[dict]:
+        steps = self.config.steps if steps is None else steps
+        bar = _progress(steps, self.config.progress)
+        start, tokens = time.perf_counter(), 0
+        for _ in range(steps):
+            record = self.train_step()
+            tokens += record["tokens"]
+            record["tokens_per_s"] = tokens / max(time.perf_counter() - start, 1e-9)
+            if self.config.eval_every and self.val_rows and self.step % self.config.eval_every == 0:
+                record["val_loss"] = self.evaluate()
+            if self.config.save_every and self.output_dir and self.step % self.config.save_every == 0:
+                self.save(self.output_dir)
+            self.history.append(record)
+            bar.update(record)
+        bar.close()
+        return self.history
+
+    def save(self, directory) -> Path:
+        """trainable.safetensors, optimizer.safetensors and state.json (step, config); LoRA runs also write the
+        adapter (adapters.safetensors + adapter_config.json) for `load(..., adapter=directory)`."""
+        from .lora import lora_layers, save_adapter
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        mx.save_safetensors(str(directory / "trainable.safetensors"), dict(tree_flatten(self.model.trainable_parameters())))
+        mx.save_safetensors(str(directory / "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
+        (directory / "state.json").write_text(json.dumps({"step": self.step, "config": asdict(self.config)}, indent=2))
+        if lora_layers(self.model):
+            save_adapter(self.model, directory)
+        return directory
+
+    def resume(self, directory):
+        directory = Path(directory)
+        files = [directory / n for n in ("trainable.safetensors", "optimizer.safetensors", "state.json")]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{directory} is not a training checkpoint: missing {', '.join(missing)}")
+        weights = mx.load(str(files[0]))
+        expected = dict(tree_flatten(self.model.trainable_parameters()))
+        if weights.keys() != expected.keys():
+            raise ValueError(f"{files[0]} holds other trainable parameters than this model "
+                             f"({len(weights)} vs {len(expected)}): resume with the same LoRA/full setup")
+        self.model.load_weights(list(weights.items()), strict=False)
+        self.optimizer.state = tree_unflatten(list(mx.load(str(files[1])).items()))
+        self.step = json.loads(files[2].read_text())["step"]
+        mx.eval(self.model.parameters(), self.optimizer.state)
+        return self
+
+
+class _progress:
+    def __init__(self, total, enabled):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc="train", dynamic_ncols=True)
+            except ImportError:
+                pass
+        self.enabled = enabled
+
+    def update(self, r):
+        text = f"loss {r['loss']:.4f} | {r['tokens_per_s']:.0f} tok/s" + (
+            f" | val {r['val_loss']:.4f}" if "val_loss" in r else "")
+        if self.bar is not None:
+            self.bar.set_postfix_str(text)
+            self.bar.update(1)
+        elif self.enabled:
+            print(f"step {r['step']}: {text}", file=sys.stderr)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()

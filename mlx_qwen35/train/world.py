@@ -1,0 +1,314 @@
+"""The synthetic world the shipped default model is trained on (docs/default-model.md): seeded scenes of
+plain-coloured shapes drawn with Pillow, moving-shape videos, sums, long-context recall and two tools, each
+turned into a chat example {"messages": [...], "tools": [...] (optional)} with one exact answer."""
+
+import math
+import random
+from dataclasses import dataclass, field
+
+from PIL import Image, ImageDraw
+
+COLORS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "yellow": (235, 200, 20),
+          "purple": (130, 40, 170), "orange": (245, 130, 10)}
+SHAPES = ("circle", "square", "triangle")
+BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "grey": (128, 128, 128)}
+MIN_SIDE, MAX_SIDE = 64, 224
+# Shapes keep this many pixels apart, and "left of" needs this horizontal gap between bounding boxes.
+SPACING, CLEAR_GAP = 3, 4
+DIRECTIONS = ("left", "right", "up", "down")
+CITIES = {"Paris": "sunny, 24 degrees", "London": "rainy, 14 degrees", "Tokyo": "cloudy, 19 degrees",
+          "Cairo": "sunny, 35 degrees", "Oslo": "snowy, -3 degrees", "Lima": "foggy, 17 degrees",
+          "Sydney": "windy, 22 degrees", "Toronto": "clear, 9 degrees"}
+NAMES = ("Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy", "Mallory", "Nina",
+         "Oscar", "Peggy", "Quinn", "Rupert", "Sybil", "Trent", "Uma", "Victor", "Wendy", "Xavier", "Yara", "Zoe")
+FILLER = ("The weather was mild all week.", "A train left the station at noon.", "The library opens early.",
+          "Birds sang in the old oak tree.", "The river was calm this morning.", "A new bakery opened nearby.",
+          "The meeting moved to Thursday.", "Someone left a blue umbrella.", "The garden needs more water.",
+          "The museum has a new exhibit.", "Snow fell on the distant hills.", "The bus was ten minutes late.")
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "Get the current weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "City name"}},
+                       "required": ["city"]}}},
+    {"type": "function", "function": {
+        "name": "add", "description": "Add two integers.",
+        "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                       "required": ["a", "b"]}}},
+]
+
+
+@dataclass
+class Shape:
+    kind: str
+    color: str
+    cx: float
+    cy: float
+    r: float  # circle radius; half the side of a square; triangles fill the same box
+
+    @property
+    def box(self):
+        return (self.cx - self.r, self.cy - self.r, self.cx + self.r, self.cy + self.r)
+
+    @property
+    def name(self) -> str:
+        return f"{self.color} {self.kind}"
+
+
+@dataclass
+class Scene:
+    width: int
+    height: int
+    background: tuple
+    shapes: list = field(default_factory=list)
+
+
+def draw(scene: Scene) -> Image.Image:
+    image = Image.new("RGB", (scene.width, scene.height), scene.background)
+    pen = ImageDraw.Draw(image)
+    for s in scene.shapes:
+        x0, y0, x1, y1 = s.box
+        fill = COLORS[s.color]
+        if s.kind == "circle":
+            pen.ellipse((x0, y0, x1, y1), fill=fill)
+        elif s.kind == "square":
+            pen.rectangle((x0, y0, x1, y1), fill=fill)
+        else:
+            pen.polygon([(s.cx, y0), (x1, y1), (x0, y1)], fill=fill)
+    return image
+
+
+def random_background(rng: random.Random) -> tuple:
+    choice = rng.choice(["white", "black", "grey", "pale"])
+    if choice == "pale":  # every channel >= 200 keeps it far from all six shape colours
+        return tuple(rng.randint(200, 250) for _ in range(3))
+    return BACKGROUNDS[choice]
+
+
+def random_scene(rng: random.Random, count: int | None = None, width: int | None = None,
+                 height: int | None = None, fixed: list | None = None) -> Scene:
+    """1-4 non-overlapping shapes (or `count`) on a plain background; `fixed` (kind, color) pairs come first."""
+    width = width or rng.randint(MIN_SIDE, MAX_SIDE)
+    height = height or rng.randint(MIN_SIDE, MAX_SIDE)
+    count = count if count is not None else rng.randint(1, 4)
+    pairs = list(fixed or []) + [(rng.choice(SHAPES), rng.choice(list(COLORS))) for _ in range(count)]
+    pairs = pairs[:max(count, len(fixed or []))]
+    for _ in range(100):
+        scene = Scene(width, height, random_background(rng))
+        side = min(width, height)
+        for kind, color in pairs:
+            shape = _place(rng, scene, kind, color, side)
+            if shape is None:
+                break
+            scene.shapes.append(shape)
+        else:
+            return scene
+    raise RuntimeError(f"could not place {len(pairs)} shapes in {width}x{height}")
+
+
+def _place(rng, scene, kind, color, side):
+    for _ in range(200):
+        r = rng.uniform(max(5.0, side / 14), max(6.0, side / 6))
+        cx, cy = rng.uniform(r + 1, scene.width - r - 2), rng.uniform(r + 1, scene.height - r - 2)
+        shape = Shape(kind, color, round(cx), round(cy), round(r))
+        if all(_apart(shape, other) for other in scene.shapes):
+            return shape
+    return None
+
+
+def _apart(a: Shape, b: Shape) -> bool:
+    ax0, ay0, ax1, ay1 = a.box
+    bx0, by0, bx1, by1 = b.box
+    return ax1 + SPACING < bx0 or bx1 + SPACING < ax0 or ay1 + SPACING < by0 or by1 + SPACING < ay0
+
+
+# --- questions about one scene: each returns (question, answer) or None when it does not apply ---
+
+def unique(scene: Scene, **match) -> list:
+    return [s for s in scene.shapes if all(getattr(s, k) == v for k, v in match.items())]
+
+
+def ask_color(rng, scene):
+    kinds = [k for k in SHAPES if len(unique(scene, kind=k)) == 1]
+    if not kinds:
+        return None
+    kind = rng.choice(kinds)
+    return f"What color is the {kind}?", f"{unique(scene, kind=kind)[0].color}."
+
+
+def ask_shape(rng, scene):
+    colors = [c for c in COLORS if len(unique(scene, color=c)) == 1]
+    if not colors:
+        return None
+    color = rng.choice(colors)
+    return f"What shape is {color}?", f"A {unique(scene, color=color)[0].kind}."
+
+
+def ask_count(rng, scene):
+    kind = rng.choice(SHAPES)
+    return f"How many {kind}s are there?", f"{len(unique(scene, kind=kind))}."
+
+
+def ask_left_right(rng, scene):
+    named = [s for s in scene.shapes if len(unique(scene, kind=s.kind, color=s.color)) == 1]
+    pairs = [(a, b) for a in named for b in named if a is not b and horizontal_order(a, b) is not None]
+    if not pairs:
+        return None
+    a, b = rng.choice(pairs)
+    return (f"Is the {a.name} left or right of the {b.name}?",
+            "Left." if horizontal_order(a, b) == "left" else "Right.")
+
+
+def horizontal_order(a: Shape, b: Shape):
+    """"left" / "right" when a's box ends CLEAR_GAP before b's starts (or the reverse), else None."""
+    if a.box[2] + CLEAR_GAP <= b.box[0]:
+        return "left"
+    if b.box[2] + CLEAR_GAP <= a.box[0]:
+        return "right"
+    return None
+
+
+def ask_describe(rng, scene):
+    shapes = sorted(scene.shapes, key=lambda s: s.cx)
+    if any(b.cx - a.cx < CLEAR_GAP for a, b in zip(shapes, shapes[1:])):
+        return None  # "left to right" would be ambiguous
+    return "Describe the image.", describe(shapes)
+
+
+def describe(shapes) -> str:
+    parts = [f"a {s.name}" for s in shapes]
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return text[0].upper() + text[1:] + "."
+
+
+SCENE_QUESTIONS = (ask_color, ask_shape, ask_count, ask_left_right, ask_describe)
+
+
+def _user(parts, text):
+    return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+
+
+def _chat(user, answer, tools=None) -> dict:
+    example = {"messages": [user, {"role": "assistant", "content": answer}]}
+    if tools:
+        example["tools"] = tools
+    return example
+
+
+def image_example(rng: random.Random, question=None) -> dict:
+    """One image and one question about it (a random applicable one, or the given generator)."""
+    while True:
+        scene = random_scene(rng)
+        ask = question or rng.choice(SCENE_QUESTIONS)
+        qa = ask(rng, scene)
+        if qa is not None:
+            example = _chat(_user([{"type": "image", "image": draw(scene)}], qa[0]), qa[1])
+            example["scenes"] = [scene]
+            return example
+
+
+def multi_image_example(rng: random.Random) -> dict:
+    """2-4 pictures, exactly one of which holds the asked-for (color, shape)."""
+    count = rng.randint(2, 4)
+    kind, color = rng.choice(SHAPES), rng.choice(list(COLORS))
+    target = rng.randrange(count)
+    scenes = []
+    for i in range(count):
+        while True:
+            scene = random_scene(rng, count=rng.randint(1, 3), fixed=[(kind, color)] if i == target else None)
+            if (len(unique(scene, kind=kind, color=color)) == 1) == (i == target):
+                scenes.append(scene)
+                break
+    parts = [{"type": "image", "image": draw(s)} for s in scenes]
+    example = _chat(_user(parts, f"Which picture has the {color} {kind}?"), f"Picture {target + 1}.")
+    example["scenes"] = scenes
+    return example
+
+
+def video_scenes(rng: random.Random, frames: int | None = None, direction: str | None = None) -> tuple:
+    """4-8 frames of one shape moving steadily in `direction` (others stay still). Returns (scenes, moving
+    shape's index, direction)."""
+    frames = frames or rng.randint(4, 8)
+    direction = direction or rng.choice(DIRECTIONS)
+    dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[direction]
+    while True:
+        first = random_scene(rng, count=rng.randint(1, 2))
+        mover = first.shapes[0]
+        low, high = mover.r + 2, (first.width if dx else first.height) - mover.r - 3
+        step = (high - low) // (2 * (frames - 1))  # the path spans at most half the free room
+        if step < 2 or len(unique(first, kind=mover.kind, color=mover.color)) != 1:
+            continue
+        span = step * (frames - 1)
+        start = rng.randint(low, high - span) if dx + dy > 0 else rng.randint(low + span, high)
+        scenes = []
+        for t in range(frames):
+            x = start + dx * step * t if dx else mover.cx
+            y = start + dy * step * t if dy else mover.cy
+            moved = Shape(mover.kind, mover.color, x, y, mover.r)
+            scenes.append(Scene(first.width, first.height, first.background, [moved, *first.shapes[1:]]))
+        if all(_apart(s.shapes[0], other) for s in scenes for other in s.shapes[1:]):
+            return scenes, 0, direction
+
+
+def video_example(rng: random.Random) -> dict:
+    scenes, index, direction = video_scenes(rng)
+    mover = scenes[0].shapes[index]
+    user = _user([{"type": "video", "video": [draw(s) for s in scenes]}], f"Which way does the {mover.name} move?")
+    example = _chat(user, direction.capitalize() + ".")
+    example["scenes"] = scenes
+    return example
+
+
+def sum_example(rng: random.Random, thinking: bool | None = None) -> dict:
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    thinking = rng.random() < 0.5 if thinking is None else thinking
+    answer = f"{a + b}."
+    if thinking:
+        answer = f"<think>\n{a} plus {b} is {a + b}.\n</think>\n\n" + answer
+    return _chat({"role": "user", "content": f"What is {a} + {b}?"}, answer)
+
+
+def recall_example(rng: random.Random, min_tokens: int = 100, max_tokens: int = 2000) -> dict:
+    """Filler sentences with 1-4 "The code for NAME is DDDD." facts hidden among them, then a question about
+    one. Length is measured in words x 1.4 (about the BPE token count of this text)."""
+    target_words = int(rng.randint(min_tokens, max_tokens) / 1.4)
+    names = rng.sample(NAMES, rng.randint(1, 4))
+    codes = {n: f"{rng.randint(0, 9999):04d}" for n in names}
+    sentences = [rng.choice(FILLER) for _ in range(max(1, target_words // 6))]
+    for name in names:
+        sentences.insert(rng.randint(0, len(sentences)), f"The code for {name} is {codes[name]}.")
+    asked = rng.choice(names)
+    text = " ".join(sentences) + f"\n\nWhat is the code for {asked}?"
+    return _chat({"role": "user", "content": text}, f"{codes[asked]}.")
+
+
+def tool_example(rng: random.Random) -> dict:
+    """A question that needs a tool: the XML tool call, the tool's response, then an answer quoting it."""
+    if rng.random() < 0.5:
+        city = rng.choice(list(CITIES))
+        question, call = f"What is the weather in {city}?", {"name": "get_weather", "arguments": {"city": city}}
+        result = CITIES[city]
+        answer = f"The weather in {city} is {result}."
+    else:
+        a, b = rng.randint(100, 999), rng.randint(100, 999)
+        question, call = f"Use the add tool to add {a} and {b}.", {"name": "add", "arguments": {"a": a, "b": b}}
+        result = str(a + b)
+        answer = f"The sum is {result}."
+    messages = [{"role": "user", "content": question},
+                {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": call}]},
+                {"role": "tool", "content": result},
+                {"role": "assistant", "content": answer}]
+    return {"messages": messages, "tools": TOOLS}
+
+
+GENERATORS = {"image": image_example, "multi_image": multi_image_example, "video": video_example,
+              "sum": sum_example, "recall": recall_example, "tool": tool_example}
+DEFAULT_MIX = {"image": 0.45, "multi_image": 0.1, "video": 0.1, "sum": 0.15, "recall": 0.1, "tool": 0.1}
+
+
+def examples(seed: int = 0, mix: dict | None = None):
+    """An endless, seeded stream of examples drawn by kind with the weights of `mix`."""
+    rng = random.Random(seed)
+    mix = mix or DEFAULT_MIX
+    kinds, weights = list(mix), list(mix.values())
+    while True:
+        yield GENERATORS[rng.choices(kinds, weights)[0]](rng)

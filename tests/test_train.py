@@ -1,0 +1,310 @@
+"""Training: the synthetic world's answers read back from the drawn pixels, the assistant-token mask, LoRA
+gradients and fusing, loss going down, exact resume, and clear errors for bad rows and foreign adapters."""
+
+import random
+import re
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_unflatten
+
+from mlx_qwen35.config import ModelConfig
+from mlx_qwen35.models.qwen35 import Model
+from mlx_qwen35.processing.processor import Processor
+from mlx_qwen35.train import world
+from mlx_qwen35.train.data import DataError, collate, encode, encode_all
+from mlx_qwen35.train.lora import AdapterError, apply_lora, fuse_lora, load_adapter
+from mlx_qwen35.train.trainer import TrainConfig, Trainer, hidden_states, loss_fn
+
+ndimage = pytest.importorskip("scipy.ndimage")
+
+SPECIALS = {"<|im_start|>": 256, "<|im_end|>": 257, "<|endoftext|>": 258, "<think>": 259, "</think>": 260,
+            "<tool_call>": 261, "</tool_call>": 262, "<tool_response>": 263, "</tool_response>": 264,
+            "<|image_pad|>": 300, "<|video_pad|>": 301, "<|vision_start|>": 302, "<|vision_end|>": 303}
+SPLIT = re.compile("(" + "|".join(re.escape(s) for s in SPECIALS) + ")")
+TEXT = dict(vocab_size=320, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+            head_dim=16, intermediate_size=48, max_position_embeddings=4096, linear_key_head_dim=8,
+            linear_value_head_dim=8, linear_num_key_heads=1, linear_num_value_heads=2,
+            layer_types=["linear_attention", "full_attention"],
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5,
+                                 mrope_section=[2, 1, 1], mrope_interleaved=True))
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24)
+VISION = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=16,
+              spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16)
+
+
+class ByteTokenizer:
+    """Bytes 0-255 plus the chat markers: a vocabulary small enough for a 320-row test model."""
+
+    def encode(self, text, add_special_tokens=False):
+        return [t for piece in SPLIT.split(text) if piece
+                for t in ([SPECIALS[piece]] if piece in SPECIALS else list(piece.encode()))]
+
+    def convert_tokens_to_ids(self, token):
+        return SPECIALS[token]
+
+
+def tiny_model(moe=False, vision=True, seed=0, **text):
+    config = dict(model_type="qwen3_5_moe" if moe else "qwen3_5", text_config={**TEXT, **(MOE if moe else {}), **text},
+                  tie_word_embeddings=False, image_token_id=300, video_token_id=301, vision_start_token_id=302,
+                  vision_end_token_id=303)
+    if moe:
+        config["text_config"].pop("intermediate_size")
+    if vision:
+        config["vision_config"] = VISION
+    mx.random.seed(seed)
+    model = Model(ModelConfig.from_dict(config))
+    params = [(k, mx.random.normal(v.shape) * (0.3 if v.ndim == 1 else v.shape[-1] ** -0.5))
+              for k, v in tree_flatten(model.parameters())]
+    model.update(tree_unflatten(params))
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return Processor(ByteTokenizer(), min_pixels=32 * 32, max_pixels=64 * 64, fps=24.0)
+
+
+# --- the world, read back from pixels -------------------------------------------------------------------------
+
+def components(image):
+    """[(color name, kind guessed from fill ratio, x centre)] of every drawn shape, from the pixels alone."""
+    pixels = np.asarray(image).astype(int)
+    found = []
+    for name, rgb in world.COLORS.items():
+        labels, count = ndimage.label((np.abs(pixels - rgb).sum(-1) == 0))
+        for i in range(1, count + 1):
+            ys, xs = np.nonzero(labels == i)
+            area = (np.ptp(xs) + 1) * (np.ptp(ys) + 1)
+            fill = len(xs) / area
+            kind = "square" if fill > 0.92 else "circle" if fill > 0.65 else "triangle"
+            found.append((name, kind, (xs.min() + xs.max()) / 2, xs.min(), xs.max()))
+    return found
+
+
+def test_world_answers_match_the_pixels():
+    rng = random.Random(7)
+    checked = 0
+    for _ in range(60):
+        example = world.image_example(rng)
+        image = example["messages"][0]["content"][0]["image"]
+        question, answer = example["messages"][0]["content"][-1]["text"], example["messages"][1]["content"]
+        w, h = image.size
+        assert world.MIN_SIDE <= w <= world.MAX_SIDE and world.MIN_SIDE <= h <= world.MAX_SIDE
+        seen = components(image)
+        assert 1 <= len(seen) <= 4
+        if m := re.fullmatch(r"What color is the (\w+)\?", question):
+            assert [c for c, k, *_ in seen if k == m[1]] == [answer[:-1]]
+        elif m := re.fullmatch(r"What shape is (\w+)\?", question):
+            assert [f"A {k}." for c, k, *_ in seen if c == m[1]] == [answer]
+        elif m := re.fullmatch(r"How many (\w+)s are there\?", question):
+            assert answer == f"{sum(k == m[1] for _, k, *_ in seen)}."
+        elif m := re.fullmatch(r"Is the (\w+) (\w+) left or right of the (\w+) (\w+)\?", question):
+            (a,) = [s for s in seen if s[:2] == (m[1], m[2])]
+            (b,) = [s for s in seen if s[:2] == (m[3], m[4])]
+            assert answer == ("Left." if a[4] < b[3] else "Right.") and (a[4] < b[3] or b[4] < a[3])
+        elif question == "Describe the image.":
+            ordered = sorted(seen, key=lambda s: s[2])
+            assert answer == world.describe([world.Shape(k, c, x, 0, 1) for c, k, x, *_ in ordered])
+        else:
+            raise AssertionError(question)
+        checked += 1
+    assert checked == 60
+
+
+def test_world_multi_image_video_and_text_answers():
+    rng = random.Random(3)
+    for _ in range(8):
+        ex = world.multi_image_example(rng)
+        color, kind = re.fullmatch(r"Which picture has the (\w+) (\w+)\?", ex["messages"][0]["content"][-1]["text"]).groups()
+        images = [p["image"] for p in ex["messages"][0]["content"] if p["type"] == "image"]
+        holders = [i + 1 for i, im in enumerate(images) if (color, kind) in [s[:2] for s in components(im)]]
+        assert ex["messages"][1]["content"] == f"Picture {holders[0]}." and len(holders) == 1
+    for _ in range(8):
+        ex = world.video_example(rng)
+        frames = ex["messages"][0]["content"][0]["video"]
+        assert 4 <= len(frames) <= 8
+        color, kind = re.fullmatch(r"Which way does the (\w+) (\w+) move\?", ex["messages"][0]["content"][-1]["text"]).groups()
+        centres = []
+        for frame in frames:
+            ys, xs = np.nonzero((np.abs(np.asarray(frame).astype(int) - world.COLORS[color]).sum(-1) == 0))
+            centres.append((xs.mean(), ys.mean()))
+        dx, dy = np.subtract(centres[-1], centres[0])
+        expected = ("Right." if dx > 0 else "Left.") if abs(dx) > abs(dy) else ("Down." if dy > 0 else "Up.")
+        assert ex["messages"][1]["content"] == expected and max(abs(dx), abs(dy)) >= 4
+    on, off = world.sum_example(random.Random(1), thinking=True), world.sum_example(random.Random(1), thinking=False)
+    a, b = map(int, re.fullmatch(r"What is (\d+) \+ (\d+)\?", on["messages"][0]["content"]).groups())
+    assert on["messages"][1]["content"] == f"<think>\n{a} plus {b} is {a + b}.\n</think>\n\n{a + b}."
+    assert off["messages"][1]["content"] == f"{a + b}."
+    rec = world.recall_example(random.Random(2))
+    text = rec["messages"][0]["content"]
+    name = re.search(r"What is the code for (\w+)\?$", text)[1]
+    assert rec["messages"][1]["content"] == re.search(rf"The code for {name} is (\d{{4}})\.", text)[1] + "."
+    tool = world.tool_example(random.Random(5))
+    call = tool["messages"][1]["tool_calls"][0]["function"]
+    assert tool["tools"] == world.TOOLS and tool["messages"][2]["content"] in tool["messages"][3]["content"]
+    if call["name"] == "add":
+        assert tool["messages"][2]["content"] == str(call["arguments"]["a"] + call["arguments"]["b"])
+
+
+# --- rows and the assistant mask -----------------------------------------------------------------------------
+
+def test_mask_covers_exactly_the_assistant_tokens(processor):
+    from mlx_qwen35.tokenizer import render_chat
+
+    rng = random.Random(0)
+    for example in [world.tool_example(rng), world.sum_example(rng, thinking=True), world.image_example(rng)]:
+        row = encode(example, processor)
+        text = render_chat(example["messages"], tools=example.get("tools"), add_generation_prompt=False)
+        # Whole-text encoding (placeholders expanded) equals the piecewise one.
+        expanded = text.replace("<|image_pad|>", "<|image_pad|>" * (0 if row.image_grid_thw is None else
+                                int(row.image_grid_thw.prod(1).sum()) // 4))
+        assert row.input_ids.tolist() == ByteTokenizer().encode(expanded)
+        decoded = bytes(t for t in np.where(row.mask, row.input_ids, 0).tolist() if t < 256).decode()
+        targets = [m["content"] for m in example["messages"] if m["role"] == "assistant"]
+        spans = re.findall(r"<\|im_start\|>assistant\n(.*?)<\|im_end\|>", text, re.S)
+        assert len(spans) == len(targets) and all(t.split("</think>")[-1].strip() in s for t, s in zip(targets, spans))
+        # Masked tokens are, in order, the span tokens plus one <|im_end|> per turn, and nothing else.
+        expected = [t for s in spans for t in ByteTokenizer().encode(s) + [SPECIALS["<|im_end|>"]]]
+        assert row.input_ids[row.mask].tolist() == expected
+        assert "user" not in decoded and "system" not in decoded
+
+
+def test_mask_with_the_real_tokenizer(tmp_path):
+    from mlx_qwen35.tokenizer import load_tokenizer, render_chat, write_tokenizer_files
+
+    tokenizer = load_tokenizer(write_tokenizer_files(tmp_path / "tok"))
+    example = world.tool_example(random.Random(4))
+    row = encode(example, tokenizer)
+    text = render_chat(example["messages"], tools=example["tools"], add_generation_prompt=False)
+    assert row.input_ids.tolist() == tokenizer.encode(text, add_special_tokens=False)
+    pieces = re.findall(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", text, re.S)
+    assert tokenizer.decode(row.input_ids[row.mask].tolist()) == "".join(pieces)
+
+
+def test_bad_rows_name_the_row(processor):
+    image = world.draw(world.random_scene(random.Random(0)))
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    unreferenced = {**good, "images": [image]}
+    missing = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]},
+                            {"role": "assistant", "content": "A circle."}]}
+    no_assistant = {"messages": [{"role": "user", "content": "hi"}]}
+    with pytest.raises(DataError, match=r"row 1: 1 image\(s\) in the row are not referenced"):
+        encode_all([good, unreferenced], processor)
+    with pytest.raises(DataError, match=r"row 2, message 0: a \{'type': 'image'\} part references an image"):
+        encode_all([good, good, missing], processor)
+    with pytest.raises(DataError, match="row 0: the conversation has no assistant turn"):
+        encode_all([no_assistant], processor)
+    missing["images"] = [image]  # the row supplies it: fine
+    assert encode(missing, processor).image_grid_thw.shape == (1, 3)
+
+
+# --- gradients, LoRA, training ----------------------------------------------------------------------------------
+
+def batch_of(processor, examples):
+    return collate(encode_all(examples, processor), pad_id=258)
+
+
+def test_lora_gradient_matches_finite_differences(processor):
+    """Gradient of the loss w.r.t. a LoRA matrix, through the chunked DeltaNet path (T >= 16), the vision tower
+    and the MoE block, against central differences in float64-ish float32 steps."""
+    model = tiny_model(moe=True)
+    apply_lora(model, rank=2, alpha=4.0)
+    for _, layer in model.named_modules():
+        if hasattr(layer, "lora_b"):
+            layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.1
+    batch = batch_of(processor, [world.image_example(random.Random(1))])
+    assert batch["input_ids"].shape[1] >= 16
+    config = TrainConfig()
+    grad_fn = nn.value_and_grad(model, lambda m, b: loss_fn(m, b, config)[0])
+    _, grads = grad_fn(model, batch)
+    name = "model.language_model.layers.0.linear_attn.in_proj_qkv.lora_a"
+    g = dict(tree_flatten(grads))[name]
+    layer = model.model.language_model.layers[0].linear_attn.in_proj_qkv
+    base = np.array(layer.lora_a)
+    rng = np.random.default_rng(0)
+    direction = rng.standard_normal(base.shape).astype(np.float32)
+    eps = 1e-3  # larger steps flip top-2 routing choices
+
+    def loss_at(value):
+        layer.lora_a = mx.array(value)
+        return loss_fn(model, batch, config)[0].item()
+
+    numeric = (loss_at(base + eps * direction) - loss_at(base - eps * direction)) / (2 * eps)
+    analytic = float((np.array(g) * direction).sum())
+    assert abs(numeric - analytic) <= 1e-2 * abs(analytic) + 1e-4 and abs(analytic) > 1e-3
+
+
+def test_full_gradient_reaches_the_vision_tower(processor):
+    """The vision tower evaluates its attention step by step (mx.eval inside the forward): gradients must
+    still flow through it to the patch embedding."""
+    model = tiny_model()
+    batch = batch_of(processor, [world.image_example(random.Random(2))])
+    config = TrainConfig()
+    _, grads = nn.value_and_grad(model, lambda m, b: loss_fn(m, b, config)[0])(model, batch)
+    g = np.array(dict(tree_flatten(grads))["model.visual.patch_embed.proj.weight"])
+    proj = model.model.visual.patch_embed.proj
+    base = np.array(proj.weight)
+    direction = np.random.default_rng(1).standard_normal(base.shape).astype(np.float32)
+
+    def loss_at(value):
+        proj.weight = mx.array(value)
+        return loss_fn(model, batch, config)[0].item()
+
+    # The image's effect on the loss is small: a wide step keeps float32 rounding out of the difference.
+    numeric = (loss_at(base + 0.02 * direction) - loss_at(base - 0.02 * direction)) / 0.04
+    analytic = float((g * direction).sum())
+    assert abs(numeric - analytic) <= 0.05 * abs(analytic) and abs(analytic) > 1e-4
+
+
+def test_training_lowers_loss_and_resumes_exactly(processor, tmp_path):
+    rng = random.Random(11)
+    rows = encode_all([world.image_example(rng) for _ in range(2)] + [world.sum_example(rng) for _ in range(2)],
+                      processor)
+    config = TrainConfig(steps=6, batch_size=2, learning_rate=3e-3, moe_aux_weight=0.01, progress=False,
+                         pad_id=258, grad_checkpoint=True)
+    first = Trainer(tiny_model(moe=True), rows, config, val_rows=rows)
+    before = first.evaluate()
+    first.fit(3)
+    first.save(tmp_path / "ckpt")
+    first.fit(3)
+    assert first.evaluate() < 0.9 * before
+    assert all("aux" in r for r in first.history)
+
+    second = Trainer(tiny_model(moe=True), rows, config).resume(tmp_path / "ckpt")
+    assert second.step == 3
+    second.fit(3)
+    for (k, a), (_, b) in zip(tree_flatten(first.model.parameters()), tree_flatten(second.model.parameters())):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_lora_adapter_save_load_fuse_and_refuse(processor, tmp_path):
+    rows = encode_all([world.image_example(random.Random(5)), world.sum_example(random.Random(6))], processor)
+    model = tiny_model()
+    apply_lora(model, rank=4, alpha=8.0)
+    trainable = [k for k, _ in tree_flatten(model.trainable_parameters())]
+    assert trainable and all(k.endswith(("lora_a", "lora_b")) for k in trainable)
+    trainer = Trainer(model, rows, TrainConfig(batch_size=2, learning_rate=1e-2, progress=False, pad_id=258))
+    trainer.fit(3)
+    trainer.save(tmp_path / "adapter")
+    batch = collate(rows, 258)
+    model.eval()
+    adapted = model.logits(hidden_states(model, batch))
+
+    fresh = tiny_model()  # same seed: the same base weights
+    base = fresh.logits(hidden_states(fresh, batch))
+    assert float(mx.abs(adapted - base).max()) > 1e-3  # the adapter changed something
+    load_adapter(fresh, tmp_path / "adapter")
+    np.testing.assert_allclose(np.array(fresh.logits(hidden_states(fresh, batch))), np.array(adapted), atol=1e-5)
+    fuse_lora(fresh)
+    assert not any("lora" in k for k, _ in tree_flatten(fresh.parameters()))
+    np.testing.assert_allclose(np.array(fresh.logits(hidden_states(fresh, batch))), np.array(adapted), atol=1e-4)
+
+    other = tiny_model(hidden_size=48, intermediate_size=64)
+    with pytest.raises(AdapterError, match=r"adapter_config.json was made for another architecture.*hidden_size"):
+        load_adapter(other, tmp_path / "adapter")
+    with pytest.raises(AdapterError, match="adapter_config.json was made for another architecture"):
+        load_adapter(tiny_model(moe=True), tmp_path / "adapter")
