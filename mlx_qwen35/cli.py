@@ -200,6 +200,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["convert"]:  # the converter owns its own options (see `python -m convert --help`)
         return cmd_convert(argparse.Namespace(convert_args=argv[1:]))
+    if argv[:1] == ["app"]:  # the Gradio app (needs the `app` extra: pip install 'mlx-qwen35[app]')
+        from app.ui import main as app_main
+
+        return app_main(argv[1:])
     if argv[:1] == ["train"]:  # so does the trainer (`mlx-qwen35 train --help`)
         from .train.cli import train_main
 
@@ -232,6 +236,7 @@ def main(argv=None):
 
     sub.add_parser("convert", help="convert a Hugging Face checkpoint (options: `mlx-qwen35 convert --help`)")
     sub.add_parser("train", help="fine-tune, full or LoRA (options: `mlx-qwen35 train --help`)")
+    sub.add_parser("app", help="the Gradio chat app on 127.0.0.1 (options: `mlx-qwen35 app --help`)")
 
     bench = sub.add_parser("bench", help="prefill/decode tok/s and peak memory, optionally against mlx-lm")
     _add_model_options(bench, sampling=False)

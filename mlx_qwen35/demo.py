@@ -31,6 +31,15 @@ QWEN35_0_8B_TEXT_CONFIG = dict(
 )
 
 
+TINY_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=None,
+                   patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                   in_channels=3, hidden_act="gelu_pytorch_tanh")
+# Small pixel budgets keep an image to a few dozen placeholder tokens on this tiny model.
+PREPROCESSOR = {"size": {"shortest_edge": 4096, "longest_edge": 262144}, "patch_size": 16, "temporal_patch_size": 2,
+                "merge_size": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+VIDEO_PREPROCESSOR = dict(PREPROCESSOR, fps=2.0, min_frames=4, max_frames=16)
+
+
 def build_random_checkpoint(path: Path = DEFAULT_PATH, seed: int = 0, text_config: dict = TEXT_CONFIG) -> Path:
     from mlx.utils import tree_flatten
 
@@ -40,7 +49,8 @@ def build_random_checkpoint(path: Path = DEFAULT_PATH, seed: int = 0, text_confi
 
     path = Path(path)
     text_config = {k: v for k, v in text_config.items() if v is not None} | {"tie_word_embeddings": True}
-    config_dict = dict(model_type="qwen3_5", text_config=text_config, tie_word_embeddings=True,
+    vision = dict(TINY_VISION, out_hidden_size=text_config["hidden_size"])
+    config_dict = dict(model_type="qwen3_5", text_config=text_config, vision_config=vision, tie_word_embeddings=True,
                        eos_token_id=248046)
     model = Model(ModelConfig.from_dict(config_dict))
     mx.random.seed(seed)
@@ -60,6 +70,8 @@ def build_random_checkpoint(path: Path = DEFAULT_PATH, seed: int = 0, text_confi
     partial.mkdir(parents=True)
     mx.save_safetensors(str(partial / "model.safetensors"), weights, metadata={"format": "mlx"})
     (partial / "config.json").write_text(json.dumps(config_dict, indent=2))
+    (partial / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2))
+    (partial / "video_preprocessor_config.json").write_text(json.dumps(VIDEO_PREPROCESSOR, indent=2))
     write_tokenizer_files(partial)
     shutil.rmtree(path, ignore_errors=True)
     partial.rename(path)
@@ -67,6 +79,6 @@ def build_random_checkpoint(path: Path = DEFAULT_PATH, seed: int = 0, text_confi
 
 
 def ensure_random_checkpoint(path: Path = DEFAULT_PATH) -> Path:
-    if not (Path(path) / "tokenizer.json").exists():
+    if not (Path(path) / "preprocessor_config.json").exists():
         build_random_checkpoint(path)
     return Path(path)

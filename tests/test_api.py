@@ -135,3 +135,24 @@ def test_cli_chat_session(checkpoint, capsys, monkeypatch):
     for line in stats:
         total, processed = line.split(" tokens (")[0].split()[-1], line.split("(")[1].split()[0]
         assert total == processed
+
+
+def test_chat_stopped_mid_reply_keeps_its_cache_bookkeeping(checkpoint):
+    """Closing the stream mid-reply (the app's Stop): the tokens Chat believes its cache holds must be what
+    the cache holds, or a later turn could reuse a stale prefix; and the next turn must still be right."""
+    from mlx_qwen35.cache import cache_offset
+
+    _, _, model, processor = checkpoint
+    chat = mlx_qwen35.Chat(model, processor, enable_thinking=False, max_tokens=6)
+    chat.send("First question.")
+    stream = chat.stream("Second question.")
+    streamed = [next(stream).token, next(stream).token]
+    stream.close()
+    second_prompt = chat_ids(processor, chat.messages + [{"role": "user", "content": "Second question."}],
+                             enable_thinking=False)
+    assert len(chat._tokens) == cache_offset(chat.cache)
+    assert chat._tokens == (second_prompt + streamed)[: len(chat._tokens)]
+    tokens = [r.token for r in chat.stream("Third question.")]
+    expected_prompt = chat_ids(processor, chat.messages[:-1], enable_thinking=False)
+    expected = [r.token for r in mlx_qwen35.stream_generate(model, processor, expected_prompt, max_tokens=6)]
+    assert tokens == expected

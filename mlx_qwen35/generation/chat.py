@@ -103,15 +103,18 @@ class Chat:
         else:
             responses = stream_ids(self.model, self.processor, full[start:], self._media_after(full, items, start),
                                    cache=self.cache, history=full[:start], tools=self.tools, **sampling)
-        for response in responses:
-            generated.append(response.token)
-            for event in response.events:
-                parsed.add(event)
-            response.prompt_tokens = len(full)
-            response.prompt_tokens_processed += processed
-            self.last_response = response
-            yield response
-        self._tokens = (full + generated)[: cache_offset(self.cache)]
+        try:
+            for response in responses:
+                generated.append(response.token)
+                for event in response.events:
+                    parsed.add(event)
+                response.prompt_tokens = len(full)
+                response.prompt_tokens_processed += processed
+                self.last_response = response
+                yield response
+        finally:
+            # Also when the caller stops mid-reply: the cache has moved on, whatever the messages say.
+            self._tokens = (full + generated)[: cache_offset(self.cache)]
         message = {"role": "assistant", "content": parsed.answer}
         if parsed.thinking:
             message["reasoning_content"] = parsed.thinking
