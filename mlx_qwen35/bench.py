@@ -173,7 +173,7 @@ QWEN35_0_8B_VISION = dict(depth=12, hidden_size=768, intermediate_size=3072, num
                           in_channels=3, hidden_act="gelu_pytorch_tanh")
 
 
-def vision_bench(sizes=(448, 896), repeats=3):
+def vision_bench(sizes=(448, 896), repeats=3, compare=("mlx-vlm",)):
     """Image encode time and peak memory of our vision tower and mlx-vlm's on the same random weights with
     the Qwen3.5-0.8B vision shapes, float32, one process."""
     from mlx.utils import tree_flatten, tree_map
@@ -186,6 +186,8 @@ def vision_bench(sizes=(448, 896), repeats=3):
     mx.eval(ours.parameters())
     engines = {"mlx-qwen35": lambda pixels, grid: ours(pixels, grid)}
     try:
+        if "mlx-vlm" not in compare:
+            raise ImportError("not asked for (--compare mlx-vlm)")
         from mlx_vlm.models.qwen3_5.config import VisionConfig as PeerConfig
         from mlx_vlm.models.qwen3_5.vision import VisionModel as PeerModel
 

@@ -165,7 +165,7 @@ def cmd_bench(args):
     if args.kernels:
         return kernels_bench(tuple(args.prompt_lengths), repeats=args.repeats)
     if args.vision:
-        return vision_bench(tuple(args.prompt_lengths), repeats=args.repeats)
+        return vision_bench(tuple(args.prompt_lengths), repeats=args.repeats, compare=args.compare)
     from .demo import QWEN35_0_8B_TEXT_CONFIG, build_random_checkpoint
 
     path = args.model
@@ -243,7 +243,7 @@ def main(argv=None):
     bench.add_argument("--prompt-lengths", type=int, nargs="+", default=[512])
     bench.add_argument("--max-tokens", type=int, default=64)
     bench.add_argument("--repeats", type=int, default=3)
-    bench.add_argument("--compare", nargs="*", default=[], choices=["mlx-lm"])
+    bench.add_argument("--compare", nargs="*", default=[], choices=["mlx-lm", "mlx-vlm"])
     bench.add_argument("--attention-memory", action="store_true",
                        help="peak memory of prompt attention at --prompt-lengths instead of generation speed")
     bench.add_argument("--kernels", action="store_true",
