@@ -119,7 +119,8 @@ def test_world_multi_image_video_and_text_answers():
     rng = random.Random(3)
     for _ in range(8):
         ex = world.multi_image_example(rng)
-        color, kind = re.fullmatch(r"Which picture has the (\w+) (\w+)\?", ex["messages"][0]["content"][-1]["text"]).groups()
+        question = ex["messages"][0]["content"][-1]["text"]
+        color, kind = re.fullmatch(r"Which picture has the (\w+) (\w+)\?", question).groups()
         images = [p["image"] for p in ex["messages"][0]["content"] if p["type"] == "image"]
         holders = [i + 1 for i, im in enumerate(images) if (color, kind) in [s[:2] for s in components(im)]]
         assert ex["messages"][1]["content"] == f"Picture {holders[0]}." and len(holders) == 1
@@ -127,7 +128,8 @@ def test_world_multi_image_video_and_text_answers():
         ex = world.video_example(rng)
         frames = ex["messages"][0]["content"][0]["video"]
         assert 4 <= len(frames) <= 8
-        color, kind = re.fullmatch(r"Which way does the (\w+) (\w+) move\?", ex["messages"][0]["content"][-1]["text"]).groups()
+        question = ex["messages"][0]["content"][-1]["text"]
+        color, kind = re.fullmatch(r"Which way does the (\w+) (\w+) move\?", question).groups()
         centres = []
         for frame in frames:
             ys, xs = np.nonzero((np.abs(np.asarray(frame).astype(int) - world.COLORS[color]).sum(-1) == 0))

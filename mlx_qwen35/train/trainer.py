@@ -43,8 +43,9 @@ class TrainConfig:
 
 def cast_model(model, dtype):
     """Cast floating parameters to dtype, keeping norms and DeltaNet decay parameters in float32 (as loading does)."""
-    params = [(k, v.astype(mx.float32 if k.endswith(FLOAT32_SUFFIXES) or k.endswith(("lora_a", "lora_b"))
-                           else dtype)) for k, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
+    keep_float32 = FLOAT32_SUFFIXES + ("lora_a", "lora_b")
+    params = [(k, v.astype(mx.float32 if k.endswith(keep_float32) else dtype))
+              for k, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
     model.update(tree_unflatten(params))
 
 
@@ -235,7 +236,8 @@ class Trainer:
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        mx.save_safetensors(str(directory / "trainable.safetensors"), dict(tree_flatten(self.model.trainable_parameters())))
+        trainable = dict(tree_flatten(self.model.trainable_parameters()))
+        mx.save_safetensors(str(directory / "trainable.safetensors"), trainable)
         mx.save_safetensors(str(directory / "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
         (directory / "state.json").write_text(json.dumps({"step": self.step, "config": asdict(self.config)}, indent=2))
         if lora_layers(self.model):

@@ -2,7 +2,6 @@
 plain-coloured shapes drawn with Pillow, moving-shape videos, sums, long-context recall and two tools, each
 turned into a chat example {"messages": [...], "tools": [...] (optional)} with one exact answer."""
 
-import math
 import random
 from dataclasses import dataclass, field
 
