@@ -173,14 +173,16 @@ QWEN35_0_8B_VISION = dict(depth=12, hidden_size=768, intermediate_size=3072, num
                           in_channels=3, hidden_act="gelu_pytorch_tanh")
 
 
-def vision_bench(sizes=(448, 896), repeats=3, compare=("mlx-vlm",)):
+def vision_bench(sizes=(448, 896), repeats=3, compare=("mlx-vlm",), depth=None):
     """Image encode time and peak memory of our vision tower and mlx-vlm's on the same random weights with
-    the Qwen3.5-0.8B vision shapes, float32, one process."""
+    the Qwen3.5-0.8B vision shapes (optionally fewer blocks: activations are freed block by block, so the peak
+    above the weights is a one-block quantity), float32, one process."""
+    shapes = dict(QWEN35_0_8B_VISION, depth=depth or QWEN35_0_8B_VISION["depth"])
     from mlx.utils import tree_flatten, tree_map
 
     from .models.vision import VisionConfig, VisionModel
 
-    ours = VisionModel(VisionConfig.from_dict(QWEN35_0_8B_VISION))
+    ours = VisionModel(VisionConfig.from_dict(shapes))
     ours.update(tree_map(lambda p: mx.random.normal(p.shape) * (p.shape[-1] ** -0.5 if p.ndim > 1 else 0.1)
                          + (1.0 if p.ndim == 1 else 0.0), ours.parameters()))
     mx.eval(ours.parameters())
@@ -191,14 +193,15 @@ def vision_bench(sizes=(448, 896), repeats=3, compare=("mlx-vlm",)):
         from mlx_vlm.models.qwen3_5.config import VisionConfig as PeerConfig
         from mlx_vlm.models.qwen3_5.vision import VisionModel as PeerModel
 
-        peer = PeerModel(PeerConfig.from_dict({**QWEN35_0_8B_VISION, "model_type": "qwen3_5"}))
+        peer = PeerModel(PeerConfig.from_dict({**shapes, "model_type": "qwen3_5"}))
         peer.load_weights(list(peer.sanitize(dict(tree_flatten(ours.parameters()))).items()))
         mx.eval(peer.parameters())
         engines["mlx-vlm"] = lambda pixels, grid: peer(pixels, grid)[0]
     except ImportError as error:
         print(f"# mlx-vlm not available ({error}); timing ours only")
-    print(f"# vision tower, Qwen3.5-0.8B shapes (depth 12, width 768), float32, device {platform.device_name()}, "
-          f"BLAS {platform.blas_in_use()}, median of {repeats}")
+    weights_mib = sum(p.nbytes for _, p in tree_flatten(ours.parameters())) / 2**20
+    print(f"# vision tower, Qwen3.5-0.8B shapes (depth {shapes['depth']}, width 768; weights {weights_mib:.0f} MiB), "
+          f"float32, device {platform.device_name()}, BLAS {platform.blas_in_use()}, median of {repeats}")
     for size in sizes:
         grid = mx.array([[1, size // 16, size // 16]])
         pixels = mx.random.normal(((size // 16) ** 2, 3 * 2 * 16 * 16))

@@ -165,7 +165,8 @@ def cmd_bench(args):
     if args.kernels:
         return kernels_bench(tuple(args.prompt_lengths), repeats=args.repeats)
     if args.vision:
-        return vision_bench(tuple(args.prompt_lengths), repeats=args.repeats, compare=args.compare)
+        return vision_bench(tuple(args.prompt_lengths), repeats=args.repeats, compare=args.compare,
+                            depth=args.vision_depth)
     from .demo import QWEN35_0_8B_TEXT_CONFIG, build_random_checkpoint
 
     path = args.model
@@ -250,6 +251,7 @@ def main(argv=None):
                        help="the delta-rule scan at --prompt-lengths against mlx-lm, mlx-vlm and mx.fast")
     bench.add_argument("--vision", action="store_true",
                        help="image encode time at --prompt-lengths pixels per side against mlx-vlm's tower")
+    bench.add_argument("--vision-depth", type=int, help="with --vision: fewer blocks (memory runs at large sizes)")
     bench.set_defaults(run=cmd_bench)
 
     args = parser.parse_args(argv)
