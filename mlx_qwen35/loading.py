@@ -12,12 +12,14 @@ from mlx.utils import tree_flatten
 
 from . import platform
 from .config import ModelConfig
+from .models.mtp import mtp_num_layers
 from .models.qwen35 import Model
 
 EXTRA_PREFIXES = ("model.visual.", "mtp.")
 PER_EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 # Parameters kept in float32 whatever the model dtype: the norms, and the DeltaNet decay parameters.
-FLOAT32_SUFFIXES = ("layernorm.weight", "norm.weight", "A_log", "dt_bias")
+FLOAT32_SUFFIXES = ("layernorm.weight", "norm.weight", "norm_embedding.weight", "norm_hidden.weight", "A_log",
+                    "dt_bias")
 
 
 class CheckpointError(ValueError):
@@ -168,7 +170,10 @@ def load_model(path, dtype=None, expert_cache_gb=None) -> Model:
     weights = sanitize(read_weights(path), config)
     dtype = platform.parse_dtype(dtype) or platform.default_dtype()
 
-    model = Model(config)
+    # The MTP head is built only when the config asks for it and the checkpoint has its tensors, so a
+    # checkpoint whose mtp.* was stripped still loads strictly (and without it, mtp.* stays raw).
+    has_mtp = any(k.startswith("mtp.") for k in weights)
+    model = Model(config, mtp_layers=mtp_num_layers(config.raw) if has_mtp else 0)
     if config.raw.get("quantization"):
         quantize_model(model, config.raw["quantization"], weights)
     expected = dict(tree_flatten(model.parameters()))

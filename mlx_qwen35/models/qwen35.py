@@ -1,7 +1,8 @@
 """The whole Qwen 3.5 model as the checkpoint names it: `model.language_model` (text decoder), `model.visual`
 (vision tower, when the config has one) and `lm_head` (absent when tied to the embeddings). Vision features
 reach the text model only as input embeddings plus 3-D position ids, so text, images and video share one
-decode path and one cache. `mtp.*` is kept as raw tensors until the MTP head consumes it."""
+decode path and one cache. `mtp` (the multi-token prediction head) is built when the loader finds `mtp.*`
+tensors and the config asks for MTP layers; otherwise `mtp.*` tensors are kept raw in `extra_weights`."""
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -10,6 +11,7 @@ import numpy as np
 from ..cache import cache_offset
 from ..config import ModelConfig
 from ..processing.positions import rope_index
+from .mtp import MTP
 from .text import TextModel
 from .vision import VisionConfig, VisionModel
 
@@ -30,12 +32,19 @@ class ModelCache(list):
 
 
 class Model(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, mtp_layers: int = 0):
+        """`mtp_layers` > 0 builds the MTP head (`mtp.*`) with that many decoder layers."""
         super().__init__()
         self.config = config
         self.model = Backbone(config)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        if mtp_layers > 0:
+            self.mtp = MTP(config.text_config, mtp_layers)
+            # bound methods, not modules: the MTP head shares the main embedding and head without owning them
+            self.mtp.embed, self.mtp.head = self._embed, self.logits
+        else:
+            self.mtp = None
         self._extra_weights = {}
 
     @property
@@ -49,6 +58,23 @@ class Model(nn.Module):
 
     def make_cache(self) -> ModelCache:
         return ModelCache(self.model.language_model.make_cache())
+
+    def make_mtp_cache(self) -> list:
+        """The MTP head's own KV cache (one per MTP layer)."""
+        if self.mtp is None:
+            raise ValueError("this model has no MTP head (its checkpoint has no mtp.* tensors)")
+        return self.mtp.make_cache()
+
+    def mtp_logits(self, hidden, next_ids, position_ids=None, cache=None):
+        """MTP logits [B, L, V] for token t+2 from hidden [B, L, H] (the main model's final-normed hidden
+        state h_t) and next_ids [B, L] (token t+1). position_ids [3, B, L] are the target's positions of h_t
+        (default: text positions continuing the MTP `cache`, from make_mtp_cache)."""
+        if self.mtp is None:
+            raise ValueError("this model has no MTP head (its checkpoint has no mtp.* tensors)")
+        return self.mtp(hidden, next_ids, position_ids, cache)
+
+    def _embed(self, ids):
+        return self.model.language_model.embed_tokens(ids)
 
     def __call__(self, inputs=None, cache=None, input_embeddings=None, position_ids=None, logits_to_keep=0, *,
                  rope_delta=None, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,

@@ -128,8 +128,8 @@ def token_losses(model, batch):
 
 
 def mtp_head(model):
-    """The model's MTP head when it has one built (a callable (hidden [B, L, H], next ids [B, L]) -> logits of the
-    token after next), else None: mlx_qwen35.models has no MTP module yet, so the MTP loss is skipped."""
+    """The model's MTP head when the checkpoint has one (a callable (hidden [B, L, H], next ids [B, L]) -> logits
+    of the token after next), else None and the MTP loss is skipped."""
     return getattr(model, "mtp", None) if callable(getattr(model, "mtp", None)) else None
 
 
@@ -166,8 +166,8 @@ class Trainer:
         if config.grad_checkpoint:
             enable_grad_checkpoint(model)
         if config.mtp_weight > 0 and mtp_head(model) is None:
-            print("mtp_weight > 0 but this model has no MTP head built (mlx_qwen35 has no MTP module yet): "
-                  "training without the MTP loss", file=sys.stderr)
+            print("mtp_weight > 0 but this checkpoint has no MTP head (no mtp.* tensors, or "
+                  "mtp_num_hidden_layers is 0): training without the MTP loss", file=sys.stderr)
         schedule = config.learning_rate
         if config.warmup_steps:
             schedule = optim.join_schedules([optim.linear_schedule(0.0, config.learning_rate, config.warmup_steps),
