@@ -97,26 +97,33 @@ def test_emulator_rejects_bad_simdgroup_matrix_use(old, new, message):
 # ---- the chunked kernel ----------------------------------------------------------------------------
 
 
-
-
-
-
-
-
-
 GRID = [  # B, T, Hk, Hv, D: B {1, 2}, T {1, 2, 63, 64, 65, 130}, Hv/Hk {1, 2, 4}, D {64, 128}
     (1, 1, 1, 1, 64), (2, 1, 2, 4, 128), (2, 2, 1, 4, 64), (1, 63, 1, 2, 128), (2, 64, 2, 2, 64),
     (1, 65, 1, 4, 128), (2, 65, 2, 4, 64), (2, 130, 2, 4, 128), (1, 130, 1, 1, 64),
 ]
 
 
+def run_emulated(inputs):
+    return emulate(CHUNKED, **chunked_launch(*map(to_mx, inputs)))
+
+
+def run_metal(inputs):
+    with mx.stream(mx.gpu):
+        y, state = gated_delta_chunked_metal(*map(to_mx, inputs))
+    return np.array(y), np.array(state)
+
+
+RUNNERS = [pytest.param(run_emulated, id="emulated"), pytest.param(run_metal, id="metal", marks=needs_metal)]
+
+
+@pytest.mark.parametrize("run", RUNNERS)
 @pytest.mark.parametrize("B,T,Hk,Hv,D", GRID)
 @pytest.mark.parametrize("variant", ["random-state", "zero-state", "padded"])
-def test_emulated_chunked_kernel_matches_float64(B, T, Hk, Hv, D, variant):
+def test_chunked_kernel_matches_float64(run, B, T, Hk, Hv, D, variant):
     inputs = random_inputs(B, T, Hk, Hv, D, D, seed=7 * T + D + B, zero_state=variant == "zero-state",
                            padded=variant == "padded")
     expected_y, expected_state = numpy_recurrence(*inputs)
-    y, state = emulate(CHUNKED, **chunked_launch(*map(to_mx, inputs)))
+    y, state = run(inputs)
     assert y.shape == expected_y.shape and state.shape == expected_state.shape
     assert y.dtype == np.float32 and state.dtype == np.float32
     assert rel(y, expected_y) <= 1e-5
@@ -201,20 +208,6 @@ def test_chunked_launch_rejects_bad_inputs():
         chunked_launch(q, k, v, g, beta, state[:, :2])
     with pytest.raises(ValueError, match="value_block"):
         chunked_launch(q, k, v, g, beta, value_block=128)
-
-
-@needs_metal
-@pytest.mark.parametrize("B,T,Hk,Hv,D", GRID)
-@pytest.mark.parametrize("variant", ["random-state", "zero-state", "padded"])
-def test_metal_chunked_kernel_matches_float64(B, T, Hk, Hv, D, variant):
-    inputs = random_inputs(B, T, Hk, Hv, D, D, seed=7 * T + D + B, zero_state=variant == "zero-state",
-                           padded=variant == "padded")
-    expected_y, expected_state = numpy_recurrence(*inputs)
-    with mx.stream(mx.gpu):
-        y, state = gated_delta_chunked_metal(*map(to_mx, inputs))
-    assert state.dtype == mx.float32
-    assert rel(y, expected_y) <= 1e-5
-    assert rel(state, expected_state) <= 1e-5
 
 
 @needs_metal

@@ -19,14 +19,6 @@ from delta_reference import numpy_recurrence, random_inputs, rel, to_mx
 needs_metal = pytest.mark.skipif(not mx.metal.is_available(), reason="no Metal device")
 
 
-
-
-
-
-
-
-
-
 GRID = [  # B, T, Hk, Hv, D: every B in {1, 3}, T in {1, 2, 63, 64, 65}, Hv/Hk in {1, 2, 4}, D in {64, 128}
     (1, 1, 1, 1, 64), (3, 1, 2, 4, 128), (1, 2, 2, 2, 64), (3, 2, 1, 4, 128), (1, 63, 2, 4, 64),
     (3, 63, 1, 1, 128), (1, 64, 1, 2, 128), (3, 64, 2, 4, 64), (1, 65, 4, 4, 128), (3, 65, 1, 2, 64),
@@ -34,13 +26,27 @@ GRID = [  # B, T, Hk, Hv, D: every B in {1, 3}, T in {1, 2, 63, 64, 65}, Hv/Hk i
 ]
 
 
+def run_emulated(inputs):
+    return emulate(STEP, **step_launch(*map(to_mx, inputs)))
+
+
+def run_metal(inputs):
+    with mx.stream(mx.gpu):
+        y, state = gated_delta_step_metal(*map(to_mx, inputs))
+    return np.array(y), np.array(state)
+
+
+RUNNERS = [pytest.param(run_emulated, id="emulated"), pytest.param(run_metal, id="metal", marks=needs_metal)]
+
+
+@pytest.mark.parametrize("run", RUNNERS)
 @pytest.mark.parametrize("B,T,Hk,Hv,D", GRID)
 @pytest.mark.parametrize("variant", ["random-state", "zero-state", "padded"])
-def test_emulated_step_kernel_matches_float64(B, T, Hk, Hv, D, variant):
+def test_step_kernel_matches_float64(run, B, T, Hk, Hv, D, variant):
     inputs = random_inputs(B, T, Hk, Hv, D, seed=7 * T + D + B, zero_state=variant == "zero-state",
                            padded=variant == "padded")
     expected_y, expected_state = numpy_recurrence(*inputs)
-    y, state = emulate(STEP, **step_launch(*map(to_mx, inputs)))
+    y, state = run(inputs)
     assert y.shape == expected_y.shape and state.shape == expected_state.shape
     assert y.dtype == np.float32 and state.dtype == np.float32
     assert rel(y, expected_y) <= 1e-5
@@ -168,20 +174,6 @@ def test_step_launch_rejects_bad_inputs():
         step_launch(q.astype(mx.int32), k.astype(mx.int32), v, g, beta)
     with pytest.raises(ValueError, match="g must be"):
         step_launch(q, k, v, g[:, :2], beta)
-
-
-@needs_metal
-@pytest.mark.parametrize("B,T,Hk,Hv,D", GRID)
-@pytest.mark.parametrize("variant", ["random-state", "zero-state", "padded"])
-def test_metal_step_kernel_matches_float64(B, T, Hk, Hv, D, variant):
-    inputs = random_inputs(B, T, Hk, Hv, D, seed=7 * T + D + B, zero_state=variant == "zero-state",
-                           padded=variant == "padded")
-    expected_y, expected_state = numpy_recurrence(*inputs)
-    with mx.stream(mx.gpu):
-        y, state = gated_delta_step_metal(*map(to_mx, inputs))
-    assert state.dtype == mx.float32
-    assert rel(y, expected_y) <= 1e-5
-    assert rel(state, expected_state) <= 1e-5
 
 
 @needs_metal
