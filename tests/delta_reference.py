@@ -51,3 +51,50 @@ def to_mx(x):
 
 def rel(a, b):
     return np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b)
+
+
+def numpy_fused_decode(qkv, conv_state, conv_weight, z, a, b, A_log, dt_bias, state, norm_weight, eps,
+                       num_k_heads):
+    """float64 DeltaNet decode step (models/deltanet.py at T = 1): conv + SiLU, l2-normalised q (times
+    Dk^-0.5) and k, g = exp(-exp(A_log) softplus(a + dt_bias)), beta = sigmoid(b), one recurrence step,
+    then RMSNorm(y) * weight * silu(z). Returns (out [B, Hv*Dv], conv state [B, K-1, C], state)."""
+    f64 = [np.asarray(x, np.float64) for x in (qkv, conv_state, conv_weight, z, a, b, A_log, dt_bias, state,
+                                                norm_weight)]
+    qkv, conv_state, conv_weight, z, a, b, A_log, dt_bias, state, norm_weight = f64
+    B, C = qkv.shape
+    Hv, Dv, Hk = a.shape[1], norm_weight.shape[0], num_k_heads
+    Dk = (C - Hv * Dv) // (2 * Hk)
+    window = np.concatenate([conv_state, qkv[:, None]], axis=1)  # [B, K, C]
+    mixed = np.einsum("bkc,ck->bc", window, conv_weight[:, 0, :])
+    mixed = mixed / (1 + np.exp(-mixed))
+    q = mixed[:, : Hk * Dk].reshape(B, 1, Hk, Dk)
+    k = mixed[:, Hk * Dk : 2 * Hk * Dk].reshape(B, 1, Hk, Dk)
+    v = mixed[:, 2 * Hk * Dk :].reshape(B, 1, Hv, Dv)
+    q = q / np.sqrt((q * q).sum(-1, keepdims=True) + 1e-6) * Dk**-0.5
+    k = k / np.sqrt((k * k).sum(-1, keepdims=True) + 1e-6)
+    g = np.exp(-np.exp(A_log) * np.logaddexp(a + dt_bias, 0.0))
+    beta = 1 / (1 + np.exp(-b))
+    y, state = numpy_recurrence(q, k, v, g[:, None], beta[:, None], state, None)
+    y = y[:, 0]  # [B, Hv, Dv]
+    normed = y / np.sqrt((y * y).mean(-1, keepdims=True) + eps) * norm_weight
+    gate = z.reshape(B, Hv, Dv)
+    out = normed * gate / (1 + np.exp(-gate))
+    return out.reshape(B, Hv * Dv), window[:, 1:], state
+
+
+def random_decode_inputs(B, Hk, Hv, Dk, Dv=None, K=4, *, seed, zero_state=False):
+    """float32 inputs of one fused decode step, in `numpy_fused_decode`'s order (num_k_heads last)."""
+    Dv = Dv or Dk
+    C = 2 * Hk * Dk + Hv * Dv
+    rng = np.random.default_rng(seed)
+    qkv = rng.normal(size=(B, C))
+    conv_state = np.zeros((B, K - 1, C)) if zero_state else rng.normal(size=(B, K - 1, C))
+    conv_weight = rng.normal(size=(C, 1, K)) * 0.5
+    z = rng.normal(size=(B, Hv * Dv))
+    a, b = rng.normal(size=(B, Hv)) * 2, rng.normal(size=(B, Hv)) * 2
+    A_log, dt_bias = rng.uniform(-2.0, 1.0, size=Hv), rng.normal(size=Hv)
+    state = np.zeros((B, Hv, Dv, Dk)) if zero_state else rng.normal(size=(B, Hv, Dv, Dk)) * 0.5
+    norm_weight = 1 + 0.1 * rng.normal(size=Dv)
+    f32 = [x.astype(np.float32) for x in (qkv, conv_state, conv_weight, z, a, b, A_log, dt_bias, state,
+                                          norm_weight)]
+    return (*f32, 1e-6, Hk)

@@ -6,16 +6,21 @@ import mlx.core as mx
 from .chunked import gated_delta_chunked
 from .metal import gated_delta_step_metal
 from .metal_chunked import gated_delta_chunked_metal
-from .reference import gated_delta_recurrent
-from .validation import check_inputs
+from .metal_decode import decode_kernel_fits, fused_decode_step_metal
+from .reference import fused_decode_step_reference, gated_delta_recurrent
+from .validation import check_inputs, decode_shapes
 
-__all__ = ["gated_delta_update", "gated_delta_recurrent", "gated_delta_chunked", "expert_matmul"]
+__all__ = ["gated_delta_update", "gated_delta_recurrent", "gated_delta_chunked", "fused_decode_step",
+           "fused_decode_step_reference", "expert_matmul"]
 
 # Below this many steps the per-step recurrence does less work than building 64x64 chunk matrices.
 CHUNKED_MIN_STEPS = 16
 # The chunked Metal kernel passes in CPU emulation only; switch it on once tests/test_metal_chunked.py
 # has passed on a Mac.
 METAL_CHUNKED_PREFILL = False
+# The fused decode kernel (metal_decode.py) passes in CPU emulation only, like the chunked one: switch it on
+# once tests/test_metal_decode.py has passed on a Mac.
+METAL_FUSED_DECODE = False
 
 
 def gated_delta_update(q, k, v, g, beta, state=None, mask=None):
@@ -29,6 +34,19 @@ def gated_delta_update(q, k, v, g, beta, state=None, mask=None):
     if q.shape[1] >= CHUNKED_MIN_STEPS:
         return gated_delta_chunked(q, k, v, g, beta, state, mask)
     return gated_delta_recurrent(q, k, v, g, beta, state, mask)
+
+
+def fused_decode_step(qkv, conv_state, conv_weight, z, a, b, A_log, dt_bias, state, norm_weight, eps,
+                      num_k_heads):
+    """One DeltaNet token from the projections to the gated norm (see `fused_decode_step_reference` for
+    shapes): one Metal launch where the kernel applies, else the same math in MLX ops."""
+    *_, Dk, Dv = decode_shapes(qkv, conv_state, conv_weight, z, a, b, A_log, dt_bias, state, norm_weight,
+                               num_k_heads)
+    if METAL_FUSED_DECODE and mx.metal.is_available() and decode_kernel_fits(Dk, Dv):
+        return fused_decode_step_metal(qkv, conv_state, conv_weight, z, a, b, A_log, dt_bias, state,
+                                       norm_weight, eps, num_k_heads)
+    return fused_decode_step_reference(qkv, conv_state, conv_weight, z, a, b, A_log, dt_bias, state,
+                                       norm_weight, eps, num_k_heads)
 
 
 def expert_matmul(x, weights, expert_indices, scales=None, biases=None, group_size=None, bits=None,
