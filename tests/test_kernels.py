@@ -49,6 +49,25 @@ def test_chunked_then_recurrent_equals_recurrent_state():
     assert rel(chunk_state, np.array(step_state)) <= 1e-5
 
 
+def test_chunked_gradient_stays_finite_where_the_decay_underflows():
+    """Strong decay (exp(-exp(A) softplus(a)) below float32's range, as training reaches) gives g = 0 exactly; the
+    gradient must still be finite and match the recurrent path's."""
+    rng = np.random.default_rng(3)
+    q, k, v, _, beta, _, _ = random_inputs(1, 70, 2, 2, 16, seed=3)
+    a = mx.array(rng.normal(size=(1, 70, 2)).astype(np.float32) * 60)
+    args = [to_mx(x) for x in (q, k, v)]
+
+    def loss(path, a):
+        g = mx.exp(-mx.exp(mx.array(2.7)) * mx.logaddexp(a, 0.0))
+        return path(*args, g, to_mx(beta))[0].sum()
+
+    assert (np.array(mx.exp(-mx.exp(mx.array(2.7)) * mx.logaddexp(a, 0.0))) == 0).any()
+    chunked = np.array(mx.grad(lambda a: loss(gated_delta_chunked, a))(a))
+    recurrent = np.array(mx.grad(lambda a: loss(gated_delta_recurrent, a))(a))
+    assert np.isfinite(chunked).all()
+    assert rel(chunked, recurrent) <= 1e-4
+
+
 def test_unit_lower_inverse_and_its_gradient_against_numpy():
     inverse_fn = unit_lower_inverse
     rng = np.random.default_rng(0)

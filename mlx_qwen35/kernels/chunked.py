@@ -20,7 +20,8 @@ def gated_delta_chunked(q, k, v, g, beta, state=None, mask=None, chunk_size: int
     pad = (-T) % C
     out_dtype = v.dtype
     v = v.astype(mx.float32)
-    log_g = mx.maximum(mx.log(g), MIN_LOG_DECAY)
+    # Clamping g before the log (not the log after) keeps the gradient finite where g underflowed to 0.
+    log_g = mx.log(mx.maximum(g, mx.exp(mx.array(MIN_LOG_DECAY, g.dtype))))
     if pad:
         # Padded steps: k = 0, beta = 0, g = 1, so they change nothing.
         q, k, v = (mx.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)]) for x in (q, k, v))
