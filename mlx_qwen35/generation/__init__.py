@@ -1,5 +1,7 @@
 from .api import generate, stream_generate
 from .chat import Chat
 from .generate import GenerationResponse, generate_tokens, make_sampling
+from .speculative import SpeculativeResponse, speculative_tokens
 
-__all__ = ["Chat", "GenerationResponse", "generate", "generate_tokens", "make_sampling", "stream_generate"]
+__all__ = ["Chat", "GenerationResponse", "SpeculativeResponse", "generate", "generate_tokens", "make_sampling",
+           "speculative_tokens", "stream_generate"]

@@ -7,12 +7,12 @@ import mlx.core as mx
 from ..cache import cache_offset
 from ..processing.features import VisionFeatureCache, multimodal_embeddings
 from ..processing.processor import media_from_messages
-from .generate import STOP_TOKEN_IDS, generate_tokens, make_sampling, stream_text
+from ..tokenizer import SpecialIds
+from .generate import generate_tokens, make_sampling, stream_text
 from .parsing import StreamParser
+from .speculative import speculative_tokens
 
 _FEATURE_CACHE = VisionFeatureCache()  # for a processor without its own
-
-THINK_START, THINK_END = 248068, 248069
 
 
 def encode_prompt(processor, prompt, **template_options):
@@ -40,7 +40,8 @@ def _require(processor):
 
 
 def stream_generate(model, processor, prompt, max_tokens=256, stop=(), cache=None, prefill_chunk=512,
-                    enable_thinking=None, tools=None, history=(), images=None, videos=None, **sampling):
+                    enable_thinking=None, tools=None, history=(), images=None, videos=None, speculative=0,
+                    **sampling):
     """Yield GenerationResponse objects whose `.text` are the new text of each token and whose `.events`
     split it into thinking, answer and finished tool calls.
 
@@ -48,11 +49,14 @@ def stream_generate(model, processor, prompt, max_tokens=256, stop=(), cache=Non
     `cache` may hold earlier tokens of the same conversation: then `prompt` must be token ids of the
     continuation only, and `history` the earlier tokens (used by repetition penalties).
     `images` / `videos` (paths, PIL images, arrays; a video may be a list of frames) fill the prompt's
-    placeholders in order, after those of chat messages' {"type": "image"/"video"} content parts."""
+    placeholders in order, after those of chat messages' {"type": "image"/"video"} content parts.
+    `speculative` = k > 0 drafts k tokens per step with the checkpoint's MTP head (text prompts, greedy only):
+    the same tokens, in SpeculativeResponse objects that also count drafted and accepted tokens."""
     options = {k: v for k, v in (("enable_thinking", enable_thinking), ("tools", tools)) if v is not None}
     prompt_ids, items = encode_prompt_with_media(processor, prompt, images, videos, **options)
     yield from stream_ids(model, processor, prompt_ids, items, max_tokens=max_tokens, stop=stop, cache=cache,
-                          prefill_chunk=prefill_chunk, tools=tools, history=history, **sampling)
+                          prefill_chunk=prefill_chunk, tools=tools, history=history, speculative=speculative,
+                          **sampling)
 
 
 def encode_prompt_with_media(processor, prompt, images=None, videos=None, **template_options):
@@ -108,19 +112,27 @@ def multimodal_prefill(model, processor, ids, items, cache, chunk: int = 512):
 
 
 def stream_ids(model, processor, prompt_ids, items=None, max_tokens=256, stop=(), cache=None, prefill_chunk=512,
-               tools=None, history=(), **sampling):
+               tools=None, history=(), speculative=0, **sampling):
     """stream_generate for token ids whose placeholders (if any) belong to `items` (Processor.prepare)."""
     sampler, processors = make_sampling(**sampling)
-    if has_media(items):
+    special = SpecialIds.of(processor)
+    if speculative:
+        if has_media(items):
+            raise ValueError("speculative decoding takes text prompts only: leave out speculative= with images "
+                             "or videos")
+        tokens = speculative_tokens(model, prompt_ids, speculative, max_tokens, processors, cache=cache,
+                                    stop_ids=special.stop, prefill_chunk=prefill_chunk, history=history,
+                                    temperature=sampling.get("temperature") or 0.0)
+    elif has_media(items):
         tokens = _multimodal_tokens(model, processor, prompt_ids, items, max_tokens, sampler, processors, cache,
-                                    prefill_chunk, history)
+                                    prefill_chunk, history, special.stop)
     else:
         tokens = generate_tokens(model, prompt_ids, max_tokens, sampler, processors, cache=cache,
-                                 stop_ids=STOP_TOKEN_IDS, prefill_chunk=prefill_chunk, history=history)
+                                 stop_ids=special.stop, prefill_chunk=prefill_chunk, history=history)
     if processor is None:
         yield from tokens
         return
-    parser = StreamParser(thinking=thinking_is_open(list(history) + list(prompt_ids)), tools=tools)
+    parser = StreamParser(thinking=thinking_is_open(list(history) + list(prompt_ids), special), tools=tools)
     for response in stream_text(processor, tokens, stop):
         response.events = parser.feed(response.text)
         if response.finish_reason:
@@ -129,7 +141,7 @@ def stream_ids(model, processor, prompt_ids, items=None, max_tokens=256, stop=()
 
 
 def _multimodal_tokens(model, processor, prompt_ids, items, max_tokens, sampler, processors, cache, chunk,
-                       history):
+                       history, stop_ids):
     # All but the last prompt token go through the multimodal prefill (the last one is never a placeholder:
     # each run is closed by <|vision_end|>); the token loop then starts from the last token.
     if len(prompt_ids) < 2:
@@ -139,17 +151,17 @@ def _multimodal_tokens(model, processor, prompt_ids, items, max_tokens, sampler,
     multimodal_prefill(model, processor, prompt_ids[:-1], items, cache, chunk)
     elapsed = time.perf_counter() - start
     for response in generate_tokens(model, prompt_ids[-1:], max_tokens, sampler, processors, cache=cache,
-                                    stop_ids=STOP_TOKEN_IDS, history=list(history) + list(prompt_ids[:-1])):
+                                    stop_ids=stop_ids, history=list(history) + list(prompt_ids[:-1])):
         response.prompt_tokens_processed += len(prompt_ids) - 1
         response.time_to_first_token += elapsed
         response.prefill_tps = len(prompt_ids) / response.time_to_first_token
         yield response
 
 
-def thinking_is_open(prompt_ids) -> bool:
+def thinking_is_open(prompt_ids, special: SpecialIds = SpecialIds()) -> bool:
     """Whether the prompt ends inside a <think> block (the template's default generation prompt)."""
-    opened = max((i for i, t in enumerate(prompt_ids) if t == THINK_START), default=-1)
-    closed = max((i for i, t in enumerate(prompt_ids) if t == THINK_END), default=-1)
+    opened = max((i for i, t in enumerate(prompt_ids) if t == special.think_start), default=-1)
+    closed = max((i for i, t in enumerate(prompt_ids) if t == special.think_end), default=-1)
     return opened > closed
 
 

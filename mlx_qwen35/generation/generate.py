@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-STOP_TOKEN_IDS = (248046, 248044)  # <|im_end|>, <|endoftext|>
+from ..tokenizer import STOP_TOKEN_IDS
 
 
 @dataclass
@@ -116,11 +116,12 @@ def stream_text(tokenizer, responses, stop=()):
     """Attach detokenised text deltas to token responses, and end at the first stop string (which is not
     emitted). Text that could still become a stop string is held back until it cannot."""
     stop = [s for s in ([stop] if isinstance(stop, str) else stop) if s]
+    stop_ids = set(getattr(tokenizer, "eos_token_ids", None) or STOP_TOKEN_IDS)
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
     text, emitted = "", 0
     for response in responses:
-        if response.finish_reason == "stop" and response.token in STOP_TOKEN_IDS:
+        if response.finish_reason == "stop" and response.token in stop_ids:
             response.text = text[emitted:]
             yield response
             return

@@ -15,7 +15,6 @@ from .video import load_video, preprocess_video
 
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
-PAD_TOKEN_ID = 248044
 # The template's whole video triple is replaced (reference Qwen3-VL format, spec 8.8), or a bare pad (as vLLM
 # sends it) by the same frame blocks.
 PLACEHOLDER = re.compile(re.escape(VISION_START + VIDEO_PAD + VISION_END) + "|" + re.escape(VIDEO_PAD) + "|"
@@ -102,7 +101,7 @@ class Processor:
         expanded = self._expand(texts, items["image"], items["video"])
         rows = [self.tokenizer.encode(t, add_special_tokens=False) for t in expanded]
         width = max(len(r) for r in rows)
-        ids = np.full((len(rows), width), PAD_TOKEN_ID, np.int64)
+        ids = np.full((len(rows), width), self.tokenizer.convert_tokens_to_ids("<|endoftext|>"), np.int64)
         mask = np.zeros((len(rows), width), np.int64)
         for i, row in enumerate(rows):
             ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
