@@ -175,16 +175,30 @@ def test_mask_covers_exactly_the_assistant_tokens(processor):
         assert "user" not in decoded and "system" not in decoded
 
 
-def test_mask_with_the_real_tokenizer(tmp_path):
+def test_rows_tokenise_as_generation_sees_them_with_the_real_tokenizer(tmp_path):
+    """The tokens before an assistant turn are exactly the generation prompt's tokens (thinking on: it ends in
+    `<think>\\n`; off: it holds the empty think block, which is then no target), and a row decodes to the
+    rendered text. (Earlier turns inside the context of later ones keep this generation-time tokenisation.)"""
     from mlx_qwen35.tokenizer import load_tokenizer, render_chat, write_tokenizer_files
 
     tokenizer = load_tokenizer(write_tokenizer_files(tmp_path / "tok"))
-    example = world.tool_example(random.Random(4))
-    row = encode(example, tokenizer)
-    text = render_chat(example["messages"], tools=example["tools"], add_generation_prompt=False)
-    assert row.input_ids.tolist() == tokenizer.encode(text, add_special_tokens=False)
-    pieces = re.findall(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", text, re.S)
-    assert tokenizer.decode(row.input_ids[row.mask].tolist()) == "".join(pieces)
+    rng = random.Random(4)
+    for example, turn in ((world.tool_example(rng), 1), (world.sum_example(rng, thinking=True), 1),
+                          (world.sum_example(rng, thinking=False), 1)):
+        example = {k: v for k, v in example.items() if k != "thinking"}
+        reasoned = "</think>" in (example["messages"][turn]["content"] or "")
+        for thinking in (True,) if reasoned else (True, False):  # a reasoned reply is a thinking-on one
+            row = encode(example, tokenizer, enable_thinking=thinking)
+            text = render_chat(example["messages"], tools=example.get("tools"), add_generation_prompt=False)
+            assert tokenizer.decode(row.input_ids.tolist()) == text
+            prompt = tokenizer.encode(render_chat(example["messages"][:turn], tools=example.get("tools"),
+                                                  enable_thinking=thinking), add_special_tokens=False)
+            assert row.input_ids[:len(prompt)].tolist() == prompt
+            assert not row.mask[:len(prompt) - (2 if thinking else 0)].any()  # thinking on: <think>, \n are targets
+            first = tokenizer.decode(row.input_ids[len(prompt):][row.mask[len(prompt):]].tolist())
+            reply = example["messages"][turn]
+            expected = reply["content"].split("</think>")[-1].strip() if reply["content"] else "<tool_call>"
+            assert expected in first
 
 
 def test_bad_rows_name_the_row(processor):

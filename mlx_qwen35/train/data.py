@@ -16,6 +16,7 @@ from ..processing.processor import IMAGE_PAD, PLACEHOLDER, VIDEO_PAD
 from ..tokenizer import render_chat
 
 ASSISTANT_TURN = re.compile(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", re.S)
+THINK_OPEN, EMPTY_THINK = "<think>\n", "<think>\n\n</think>\n\n"
 ROLES = {"system", "user", "assistant", "tool"}
 
 
@@ -109,7 +110,7 @@ def encode(example, processor, row=None, enable_thinking: bool = True) -> Row:
         raise DataError(f"{where}: {error}") from None
     pieces, start = [], 0
     for match in ASSISTANT_TURN.finditer(text):
-        pieces += [(text[start:match.start(1)], False), (match.group(1), True)]
+        pieces += [(text[start:match.start(1)], False), *_assistant_pieces(match.group(1), enable_thinking)]
         start = match.end(1)
     pieces.append((text[start:], False))
 
@@ -142,6 +143,17 @@ def encode(example, processor, row=None, enable_thinking: bool = True) -> Row:
     return out
 
 
+def _assistant_pieces(turn: str, enable_thinking: bool) -> list:
+    """An assistant turn as (text, is_target) pieces tokenised the way generation sees them: with thinking on
+    the prompt ends in `<think>\n` and the model writes the rest; with thinking off the prompt already holds
+    the empty think block, so it is context, not a target."""
+    if not enable_thinking and turn.startswith(EMPTY_THINK):
+        return [(EMPTY_THINK, False), (turn[len(EMPTY_THINK):], True)]
+    if enable_thinking and turn.startswith(THINK_OPEN):
+        return [(THINK_OPEN, True), (turn[len(THINK_OPEN):], True)]
+    return [(turn, True)]
+
+
 def encode_all(examples, processor, enable_thinking: bool = True, max_tokens: int | None = None) -> list[Row]:
     rows = []
     for i, example in enumerate(examples):
@@ -152,8 +164,9 @@ def encode_all(examples, processor, enable_thinking: bool = True, max_tokens: in
     return rows
 
 
-def collate(rows: list[Row], pad_id: int = 248044) -> dict:
-    """Right-padded batch: input_ids [B, L], mask [B, L] (False on padding), plus the concatenated pixel
+def collate(rows: list[Row], pad_id: int = 0) -> dict:
+    """Right-padded batch (the pad id only needs to be in the vocabulary: padding follows every real token and
+    carries no loss): input_ids [B, L], mask [B, L] (False on padding), plus the concatenated pixel
     values and grids in row order (the order the model's placeholder replacement expects)."""
     width = max(len(r) for r in rows)
     ids = np.full((len(rows), width), pad_id, np.int32)

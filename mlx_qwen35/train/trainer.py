@@ -3,6 +3,7 @@ tokens, an optional MoE load-balancing loss, gradient checkpointing, fp32/bf16, 
 checkpoints (trainable weights + optimizer state + step) that resume exactly."""
 
 import json
+import math
 import sys
 import time
 from contextlib import contextmanager
@@ -36,7 +37,7 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 0
     save_every: int = 0
-    pad_id: int = 248044
+    pad_id: int = 0
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -156,9 +157,10 @@ def loss_fn(model, batch, config: TrainConfig):
 
 class Trainer:
     def __init__(self, model, train_rows, config: TrainConfig, val_rows=None, output_dir=None):
-        self.model, self.rows, self.val_rows, self.config = model, list(train_rows), list(val_rows or []), config
+        """`train_rows` None: every train_step is given its batch."""
+        self.model, self.rows, self.val_rows, self.config = model, list(train_rows or []), list(val_rows or []), config
         self.output_dir = Path(output_dir) if output_dir else None
-        if not self.rows:
+        if not self.rows and train_rows is not None:
             raise ValueError("no training rows")
         if config.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {config.dtype!r}")
@@ -174,7 +176,7 @@ class Trainer:
                                              optim.constant(config.learning_rate) if hasattr(optim, "constant")
                                              else lambda _: config.learning_rate], [config.warmup_steps])
         self.optimizer = optim.AdamW(learning_rate=schedule, weight_decay=config.weight_decay)
-        self.step = 0
+        self.step = self.skipped = 0
         self._grad = nn.value_and_grad(model, lambda m, b: loss_fn(m, b, config))
         self.history = []
 
@@ -186,14 +188,21 @@ class Trainer:
         size = min(self.config.batch_size, len(self.rows))
         return order[i * size:(i + 1) * size].tolist()
 
-    def train_step(self) -> dict:
-        batch = collate([self.rows[i] for i in self.batch_indices(self.step)], self.config.pad_id)
+    def train_step(self, batch: dict | None = None) -> dict:
+        """One optimizer step on `batch` (a collated dict), or on the rows this trainer holds for this step."""
+        if batch is None:
+            batch = collate([self.rows[i] for i in self.batch_indices(self.step)], self.config.pad_id)
         self.model.train()
         # Checkpointed layers recompute in the backward pass, after loss_fn returned: keep routing trainable.
         with trainable_router(self.model):
             (loss, (count, parts)), grads = self._grad(self.model, batch)
-        if self.config.grad_clip:
-            grads, _ = optim.clip_grad_norm(grads, self.config.grad_clip)
+        grads, norm = optim.clip_grad_norm(grads, self.config.grad_clip or float("inf"))
+        mx.eval(loss, norm)
+        if not (math.isfinite(loss.item()) and math.isfinite(norm.item())):
+            # A non-finite step is skipped rather than written into the weights (and counted).
+            self.skipped += 1
+            self.step += 1
+            return {"step": self.step, "loss": float("nan"), "tokens": int(batch["input_ids"].size), "skipped": 1}
         self.optimizer.update(self.model, grads)
         mx.eval(loss, count, parts, self.model.trainable_parameters(), self.optimizer.state)
         self.step += 1

