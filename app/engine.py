@@ -13,7 +13,7 @@ from pathlib import Path
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v"}
-DEFAULT_MODEL = "default"  # the shipped default model (a tiny random checkpoint until the trained one exists)
+DEFAULT_MODEL = "default"  # the shipped default model (docs/default-model.md)
 
 
 class UserError(ValueError):
@@ -155,8 +155,12 @@ class Engine:
         if self._default_model is not None:
             return Path(self._default_model)
         from mlx_qwen35.demo import ensure_random_checkpoint
+        from mlx_qwen35.loading import default_model_path
 
-        return ensure_random_checkpoint()
+        try:
+            return default_model_path()
+        except FileNotFoundError:  # not built yet: the tiny random checkpoint shows the app working
+            return ensure_random_checkpoint()
 
     # ---- the worker thread ------------------------------------------------------------------------------
     def _work(self):
@@ -182,7 +186,10 @@ class Engine:
 
     def _resolve(self, settings: Settings) -> Path:
         if settings.model in (None, "", DEFAULT_MODEL):
-            return self.default_model_path()
+            try:
+                return self.default_model_path()
+            except FileNotFoundError as error:
+                raise UserError(str(error)) from None
         return Path(settings.model).expanduser()
 
     def _ensure_model(self, settings: Settings, job: Job | None = None):

@@ -99,7 +99,7 @@ def normalise_history(history) -> list:
 
 def render(update) -> list:
     out = []
-    if update.thinking:
+    if update.thinking.strip():  # an empty <think></think> block shows no panel
         meta = {"title": "Thinking", "status": "pending" if update.thinking_seconds is None else "done"}
         if update.thinking_seconds is not None:
             meta["duration"] = round(update.thinking_seconds, 2)
@@ -161,7 +161,7 @@ def make_respond(engine: Engine):
 
 
 def model_choices(models_dir) -> list:
-    return [("Default model (tiny random until the trained one ships)", DEFAULT_MODEL)] + \
+    return [("Default model (tiny, trained on a world of coloured shapes)", DEFAULT_MODEL)] + \
         [(Path(p).name, p) for p in find_models(models_dir)]
 
 
@@ -172,7 +172,8 @@ def build_app(engine: Engine | None = None, models_dir=None) -> gr.ChatInterface
     inputs = [
         gr.Dropdown(model_choices(models_dir), value=DEFAULT_MODEL, label="Model", allow_custom_value=True,
                     info="Converted checkpoints found in the models folder, or type a checkpoint path"),
-        gr.Textbox("You are a helpful assistant.", label="System prompt", lines=2),
+        # Empty by default: the default model never saw a system turn (besides tool declarations) in training.
+        gr.Textbox("", label="System prompt", lines=2, placeholder="none"),
         gr.Checkbox(True, label="Thinking"),
         gr.Slider(0, 2, 0.7, step=0.05, label="Temperature"),
         gr.Slider(0, 1, 0.95, step=0.01, label="Top-p"),

@@ -10,12 +10,18 @@ DIM, RESET = "\033[2m", "\033[0m"
 
 
 def _model_path(args):
+    """--model, else the trained default model when it is built, else a tiny random checkpoint (said so)."""
+    from .loading import default_model_path
+
     if args.model:
         return args.model
-    print(f"NOTE: no --model given and the trained default model does not exist yet; using a tiny "
-          f"RANDOM-weight Qwen 3.5 checkpoint at {DEFAULT_PATH} (built on first use). Its output is "
-          f"meaningless: it shows the loading and generation path working.", file=sys.stderr)
-    return ensure_random_checkpoint()
+    try:
+        return default_model_path()
+    except FileNotFoundError:
+        print(f"NOTE: no --model given and the trained default model is not built (mlx-qwen35 train-default); "
+              f"using a tiny RANDOM-weight Qwen 3.5 checkpoint at {DEFAULT_PATH} (built on first use). Its output "
+              f"is meaningless: it shows the loading and generation path working.", file=sys.stderr)
+        return ensure_random_checkpoint()
 
 
 def _sampling(args) -> dict:
@@ -99,10 +105,14 @@ def cmd_generate(args):
                    else args.prompt}]
     last = None
     for last in stream_generate(model, processor, prompt, max_tokens=args.max_tokens, stop=args.stop,
-                                enable_thinking=not args.no_thinking, **_sampling(args)):
+                                enable_thinking=not args.no_thinking, speculative=args.speculative,
+                                **_sampling(args)):
         print(last.text, end="", flush=True)
     print()
     print(_stats(last), file=sys.stderr)
+    if args.stats and args.speculative:
+        print(f"speculative decoding: {last.accepted} of {last.drafted} drafted tokens accepted "
+              f"({last.acceptance_rate:.1%}), {last.forward_passes} main-model passes", file=sys.stderr)
     if args.stats and _expert_stats(model):
         print(_expert_stats(model), file=sys.stderr)
 
@@ -194,7 +204,8 @@ def _add_model_options(parser, sampling=True):
     parser.add_argument("--no-thinking", action="store_true", help="enable_thinking=False in the template")
     parser.add_argument("--expert-cache-gb", type=float,
                         help="MoE: stream routed experts through a cache of this many GB instead of loading them")
-    parser.add_argument("--stats", action="store_true", help="also print expert-cache statistics")
+    parser.add_argument("--stats", action="store_true",
+                        help="also print expert-cache and speculative-decoding statistics")
 
 
 def main(argv=None):
@@ -205,6 +216,10 @@ def main(argv=None):
         from app.ui import main as app_main
 
         return app_main(argv[1:])
+    if argv[:1] in (["train-default"], ["eval-default"]):  # the default model's training and evaluation
+        from .train import default_model, evaluate
+
+        return (default_model if argv[0] == "train-default" else evaluate).main(argv[1:])
     if argv[:1] == ["train"]:  # so does the trainer (`mlx-qwen35 train --help`)
         from .train.cli import train_main
 
@@ -228,6 +243,8 @@ def main(argv=None):
                      "(repeatable)")
     gen.add_argument("--video", action="append", default=[], help="video file, shown after the images "
                      "(repeatable)")
+    gen.add_argument("--speculative", type=int, default=0, metavar="K", help="draft K tokens per step with the "
+                     "checkpoint's MTP head and check them in one pass (greedy only; same output, maybe faster)")
     gen.set_defaults(run=cmd_generate)
 
     chat = sub.add_parser("chat", help="interactive chat in the terminal")
@@ -237,6 +254,8 @@ def main(argv=None):
 
     sub.add_parser("convert", help="convert a Hugging Face checkpoint (options: `mlx-qwen35 convert --help`)")
     sub.add_parser("train", help="fine-tune, full or LoRA (options: `mlx-qwen35 train --help`)")
+    sub.add_parser("train-default", help="train the shipped default model from a seed (`--help` for options)")
+    sub.add_parser("eval-default", help="held-out accuracy of the default model on its world (`--help`)")
     sub.add_parser("app", help="the Gradio chat app on 127.0.0.1 (options: `mlx-qwen35 app --help`)")
 
     bench = sub.add_parser("bench", help="prefill/decode tok/s and peak memory, optionally against mlx-lm")

@@ -1,6 +1,6 @@
-"""A tiny random-weight Qwen 3.5 checkpoint in Hugging Face layout, with the real 248,320-row vocabulary.
-It stands in as the default model until the trained one ships: it exercises the real loading and
-generation path, and its output is meaningless."""
+"""Random-weight Qwen 3.5 checkpoints in Hugging Face layout with the real 248,320-row vocabulary: the tiny
+one for tests of the loading and generation path, and Qwen3.5-0.8B shapes for benchmarks. Their output is
+meaningless (the trained default model is `loading.default_model_path()`)."""
 
 import json
 import shutil

@@ -21,6 +21,8 @@ PER_EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|dow
 FLOAT32_SUFFIXES = ("layernorm.weight", "norm.weight", "norm_embedding.weight", "norm_hidden.weight", "A_log",
                     "dt_bias")
 
+DEFAULT_MODEL_PATH = Path(__file__).resolve().parent / "default_model"
+
 
 class CheckpointError(ValueError):
     pass
@@ -258,10 +260,19 @@ def load_processor(path):
     return Processor.from_path(path, tokenizer)
 
 
-def load(path, dtype=None, expert_cache_gb=None, adapter=None):
-    """Load a Qwen 3.5 checkpoint directory (Hugging Face or converted). Returns (model, processor).
-    `expert_cache_gb` streams the routed experts through a cache of that size instead of loading them;
-    `adapter` is a LoRA adapter directory written by `mlx-qwen35 train --lora`."""
+def default_model_path() -> Path:
+    """The small Qwen 3.5 trained on the synthetic world that ships inside the package (docs/default-model.md)."""
+    if not (DEFAULT_MODEL_PATH / "model.safetensors").is_file():
+        raise FileNotFoundError(f"the default model is missing from {DEFAULT_MODEL_PATH}: reinstall mlx-qwen35 or "
+                                f"rebuild it with `mlx-qwen35 train-default`")
+    return DEFAULT_MODEL_PATH
+
+
+def load(path=None, dtype=None, expert_cache_gb=None, adapter=None):
+    """Load a Qwen 3.5 checkpoint directory (Hugging Face or converted); without a path, the shipped default
+    model. Returns (model, processor). `expert_cache_gb` streams the routed experts through a cache of that size
+    instead of loading them; `adapter` is a LoRA adapter directory written by `mlx-qwen35 train --lora`."""
+    path = default_model_path() if path is None else path
     model = load_model(path, dtype, expert_cache_gb)
     if adapter:
         from .train.lora import load_adapter

@@ -1,0 +1,255 @@
+"""`mlx-qwen35 train-default`: train the shipped default model from a seed on the synthetic world.
+
+The model is the real Qwen 3.5 architecture at small width: MoE decoder (Gated DeltaNet and gated attention),
+vision tower, MTP head, and a byte-level BPE learned from the world's text (world_tokenizer.py). Rows are drawn
+from `world.examples(seed)`, grouped by length into batches of about `tokens_per_batch` tokens, and trained
+with AdamW (warmup, cosine decay), the MoE load-balancing loss and the MTP loss. Everything is a function of
+the seed; the run writes its log beside the weights."""
+
+import argparse
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from ..loading import DEFAULT_MODEL_PATH as SHIPPED_PATH
+
+TEXT_CONFIG = dict(
+    model_type="qwen3_5_moe_text", vocab_size=1024, hidden_size=192, num_hidden_layers=8,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=48, max_position_embeddings=32768,
+    rms_norm_eps=1e-6, hidden_act="silu", linear_conv_kernel_dim=4, linear_key_head_dim=32,
+    linear_value_head_dim=32, linear_num_key_heads=4, linear_num_value_heads=8, full_attention_interval=4,
+    num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128, shared_expert_intermediate_size=128,
+    rope_parameters=dict(rope_type="default", rope_theta=1e6, partial_rotary_factor=0.5,
+                         mrope_section=[4, 4, 4], mrope_interleaved=True),
+    mtp_num_hidden_layers=1, tie_word_embeddings=True,
+)
+VISION_CONFIG = dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=192,
+                     patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=196,
+                     in_channels=3, hidden_act="gelu_pytorch_tanh")
+# The world's images are 64-224 px: keep them at their own size (rounded to 32 px), so a picture is 4-49 tokens.
+PREPROCESSOR = {"size": {"shortest_edge": 32 * 32, "longest_edge": 224 * 224}, "patch_size": 16,
+                "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+# The world's videos are 4-8 frame lists (taken as 24 fps clips): sampling at 24 fps keeps every frame; a
+# video file gives at most 8 frames spread over its length.
+VIDEO_PREPROCESSOR = dict(PREPROCESSOR, fps=24.0, min_frames=4, max_frames=8)
+# The training mix leans on the visual questions (cheap rows, the hardest skills) and keeps recall passages at
+# most 1,200 tokens (the evaluation asks at 1,000): recall and tool rows cost 10-30x an image row.
+TRAIN_MIX = {"image": 0.50, "multi_image": 0.10, "video": 0.12, "sum": 0.12, "recall": 0.08, "tool": 0.08}
+RECALL_MAX_TOKENS = 1200
+THINKING_OFF = 0.3
+
+
+def write_skeleton(directory: Path, seed: int) -> tuple[dict, object]:
+    """config.json, preprocessor configs and the world tokenizer in `directory`; returns (config dict,
+    processor)."""
+    from ..loading import load_processor
+    from ..tokenizer import write_tokenizer_files
+    from .world_tokenizer import train_world_tokenizer
+
+    tokenizer, added = train_world_tokenizer(seed=seed)
+    ids = {text: token_id for token_id, text, _ in added}
+    text_config = dict(TEXT_CONFIG, eos_token_id=ids["<|im_end|>"])
+    if tokenizer.get_vocab_size() > text_config["vocab_size"]:
+        raise ValueError(f"the world tokenizer has {tokenizer.get_vocab_size()} entries, more than the model's "
+                         f"vocab_size {text_config['vocab_size']}")
+    config = dict(model_type="qwen3_5_moe", text_config=text_config, vision_config=VISION_CONFIG,
+                  tie_word_embeddings=True, eos_token_id=ids["<|im_end|>"], image_token_id=ids["<|image_pad|>"],
+                  video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                  vision_end_token_id=ids["<|vision_end|>"])
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    (directory / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2))
+    (directory / "video_preprocessor_config.json").write_text(json.dumps(VIDEO_PREPROCESSOR, indent=2))
+    write_tokenizer_files(directory, tokenizer, added)
+    return config, load_processor(directory)
+
+
+def initial_weights(model, seed: int) -> dict:
+    """Normal(0, 0.02) matrices, PyTorch's conv init for the DeltaNet short convolution, Mamba-style decay
+    rates and step sizes; norms and biases as the modules build them."""
+    mx.random.seed(seed)
+    weights = {}
+    for name, param in tree_flatten(model.parameters()):
+        if name.endswith("A_log"):
+            value = mx.log(mx.random.uniform(1.0, 16.0, param.shape))
+        elif name.endswith("dt_bias"):
+            # Mamba's step sizes, log-uniform in [0.001, 0.1], stored as their inverse softplus: with A in
+            # [1, 16] each DeltaNet head starts remembering from about one token to about a thousand.
+            dt = mx.exp(mx.random.uniform(math.log(1e-3), math.log(1e-1), param.shape))
+            value = dt + mx.log(-mx.expm1(-dt))
+        elif name.endswith("conv1d.weight"):
+            bound = 1.0 / math.sqrt(param.shape[-1])
+            value = mx.random.uniform(-bound, bound, param.shape)
+        elif param.ndim >= 2:
+            value = 0.02 * mx.random.normal(param.shape)
+        else:
+            value = param
+        weights[name] = value.astype(mx.float32)
+    return weights
+
+
+def build_model(directory: Path, seed: int):
+    from ..config import ModelConfig
+    from ..models.mtp import mtp_num_layers
+    from ..models.qwen35 import Model
+
+    raw = json.loads((directory / "config.json").read_text())
+    model = Model(ModelConfig.from_dict(raw), mtp_layers=mtp_num_layers(raw))
+    model.update(tree_unflatten(list(initial_weights(model, seed).items())))
+    mx.eval(model.parameters())
+    return model
+
+
+def encode_example(example, processor, rng: random.Random):
+    """A world example as a training Row, rendered as a thinking-on or thinking-off conversation: sums as the
+    world says, other questions thinking-off with probability THINKING_OFF (their answers are the same)."""
+    from .data import encode
+
+    thinking = example.get("thinking")
+    thinking = rng.random() >= THINKING_OFF if thinking is None else thinking
+    return encode({k: v for k, v in example.items() if k != "thinking"}, processor, enable_thinking=thinking)
+
+
+def training_examples(seed: int):
+    """The world's examples drawn with TRAIN_MIX."""
+    from functools import partial
+
+    from . import world
+
+    rng = random.Random(seed)
+    generators = dict(world.GENERATORS, recall=partial(world.recall_example, max_tokens=RECALL_MAX_TOKENS))
+    kinds, weights = list(TRAIN_MIX), list(TRAIN_MIX.values())
+    while True:
+        yield generators[rng.choices(kinds, weights)[0]](rng)
+
+
+def world_rows(seed: int, processor):
+    """Endless training rows drawn from the world with `seed`."""
+    rng = random.Random(seed + 1)
+    for example in training_examples(seed):
+        yield encode_example(example, processor, rng)
+
+
+def length_batches(rows, tokens_per_batch: int, pool: int = 64, seed: int = 0):
+    """Group a stream of rows into batches of similar length with at most `tokens_per_batch` padded tokens
+    (a longer row goes alone), shuffled within each pool of rows."""
+    rng = random.Random(seed)
+    while True:
+        bucket = sorted((next(rows) for _ in range(pool)), key=len)
+        batches, current = [], []
+        for row in bucket:
+            if current and len(row) * (len(current) + 1) > tokens_per_batch:
+                batches.append(current)
+                current = []
+            current.append(row)
+        batches.append(current)
+        rng.shuffle(batches)
+        yield from batches
+
+
+def train_default(output: Path, seed: int = 0, steps: int = 1000, tokens_per_batch: int = 2048,
+                  learning_rate: float = 2e-3, warmup: int = 100, log_every: int = 25, progress: bool = True) -> Path:
+    """Train the default model into `output` (written atomically: weights, configs, tokenizer, training_log.txt)."""
+    import mlx.optimizers as optim
+
+    from ..platform import blas_in_use
+    from .data import collate
+    from .trainer import TrainConfig, Trainer
+
+    output = Path(output)
+    partial = output.with_name(output.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    config, processor = write_skeleton(partial, seed)
+    model = build_model(partial, seed)
+    n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+
+    train_config = TrainConfig(steps=steps, learning_rate=learning_rate, moe_aux_weight=0.01, mtp_weight=0.3,
+                               seed=seed, progress=False, grad_clip=1.0, weight_decay=0.01)
+    trainer = Trainer(model, None, train_config)
+    schedule = optim.join_schedules(
+        [optim.linear_schedule(1e-6, learning_rate, warmup), optim.cosine_decay(learning_rate, steps - warmup,
+                                                                                  learning_rate * 0.05)], [warmup])
+    trainer.optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
+
+    log_lines = [f"# mlx-qwen35 train-default: seed {seed}, {steps} steps of ~{tokens_per_batch} tokens, "
+                 f"peak lr {learning_rate}, {n_params / 1e6:.2f}M parameters, BLAS {blas_in_use()}"]
+    print(log_lines[0], file=sys.stderr)
+    batches = length_batches(world_rows(seed, processor), tokens_per_batch, seed=seed)
+    bar = _bar(steps, progress)
+    start, tokens, window = time.perf_counter(), 0, []
+    for step in range(1, steps + 1):
+        batch = collate(next(batches), pad_id=0)
+        record = trainer.train_step(batch)
+        tokens += record["tokens"]
+        window.append(record)
+        if step % log_every == 0 or step == steps:
+            elapsed = time.perf_counter() - start
+            finite = [r for r in window if not r.get("skipped")]
+            mean = {k: sum(r[k] for r in finite) / len(finite) for k in ("loss", "ce", "aux", "mtp")
+                    if finite and k in finite[0]}
+            skipped = f"  skipped {len(window) - len(finite)}" if len(finite) < len(window) else ""
+            line = (f"step {step:5d}  " + "  ".join(f"{k} {v:.4f}" for k, v in mean.items()) + skipped
+                    + f"  lr {float(schedule(step)):.2e}  tokens {tokens}  {tokens / elapsed:.0f} tok/s  "
+                    f"elapsed {elapsed / 60:.1f} min")
+            log_lines.append(line)
+            window = []
+            if bar is None:
+                print(line, file=sys.stderr, flush=True)
+            (partial / "training_log.txt").write_text("\n".join(log_lines) + "\n")
+        if bar is not None:
+            bar.set_postfix_str(f"loss {record['loss']:.3f} | {tokens / (time.perf_counter() - start):.0f} tok/s")
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    log_lines.append(f"# finished in {(time.perf_counter() - start) / 60:.1f} min, {tokens} tokens")
+    (partial / "training_log.txt").write_text("\n".join(log_lines) + "\n")
+    save_weights(model, partial / "model.safetensors")
+    shutil.rmtree(output, ignore_errors=True)
+    partial.rename(output)
+    return output
+
+
+def save_weights(model, file: Path):
+    """bfloat16 tensors (float32 for norms and DeltaNet decay parameters, as loading keeps them)."""
+    from ..loading import FLOAT32_SUFFIXES
+
+    weights = {k: v.astype(mx.float32 if k.endswith(FLOAT32_SUFFIXES) else mx.bfloat16)
+               for k, v in tree_flatten(model.parameters())}
+    mx.save_safetensors(str(file), weights, metadata={"format": "mlx"})
+
+
+def _bar(total, enabled):
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="train-default", dynamic_ncols=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="mlx-qwen35 train-default", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", default=str(SHIPPED_PATH), help="where the model goes (default: the shipped one)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--tokens-per-batch", type=int, default=2048)
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    args = parser.parse_args(argv)
+    from .. import platform  # noqa: F401  (OpenBLAS before MLX runs anything)
+
+    train_default(Path(args.output), seed=args.seed, steps=args.steps, tokens_per_batch=args.tokens_per_batch,
+                  learning_rate=args.learning_rate)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

