@@ -232,3 +232,78 @@ def test_policy_beats_lru_on_skewed_routing():
     # Control: with uniform i.i.d. routing no policy can do better than chance.
     uniform = zipf_trace(0, uniform=True)
     assert abs(simulate("lrfu", uniform, 96) - simulate("lru", uniform, 96)) < 0.03
+
+
+def test_adaptive_policy_follows_recency_or_frequency():
+    from mlx_qwen35.experts.traces import as_calls, realistic_trace
+
+    # Token-to-token reuse (a short-memory trace): a long LRFU half-life loses to LRU; the adaptive one does not.
+    reuse = as_calls(realistic_trace(200, 4, 256, 10, skew=0.8, rho=0.6, seed=0))
+    lru, fixed, adaptive = (simulate(p, reuse, 51) for p in ("lru", "lrfu", "lrfu-adaptive"))
+    assert fixed < lru - 0.1 and adaptive > lru - 0.01
+    # Skewed i.i.d. popularity: frequency wins, and the adaptive policy picks it up.
+    skewed = zipf_trace(0)
+    assert simulate("lrfu-adaptive", skewed, 64) > simulate("lru", skewed, 64) + 0.05
+
+
+def test_memory_pressure_shrinks_the_budget(checkpoints, references):
+    path = checkpoints["4bit"]
+    per = expert_bytes(path)
+    model, _ = mlx_qwen35.load(path, dtype="float32", expert_cache_gb=budget_gb(path, 32))  # room for all
+    cache = model.expert_cache
+    # MLX reports more active memory than the limit once about 6 more experts are resident.
+    cache.memory_limit = mx.get_active_memory() + 6 * per
+    assert greedy(model) == references["4bit"][1]
+    summary = cache.summary()
+    assert summary["shrinks"] > 0 and summary["overall"]["evictions"] > 0  # all 32 fit the original budget
+    assert 2 * per <= cache.budget_bytes < 32 * per
+    assert cache.used_bytes <= cache.budget_bytes and not cache.pinned
+    cache.close()
+
+
+def test_allocation_failure_shrinks_and_retries(checkpoints, references):
+    path = checkpoints["4bit"]
+    per = expert_bytes(path)
+    model, _ = mlx_qwen35.load(path, dtype="float32", expert_cache_gb=budget_gb(path, 32))
+    cache = model.expert_cache
+    real, calls = cache._to_mlx, {"n": 0}
+
+    def flaky(layer, arrays):
+        calls["n"] += 1
+        if calls["n"] in (5, 12):  # one failure each time: the retry after shrinking succeeds
+            raise RuntimeError("[malloc] Unable to allocate 3145728 bytes")
+        return real(layer, arrays)
+
+    cache._to_mlx = flaky
+    assert greedy(model) == references["4bit"][1]
+    assert len(cache.shrinks) == 2 and cache.budget_bytes <= 32 * per // 4 and cache.budget_bytes >= 2 * per
+    assert "allocation failed" in cache.shrinks[0][2]
+
+    # An allocation that keeps failing fails the request cleanly; the cache stays usable.
+    def always_fails(layer, arrays):
+        raise RuntimeError("[malloc] Unable to allocate 8 bytes")
+
+    cache._to_mlx = always_fails
+    cache.memory_limit = None
+    for layer in cache.layers:
+        for expert in range(8):
+            if (layer, expert) in cache.entries:
+                cache._evict((layer, expert))
+    with pytest.raises(ExpertReadError, match="Unable to allocate"):
+        cache.get(0, [1, 2])
+    assert not cache.pinned and cache.budget_bytes == cache.minimum_bytes
+    cache._to_mlx = real
+    assert cache.get(0, [1, 2])["down_proj"][0].shape == (64, 64 * 4 // 32)
+    cache.close()
+
+
+def test_shrink_keeps_the_call_in_progress_and_never_goes_below_the_minimum(checkpoints):
+    path = checkpoints["float32"]
+    per = expert_bytes(path)
+    model, _ = mlx_qwen35.load(path, dtype="float32", expert_cache_gb=budget_gb(path, 32))
+    cache = model.expert_cache
+    cache.get(1, [0, 1, 2, 3, 4])
+    assert cache.shrink(0) == 5 * per  # the five pinned experts stay
+    cache.release(1, [0, 1, 2, 3, 4])
+    assert cache.shrink(0) == 2 * per == cache.minimum_bytes and cache.used_bytes <= 2 * per
+    cache.close()

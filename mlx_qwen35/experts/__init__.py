@@ -1,7 +1,7 @@
 """Routed experts streamed from disk: the on-disk store, the byte-budgeted cache over it, and the cached
 expert source the MoE block calls instead of resident stacked tensors."""
 
-from .cache import ExpertCache, LRFUPolicy, LRUPolicy, simulate
+from .cache import AdaptiveLRFUPolicy, ExpertCache, LRFUPolicy, LRUPolicy, simulate
 from .source import CachedExperts, attach_expert_cache
 from .store import (
                     CheckpointExpertStore,
@@ -13,6 +13,7 @@ from .store import (
 )
 
 __all__ = [
+                    "AdaptiveLRFUPolicy",
                     "CachedExperts",
                     "CheckpointExpertStore",
                     "ExpertCache",

@@ -4,6 +4,8 @@ Misses are read with positional reads on a thread pool (one future per distinct 
 prefill chunk routed to an expert share one load); prefetches go to the same pool and are collected later.
 Every resident expert and every read in flight holds its bytes against `budget_bytes`. All bookkeeping
 runs on the caller's thread: workers only read bytes, so MLX arrays are only made on the caller's thread.
+Under memory pressure (MLX's active memory would pass `memory_limit_bytes`, or an allocation fails) the
+budget shrinks, never below one layer's active experts, instead of the process failing.
 """
 
 import heapq
@@ -73,7 +75,11 @@ class LRFUPolicy:
             self.counts[key[0]] = self.counts.get(key[0], 0) + 1
             self.heaps.setdefault(key[0], [])
         self.score[key] = new
-        heapq.heappush(self.heaps[key[0]], (new, key))
+        heap = self.heaps[key[0]]
+        heapq.heappush(heap, (new, key))
+        if len(heap) > 4 * self.counts[key[0]] + 64:  # drop stale entries now and then
+            self.heaps[key[0]] = [(v, k) for k, v in self.score.items() if k[0] == key[0]]
+            heapq.heapify(self.heaps[key[0]])
 
     insert = access
 
@@ -110,7 +116,70 @@ class LRFUPolicy:
         return None
 
 
-POLICIES = {"lru": LRUPolicy, "lrfu": LRFUPolicy}
+class AdaptiveLRFUPolicy:
+    """LRFU whose half-life follows the workload. Which half-life wins depends on the routing: a short one
+    (recency) when tokens reuse the previous tokens' experts, a long one (frequency) when popularity is
+    skewed but reuse is not. Shadow caches of the same capacity replay the demand accesses under each
+    candidate half-life (keys only, no data); evictions follow the candidate with the most recent shadow hits.
+    """
+
+    name = "lrfu-adaptive"
+
+    def __init__(self, half_lives=(1.0, 4.0, 16.0), balance: float = 0.5, memory_tokens: float = 64.0):
+        self.half_lives, self.balance, self.memory_tokens = half_lives, balance, memory_tokens
+
+    def configure(self, capacity: int, layers):
+        layers = list(layers)
+        n = max(1, len(layers))  # half-lives are given in tokens, `now` counts layer calls
+
+        def make():
+            policies = [LRFUPolicy(h * n, self.balance) for h in self.half_lives]
+            for policy in policies:
+                policy.configure(capacity, layers)
+            return policies
+
+        self.rankers, self.shadows = make(), make()
+        self.resident = [set() for _ in self.half_lives]
+        self.capacity = capacity
+        self.hits = [0.0] * len(self.half_lives)
+        self.decay = 1.0 - 1.0 / (self.memory_tokens * n)
+        self.best = len(self.half_lives) // 2
+
+    def _replay(self, key, now: int):
+        for i, (shadow, resident) in enumerate(zip(self.shadows, self.resident)):
+            self.hits[i] *= self.decay
+            if key in resident:
+                self.hits[i] += 1.0
+                shadow.access(key, now)
+                continue
+            while len(resident) >= self.capacity:
+                victim = shadow.victim({key})
+                resident.discard(victim)
+                shadow.remove(victim)
+            resident.add(key)
+            shadow.insert(key, now)
+            shadow.access(key, now)
+        self.best = max(range(len(self.hits)), key=self.hits.__getitem__)
+
+    def access(self, key, now: int):
+        """A demand access (ExpertCache calls it once per routed expert)."""
+        self._replay(key, now)
+        for ranker in self.rankers:
+            ranker.access(key, now)
+
+    def insert(self, key, now: int):
+        for ranker in self.rankers:
+            ranker.insert(key, now)
+
+    def remove(self, key):
+        for ranker in self.rankers:
+            ranker.remove(key)
+
+    def victim(self, pinned):
+        return self.rankers[self.best].victim(pinned)
+
+
+POLICIES = {"lru": LRUPolicy, "lrfu": LRFUPolicy, "lrfu-adaptive": AdaptiveLRFUPolicy}
 
 
 def make_policy(policy):
@@ -141,6 +210,7 @@ def simulate(policy, trace, capacity: int) -> float:
                 policy.remove(victim)
             resident.add(key)
             policy.insert(key, now)
+            policy.access(key, now)  # as ExpertCache: a demand read is inserted, then accessed
     return hits / max(1, total)
 
 
@@ -193,11 +263,13 @@ class ExpertCache:
     `get(layer, experts)` returns {name: [array per expert]} for the experts (their count must fit the budget,
     see `max_experts`); the returned experts stay pinned until `release(layer)`. `prefetch(layer, experts)`
     starts reads in the background without waiting. `dtype` casts float tensors on load, as `load` casts
-    resident weights, so cached and resident weights are the same arrays bit for bit.
+    resident weights, so cached and resident weights are the same arrays bit for bit. `memory_limit_bytes`
+    (default: MLX's memory limit, `mx.get_memory_limit()`) is checked against `mx.get_active_memory()`
+    before each read; `shrink` lowers the budget by hand.
     """
 
-    def __init__(self, store, budget_bytes: int, policy="lrfu", top_k: int | None = None, dtype=None,
-                 io_threads: int = 4):
+    def __init__(self, store, budget_bytes: int, policy="lrfu-adaptive", top_k: int | None = None, dtype=None,
+                 io_threads: int = 4, memory_limit_bytes: int | None = None):
         self.store, self.dtype = store, dtype
         self.layers = list(store.layers)
         self.expert_nbytes = {layer: self._memory_nbytes(layer) for layer in self.layers}
@@ -209,6 +281,9 @@ class ExpertCache:
                              f"layer's active experts: at least {minimum} bytes ({minimum / 1e9:.4f} GB = "
                              f"{self.top_k} experts x {largest} bytes) are needed")
         self.budget_bytes = int(budget_bytes)
+        self.minimum_bytes = minimum
+        self.memory_limit = memory_limit_bytes if memory_limit_bytes is not None else mx.get_memory_limit()
+        self.shrinks = []  # (call counter, new budget, reason)
         self.policy = make_policy(policy)
         self.policy.configure(self.budget_bytes // largest, self.layers)
         self.entries, self.inflight, self.pinned = {}, {}, set()
@@ -284,10 +359,46 @@ class ExpertCache:
         stats.reads += 1
         stats.read_seconds += seconds
         stats.bytes_read += sum(a.nbytes for a in arrays.values())
-        self.entries[key] = _Entry(self._to_mlx(key[0], arrays), nbytes, prefetched)
+        try:
+            value = self._to_mlx_or_shrink(key[0], arrays)
+        except (MemoryError, RuntimeError) as error:
+            stats.read_errors += 1
+            self.failed[key] = error
+            return error
+        self.entries[key] = _Entry(value, nbytes, prefetched)
         self.used_bytes += nbytes
         self.policy.insert(key, self.now)
         return None
+
+    def _to_mlx_or_shrink(self, layer, arrays):
+        """On an allocation failure: halve the budget, evict down to it and try once more."""
+        try:
+            return self._to_mlx(layer, arrays)
+        except (MemoryError, RuntimeError) as error:
+            if not isinstance(error, MemoryError) and "allocat" not in str(error).lower():
+                raise
+            self.shrink(self.budget_bytes // 2, reason=f"allocation failed: {error}")
+            mx.clear_cache()
+            return self._to_mlx(layer, arrays)
+
+    def shrink(self, budget_bytes: int, reason: str = "requested") -> int:
+        """Lower the budget to `budget_bytes` (never below one layer's active experts) and evict unpinned
+        experts down to it. Returns the new budget."""
+        # The experts of the call in progress stay within the budget, so that call can still finish.
+        floor = max(self.minimum_bytes, sum(self.expert_nbytes[layer] for layer, _ in self.pinned))
+        new = max(floor, min(self.budget_bytes, int(budget_bytes)))
+        if new < self.budget_bytes:
+            self.budget_bytes = new
+            self.shrinks.append((self.now, new, reason))
+            self._make_room(0, wait=False)
+        return self.budget_bytes
+
+    def _check_pressure(self, incoming: int):
+        if not self.memory_limit:
+            return
+        over = mx.get_active_memory() + incoming - self.memory_limit
+        if over > 0:
+            self.shrink(self.budget_bytes - over, reason=f"active memory over the {self.memory_limit} byte limit")
 
     def _collect(self):
         for key in [k for k, (f, _, _) in self.inflight.items() if f.done()]:
@@ -302,6 +413,8 @@ class ExpertCache:
         stats.prefetch_wasted += entry.prefetched
 
     def _make_room(self, nbytes: int, wait: bool) -> bool:
+        if nbytes:
+            self._check_pressure(nbytes)
         while self.used_bytes + self.reserved_bytes + nbytes > self.budget_bytes:
             victim = self.policy.victim(self.pinned)
             if victim is not None:
@@ -321,7 +434,7 @@ class ExpertCache:
         so it overlaps them and the compute that follows. A read error raises ExpertReadError after the cache
         is put back in order (nothing stays pinned)."""
         experts = [int(e) for e in experts]
-        if len(experts) > self.max_experts(layer):
+        if len(experts) > self.max_experts(layer):  # callers split by max_experts (which shrinking lowers)
             raise ValueError(f"{len(experts)} experts of layer {layer} do not fit the budget "
                              f"({self.max_experts(layer)} at most); split the call")
         self.now += 1
@@ -406,7 +519,8 @@ class ExpertCache:
             total.add(stats)
         return {"overall": total.as_dict(), "layers": {layer: s.as_dict() for layer, s in self.stats.items()},
                 "budget_bytes": self.budget_bytes, "resident_bytes": self.used_bytes, "peak_bytes": self.peak_bytes,
-                "resident_experts": len(self.entries), "policy": self.policy.name}
+                "resident_experts": len(self.entries), "policy": self.policy.name, "shrinks": len(self.shrinks),
+                "memory_limit_bytes": self.memory_limit}
 
     def reset_stats(self):
         self.stats = {layer: LayerStats() for layer in self.layers}

@@ -49,19 +49,20 @@ class CachedExperts(nn.Module):
         indices = np.array(expert_indices)
         distinct = np.unique(indices)
         predicted = self._predict_next(x)
-        capacity = self.cache.max_experts(self.layer)
-        groups = [distinct[i: i + capacity] for i in range(0, len(distinct), capacity)]
-        if len(groups) == 1:
+        if len(distinct) <= self.cache.max_experts(self.layer):
             return self._run_group(x, indices, distinct, predicted)
         # More distinct experts than the budget holds (prefill under a small budget): one choice per row, a
         # group of experts at a time; every row's product is independent of the others, so still exact.
+        # Groups are cut one at a time: memory pressure may shrink the budget between them.
         flat = indices.reshape(-1)
         rows = mx.repeat(x, K, axis=0)
-        outputs, order = [], []
-        for i, group in enumerate(groups):
+        outputs, order, start = [], [], 0
+        while start < len(distinct):
+            group = distinct[start: start + self.cache.max_experts(self.layer)]
+            start += len(group)
             selected = np.nonzero(np.isin(flat, group))[0]
             outputs.append(self._run_group(rows[mx.array(selected)], flat[selected][:, None], group,
-                                           predicted if i == len(groups) - 1 else None))
+                                           predicted if start == len(distinct) else None))
             order.append(selected)
         inverse = np.argsort(np.concatenate(order))
         return mx.concatenate(outputs)[mx.array(inverse)].reshape(N, K, -1)
@@ -79,23 +80,24 @@ class CachedExperts(nn.Module):
             self.cache.release(self.layer, group)
 
 
-def attach_expert_cache(model, checkpoint, weights: dict, cache_gb: float, dtype, policy="lrfu",
-                        prefetch: bool = True, io_threads: int = 4) -> dict:
+def attach_expert_cache(model, checkpoint, weights: dict, cache_gb: float, dtype, policy="lrfu-adaptive",
+                        prefetch: bool = True, io_threads: int = 4, store=None, memory_limit_bytes=None) -> dict:
     """Swap every MoE layer's experts for a CachedExperts over one shared ExpertCache of `cache_gb` (1e9 bytes)
     and return `weights` without the routed expert tensors, which are then only ever read through the store
-    (the dedicated store beside the checkpoint when there is one, else the checkpoint's safetensors)."""
+    (`store`, else the dedicated store beside the checkpoint when there is one, else the checkpoint's
+    safetensors)."""
     layers = model.layers
     moe = [i for i, layer in enumerate(layers) if isinstance(getattr(layer.mlp, "experts", None), Experts)]
     if not moe:
         raise ValueError("expert_cache_gb was given but the model has no routed experts (not a MoE checkpoint)")
-    store = open_store(checkpoint)
+    store = store if store is not None else open_store(checkpoint)
     if sorted(store.layers) != moe:
         store.close()
         raise ValueError(f"the expert store holds layers {store.layers}, the model has MoE layers {moe}")
     top_k = max(layers[i].mlp.top_k for i in moe)
     try:
         cache = ExpertCache(store, round(cache_gb * 1e9), policy=policy, top_k=top_k, dtype=dtype,
-                            io_threads=io_threads)
+                            io_threads=io_threads, memory_limit_bytes=memory_limit_bytes)
     except ValueError:
         store.close()
         raise
