@@ -16,7 +16,7 @@ from mlx_qwen35.processing.processor import Processor
 from mlx_qwen35.train import world
 from mlx_qwen35.train.data import DataError, collate, encode, encode_all
 from mlx_qwen35.train.lora import AdapterError, apply_lora, fuse_lora, load_adapter
-from mlx_qwen35.train.trainer import TrainConfig, Trainer, hidden_states, loss_fn
+from mlx_qwen35.train.trainer import TrainConfig, Trainer, dense_experts_forward, hidden_states, loss_fn
 
 ndimage = pytest.importorskip("scipy.ndimage")
 
@@ -274,6 +274,35 @@ def test_full_gradient_reaches_the_vision_tower(processor):
     numeric = (loss_at(base + 0.02 * direction) - loss_at(base - 0.02 * direction)) / 0.04
     analytic = float((g * direction).sum())
     assert abs(numeric - analytic) <= 0.05 * abs(analytic) and abs(analytic) > 1e-4
+
+
+def test_dense_experts_give_the_gathered_loss_and_gradients(processor):
+    """TrainConfig.dense_experts computes every expert and weights the unchosen ones by 0: the loss and every
+    gradient must equal the gathered top-K path (which the model tests check against transformers), and an
+    expert no token chose must get a gradient of exactly 0."""
+    model = tiny_model(moe=True)
+    batch = batch_of(processor, [world.image_example(random.Random(3)), world.sum_example(random.Random(4))])
+    results = {}
+    for dense in (False, True):
+        config = TrainConfig(moe_aux_weight=0.01, dense_experts=dense)
+        loss, grads = nn.value_and_grad(model, lambda m, b: loss_fn(m, b, config)[0])(model, batch)
+        results[dense] = (loss.item(), dict(tree_flatten(grads)))
+    assert abs(results[True][0] - results[False][0]) <= 1e-5 * abs(results[False][0])
+    for name, gathered in results[False][1].items():
+        np.testing.assert_allclose(np.array(results[True][1][name]), np.array(gathered), rtol=1e-4, atol=1e-6,
+                                   err_msg=name)
+    block = model.model.language_model.layers[0].mlp
+    original = block.experts.gate_up_proj
+    x = mx.random.normal((3, original.shape[-1]))
+    indices = mx.array([[0, 1]] * 3)  # experts 2 and 3 unchosen
+
+    def routed_sum(gate_up):
+        block.experts.gate_up_proj = gate_up
+        return dense_experts_forward(block, x, indices, mx.full((3, 2), 0.5)).sum()
+
+    grad = mx.grad(routed_sum)(original)
+    block.experts.gate_up_proj = original
+    assert float(mx.abs(grad[2:]).max()) == 0.0 and float(mx.abs(grad[:2]).max()) > 0
 
 
 def test_training_lowers_loss_and_resumes_exactly(processor, tmp_path):

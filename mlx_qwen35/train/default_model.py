@@ -173,7 +173,8 @@ def train_default(output: Path, seed: int = 0, steps: int = 1000, tokens_per_bat
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
 
     train_config = TrainConfig(steps=steps, learning_rate=learning_rate, moe_aux_weight=0.01, mtp_weight=0.3,
-                               seed=seed, progress=False, grad_clip=1.0, weight_decay=0.01)
+                               seed=seed, progress=False, grad_clip=1.0, weight_decay=0.01,
+                               dense_experts=True)
     trainer = Trainer(model, None, train_config)
     schedule = optim.join_schedules(
         [optim.linear_schedule(1e-6, learning_rate, warmup), optim.cosine_decay(learning_rate, steps - warmup,

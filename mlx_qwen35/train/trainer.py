@@ -16,7 +16,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..models.moe import SparseMoeBlock
+from ..models.moe import Experts, SparseMoeBlock
 from .data import collate
 
 FLOAT32_SUFFIXES = ("layernorm.weight", "norm.weight", "A_log", "dt_bias")
@@ -34,6 +34,7 @@ class TrainConfig:
     grad_checkpoint: bool = False
     moe_aux_weight: float = 0.0  # load-balancing loss weight (Switch Transformer form)
     mtp_weight: float = 0.0  # loss on the token after next through the MTP head, when the model has one
+    dense_experts: bool = False  # all experts as two matmuls (dense_experts_forward): faster when E/K is small
     seed: int = 0
     eval_every: int = 0
     save_every: int = 0
@@ -70,11 +71,27 @@ def enable_grad_checkpoint(model):
         layer.__class__ = type(base.__name__, (base,), {"__call__": call, "_checkpointed": True})
 
 
+def dense_experts_forward(block, x, indices, weights):
+    """The routed experts of `block` for x [N, H] as two plain matmuls over all E experts, each expert's
+    hidden units scaled by its routing weight (0 for experts not chosen): the same sum as the gathered
+    top-K path, and the same gradients (an unchosen expert's are exactly 0). With few experts (the default
+    model: E/K = 4) two large matmuls cost far less on a CPU than gathers over small per-expert ones."""
+    experts = block.experts
+    E, two_i, H = experts.gate_up_proj.shape
+    intermediate = two_i // 2
+    combine = (weights[..., None] * (indices[..., None] == mx.arange(E)).astype(weights.dtype)).sum(1)  # [N, E]
+    gate_up = (x @ experts.gate_up_proj.reshape(E * two_i, H).T).reshape(-1, E, two_i)
+    gate, up = gate_up[..., :intermediate], gate_up[..., intermediate:]
+    hidden = nn.silu(gate) * up * combine[..., None]
+    down = experts.down_proj.transpose(0, 2, 1).reshape(E * intermediate, H)
+    return hidden.reshape(-1, E * intermediate) @ down
+
+
 @contextmanager
-def trainable_router(model, records=None):
-    """Make every MoE block's routing differentiable while the context is open, appending (router probs
-    [N, E], chosen experts [N, K]) to `records` when given. models/moe.py `route` lacks a stop_gradient on the
-    argpartition indices, so MLX's VJP fails there; this is that route with the stop_gradient."""
+def trainable_router(model, records=None, dense: bool = False):
+    """While the context is open, append each MoE block's (router probs [N, E], chosen experts [N, K]) to
+    `records` when given (for the load-balancing loss), and with `dense` compute the routed experts with
+    `dense_experts_forward` (unquantised experts only)."""
     blocks = [m for _, m in model.named_modules() if isinstance(m, SparseMoeBlock)]
 
     def route(self, x):
@@ -86,9 +103,19 @@ def trainable_router(model, records=None):
             records.append((probs, indices))
         return indices, weights.astype(x.dtype)
 
+    def call(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        indices, weights = self.route(x)
+        routed = dense_experts_forward(self, x, indices, weights)
+        shared = mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return (routed + shared).reshape(shape)
+
     classes = [b.__class__ for b in blocks]
     for block, cls in zip(blocks, classes):
-        block.__class__ = type(cls.__name__, (cls,), {"route": route})
+        dense_here = dense and type(block.experts) is Experts
+        methods = {"route": route, "__call__": call} if dense_here else {"route": route}
+        block.__class__ = type(cls.__name__, (cls,), methods)
     try:
         yield records
     finally:
@@ -137,7 +164,7 @@ def mtp_head(model):
 def loss_fn(model, batch, config: TrainConfig):
     aux_on = config.moe_aux_weight > 0 and model.config.text_config.is_moe
     records = [] if aux_on else None
-    with trainable_router(model, records):
+    with trainable_router(model, records, dense=config.dense_experts):
         total, count, h = token_losses(model, batch)
     loss = total / mx.maximum(count, 1.0)
     parts = {"ce": loss}
@@ -194,7 +221,7 @@ class Trainer:
             batch = collate([self.rows[i] for i in self.batch_indices(self.step)], self.config.pad_id)
         self.model.train()
         # Checkpointed layers recompute in the backward pass, after loss_fn returned: keep routing trainable.
-        with trainable_router(self.model):
+        with trainable_router(self.model, dense=self.config.dense_experts):
             (loss, (count, parts)), grads = self._grad(self.model, batch)
         grads, norm = optim.clip_grad_norm(grads, self.config.grad_clip or float("inf"))
         mx.eval(loss, norm)
