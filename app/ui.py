@@ -165,7 +165,8 @@ def model_choices(models_dir) -> list:
         [(Path(p).name, p) for p in find_models(models_dir)]
 
 
-def build_app(engine: Engine | None = None, models_dir=None) -> gr.ChatInterface:
+def build_app(engine: Engine | None = None, models_dir=None, max_tokens: int = 512) -> gr.ChatInterface:
+    """The chat app; `max_tokens` is the Max new tokens setting's starting value."""
     engine = engine or Engine()
     textbox = gr.MultimodalTextbox(file_types=["image", "video"], file_count="multiple", stop_btn=True,
                                    placeholder="Ask anything; attach images or videos", sources=["upload"])
@@ -178,7 +179,7 @@ def build_app(engine: Engine | None = None, models_dir=None) -> gr.ChatInterface
         gr.Slider(0, 2, 0.7, step=0.05, label="Temperature"),
         gr.Slider(0, 1, 0.95, step=0.01, label="Top-p"),
         gr.Slider(0, 200, 20, step=1, label="Top-k", info="0 turns it off"),
-        gr.Slider(1, 8192, 512, step=1, label="Max new tokens"),
+        gr.Slider(1, 8192, max_tokens, step=1, label="Max new tokens"),
         gr.Slider(0, 64, 0, step=0.5, label="Expert cache (GB)", info="MoE models: stream the experts through "
                   "a cache of this size; 0 loads them all"),
         gr.Code(None, language="json", label="Tools (JSON list of function schemas; empty for none)"),

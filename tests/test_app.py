@@ -109,7 +109,8 @@ def served(tmp_path_factory):
     checkpoint = build_vision_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-vision-qwen3_5")
     engine = Engine(default_model=checkpoint)
     engine.preload()
-    demo = build_app(engine, models_dir=checkpoint.parent)
+    # The random model rarely stops by itself: a short default answer keeps the browser test's wait bounded.
+    demo = build_app(engine, models_dir=checkpoint.parent, max_tokens=48)
     demo.queue(default_concurrency_limit=1, max_size=16)
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
                             quiet=True)

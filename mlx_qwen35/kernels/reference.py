@@ -28,12 +28,12 @@ def gated_delta_recurrent(q, k, v, g, beta, state=None, mask=None):
     return mx.stack(outputs, axis=1).astype(v.dtype), state
 
 
-def prepare_inputs(q, k, v, g, beta, state, mask):
-    """Expand key heads to value heads, move everything to float32, and fold the padding mask into
-    beta = 0 and g = 1 (a step that neither decays nor writes leaves the state unchanged)."""
+def prepare_inputs(q, k, v, g, beta, state, mask, expand_heads: bool = True):
+    """Expand key heads to value heads (unless told not to), move everything to float32, and fold the padding
+    mask into beta = 0 and g = 1 (a step that neither decays nor writes leaves the state unchanged)."""
     B, _, Hk, Dk = q.shape
     Hv, Dv = v.shape[-2:]
-    if Hv != Hk:
+    if Hv != Hk and expand_heads:
         q = mx.repeat(q, Hv // Hk, axis=2)
         k = mx.repeat(k, Hv // Hk, axis=2)
     q, k = q.astype(mx.float32), k.astype(mx.float32)
