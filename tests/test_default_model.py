@@ -188,3 +188,47 @@ def test_lora_teaches_a_new_colour_name(monkeypatch):
 
     assert _accuracy(model, processor, held_out) >= 0.8
     assert _accuracy(model, processor, old) >= old_before - 0.15
+
+
+def test_answer_accuracy_counts_rows_with_every_assistant_token_right(tmp_path):
+    """The held-out check logged during train-default: an oracle that predicts every next token scores 1, one
+    wrong assistant token fails its row, and a wrong prompt token (not an answer) does not count."""
+    import mlx.core as mx
+
+    from mlx_qwen35.train.default_model import answer_accuracy, probe_rows, write_skeleton
+
+    _, processor = write_skeleton(tmp_path / "skeleton", seed=0)
+    probes = probe_rows(0, processor, per_kind=2)
+    assert {"color", "shape", "count", "left_right", "multi_image", "video", "sum", "recall", "tool"} <= set(probes)
+    rows = [row for kind_rows in probes.values() for row in kind_rows]
+    assert all(row.mask.any() and not row.mask[0] for row in rows)
+    vocab = 1024
+
+    def oracle(spoil=None):
+        def logits_fn(batch):
+            targets = np.array(batch["input_ids"][:, 1:])
+            if spoil is not None:
+                mask = np.array(batch["mask"][:, 1:])
+                positions = np.flatnonzero(mask[0] == spoil)
+                targets[0, positions[0]] = (targets[0, positions[0]] + 1) % vocab
+            return mx.array(np.eye(vocab, dtype=np.float32)[targets])
+        return logits_fn
+
+    assert answer_accuracy(oracle(), rows, batch_size=4) == 1.0
+    assert answer_accuracy(oracle(spoil=True), rows[:4], batch_size=4) == 0.75
+    assert answer_accuracy(oracle(spoil=False), rows[:4], batch_size=4) == 1.0
+
+
+def test_train_default_writes_weights_and_a_log_with_held_out_checks(tmp_path):
+    """Two steps of the real pipeline: the run lands atomically with its weights, configs, tokenizer and a
+    log that carries the per-skill held-out line."""
+    from mlx_qwen35.loading import load
+    from mlx_qwen35.train.default_model import train_default
+
+    output = train_default(tmp_path / "model", steps=2, tokens_per_batch=512, warmup=1, log_every=1,
+                           probe_every=2, progress=False)
+    assert not (tmp_path / "model.partial").exists()
+    log = (output / "training_log.txt").read_text()
+    assert "step     2" in log and "held-out answers right: color" in log
+    model, processor = load(output)
+    assert processor.tokenizer.encode("red") and model.config.text_config.num_experts == 8

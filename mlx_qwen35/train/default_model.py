@@ -13,6 +13,7 @@ import random
 import shutil
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -121,7 +122,6 @@ def encode_example(example, processor, rng: random.Random):
 
 def training_examples(seed: int):
     """The world's examples drawn with TRAIN_MIX."""
-    from functools import partial
 
     from . import world
 
@@ -156,8 +156,40 @@ def length_batches(rows, tokens_per_batch: int, pool: int = 64, seed: int = 0):
         yield from batches
 
 
+PROBE_QUESTIONS = {"color": "ask_color", "shape": "ask_shape", "count": "ask_count", "left_right": "ask_left_right"}
+
+
+def probe_rows(seed: int, processor, per_kind: int = 16) -> dict:
+    """Held-out rows per skill (world seed far from the training stream's), thinking off, for
+    `answer_accuracy` during training: the image questions one by one, then the other kinds."""
+    from . import world
+
+    rng = random.Random(seed + 7_000_003)
+    makers = {name: partial(world.image_example, question=getattr(world, fn)) for name, fn in PROBE_QUESTIONS.items()}
+    makers.update(multi_image=world.multi_image_example, video=world.video_example,
+                  sum=partial(world.sum_example, thinking=False), recall=partial(world.recall_example, max_tokens=600),
+                  tool=world.tool_example)
+    return {kind: [encode_example(dict(make(rng), thinking=False), processor, rng) for _ in range(per_kind)]
+            for kind, make in makers.items()}
+
+
+def answer_accuracy(logits_fn, rows, batch_size: int = 16) -> float:
+    """Share of rows whose every assistant token is the argmax of `logits_fn(batch)` ([B, L-1, V] predictions
+    of tokens 1..L-1) given the true prefix: greedy decoding's answer without running generation."""
+    from .data import collate
+
+    correct = 0
+    for start in range(0, len(rows), batch_size):
+        batch = collate(rows[start:start + batch_size], pad_id=0)
+        predicted = logits_fn(batch).argmax(-1)
+        wrong = ((predicted != batch["input_ids"][:, 1:]) & batch["mask"][:, 1:]).sum(-1)
+        correct += int((wrong == 0).sum())
+    return correct / max(1, len(rows))
+
+
 def train_default(output: Path, seed: int = 0, steps: int = 1000, tokens_per_batch: int = 2048,
-                  learning_rate: float = 2e-3, warmup: int = 100, log_every: int = 25, progress: bool = True) -> Path:
+                  learning_rate: float = 2e-3, warmup: int = 100, log_every: int = 25, probe_every: int = 100,
+                  progress: bool = True) -> Path:
     """Train the default model into `output` (written atomically: weights, configs, tokenizer, training_log.txt)."""
     import mlx.optimizers as optim
 
@@ -185,6 +217,7 @@ def train_default(output: Path, seed: int = 0, steps: int = 1000, tokens_per_bat
                  f"peak lr {learning_rate}, {n_params / 1e6:.2f}M parameters, BLAS {blas_in_use()}"]
     print(log_lines[0], file=sys.stderr)
     batches = length_batches(world_rows(seed, processor), tokens_per_batch, seed=seed)
+    probes = probe_rows(seed, processor) if probe_every else {}
     bar = _bar(steps, progress)
     start, tokens, window = time.perf_counter(), 0, []
     for step in range(1, steps + 1):
@@ -201,6 +234,13 @@ def train_default(output: Path, seed: int = 0, steps: int = 1000, tokens_per_bat
             line = (f"step {step:5d}  " + "  ".join(f"{k} {v:.4f}" for k, v in mean.items()) + skipped
                     + f"  lr {float(schedule(step)):.2e}  tokens {tokens}  {tokens / elapsed:.0f} tok/s  "
                     f"elapsed {elapsed / 60:.1f} min")
+            if probe_every and (step % probe_every == 0 or step == steps):
+                from .trainer import hidden_states
+
+                model.eval()
+                scores = {kind: answer_accuracy(lambda b: model.logits(hidden_states(model, b)[:, :-1]), rows)
+                          for kind, rows in probes.items()}
+                line += "\n  held-out answers right: " + "  ".join(f"{k} {v:.0%}" for k, v in scores.items())
             log_lines.append(line)
             window = []
             if bar is None:
