@@ -8,7 +8,7 @@ from ..cache import cache_offset
 from ..processing.features import VisionFeatureCache, multimodal_embeddings
 from ..processing.processor import media_from_messages
 from ..tokenizer import SpecialIds
-from .generate import generate_tokens, make_sampling, stream_text
+from .generate import generate_tokens, make_sampling, prefill, stream_text
 from .parsing import StreamParser
 from .speculative import speculative_tokens
 
@@ -103,11 +103,7 @@ def multimodal_prefill(model, processor, ids, items, cache, chunk: int = 512):
     features = getattr(processor, "feature_cache", None) or _FEATURE_CACHE
     embeddings, positions, delta = multimodal_embeddings(model, mx.array(ids)[None], items, features, offset,
                                                          previous)
-    for begin in range(0, len(ids), chunk):
-        model(None, cache=cache, input_embeddings=embeddings[:, begin:begin + chunk],
-              position_ids=positions[:, :, begin:begin + chunk], rope_delta=delta, logits_to_keep=1)
-        mx.eval([c.state for c in cache])
-        mx.clear_cache()
+    prefill(model, None, cache, chunk, input_embeddings=embeddings, position_ids=positions, rope_delta=delta)
     cache.rope_delta = delta
 
 

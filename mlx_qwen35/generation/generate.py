@@ -47,10 +47,17 @@ def make_sampling(temperature=0.0, top_p=0.0, top_k=0, min_p=0.0, repetition_pen
     return sampler, processors
 
 
-def prefill(model, tokens, cache, chunk: int = 512):
-    """Run tokens [1, L] into the cache in chunks (bounded memory), skipping the vocabulary head."""
-    for begin in range(0, tokens.shape[1], chunk):
-        model(tokens[:, begin : begin + chunk], cache=cache, logits_to_keep=1)
+def prefill(model, tokens, cache, chunk: int = 512, input_embeddings=None, position_ids=None, rope_delta=None):
+    """Run tokens [1, L] (or input_embeddings [1, L, H] at position_ids [3, 1, L], a multimodal prompt) into
+    the cache in chunks (bounded memory), skipping the vocabulary head."""
+    length = tokens.shape[1] if input_embeddings is None else input_embeddings.shape[1]
+    for begin in range(0, length, chunk):
+        part = slice(begin, begin + chunk)
+        if input_embeddings is None:
+            model(tokens[:, part], cache=cache, logits_to_keep=1)
+        else:
+            model(None, cache=cache, input_embeddings=input_embeddings[:, part],
+                  position_ids=position_ids[:, :, part], rope_delta=rope_delta, logits_to_keep=1)
         mx.eval([c.state for c in cache])
         mx.clear_cache()
 
