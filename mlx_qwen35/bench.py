@@ -32,6 +32,32 @@ def run_mlx_lm(model, prompt, max_tokens):
     return prefill_tps, (n - 1) / (time.perf_counter() - decode_start)
 
 
+def run_mlx_vlm(model, prompt, max_tokens):
+    """mlx-vlm's own text-only loop (its generate_step with no pixels), greedy."""
+    from mlx_vlm.generate.ar import generate_step
+
+    start = time.perf_counter()
+    decode_start = None
+    n = 0
+    for n, _ in enumerate(generate_step(mx.array(prompt)[None], model, None, None, max_tokens=max_tokens,
+                                        temperature=0.0), start=1):
+        if n == 1:
+            decode_start = time.perf_counter()
+            prefill_tps = len(prompt) / (decode_start - start)
+    return prefill_tps, (n - 1) / (time.perf_counter() - decode_start)
+
+
+def load_mlx_vlm(path, dtype):
+    from pathlib import Path
+
+    from mlx_vlm.utils import load_model
+
+    model = load_model(Path(path))
+    model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    return model
+
+
 def load_mlx_lm(path, dtype):
     from mlx_lm.utils import load_model
 
@@ -48,6 +74,8 @@ def bench(path, prompt_lengths=(512,), max_tokens=64, repeats=3, dtype=None, com
     engines = {"mlx-qwen35": (lambda: load_model(path, dtype), run_ours)}
     if "mlx-lm" in compare:
         engines["mlx-lm"] = (lambda: load_mlx_lm(path, dtype), run_mlx_lm)
+    if "mlx-vlm" in compare:
+        engines["mlx-vlm"] = (lambda: load_mlx_vlm(path, dtype), run_mlx_vlm)
     print(f"# device {platform.device_name()}, dtype {dtype}, BLAS {platform.blas_in_use()}, "
           f"{max_tokens} new tokens, median of {repeats}")
     rows = {}
