@@ -19,32 +19,30 @@ def run_ours(model, prompt, max_tokens):
     return last.prefill_tps, last.decode_tps
 
 
-def run_mlx_lm(model, prompt, max_tokens):
-    from mlx_lm.generate import generate_step
-
+def _timed(tokens, prompt_length):
+    """(prefill tok/s, decode tok/s) of a peer's token generator: time to its first token, then the rest."""
     start = time.perf_counter()
     decode_start = None
     n = 0
-    for n, _ in enumerate(generate_step(mx.array(prompt), model, max_tokens=max_tokens), start=1):
+    for n, _ in enumerate(tokens, start=1):
         if n == 1:
             decode_start = time.perf_counter()
-            prefill_tps = len(prompt) / (decode_start - start)
+            prefill_tps = prompt_length / (decode_start - start)
     return prefill_tps, (n - 1) / (time.perf_counter() - decode_start)
+
+
+def run_mlx_lm(model, prompt, max_tokens):
+    from mlx_lm.generate import generate_step
+
+    return _timed(generate_step(mx.array(prompt), model, max_tokens=max_tokens), len(prompt))
 
 
 def run_mlx_vlm(model, prompt, max_tokens):
     """mlx-vlm's own text-only loop (its generate_step with no pixels), greedy."""
     from mlx_vlm.generate.ar import generate_step
 
-    start = time.perf_counter()
-    decode_start = None
-    n = 0
-    for n, _ in enumerate(generate_step(mx.array(prompt)[None], model, None, None, max_tokens=max_tokens,
-                                        temperature=0.0), start=1):
-        if n == 1:
-            decode_start = time.perf_counter()
-            prefill_tps = len(prompt) / (decode_start - start)
-    return prefill_tps, (n - 1) / (time.perf_counter() - decode_start)
+    return _timed(generate_step(mx.array(prompt)[None], model, None, None, max_tokens=max_tokens,
+                                temperature=0.0), len(prompt))
 
 
 def load_mlx_vlm(path, dtype):

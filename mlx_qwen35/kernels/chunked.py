@@ -53,7 +53,7 @@ def gated_delta_chunked(q, k, v, g, beta, state=None, mask=None, chunk_size: int
         y, S = _chunk_segment(q[..., part, :, :], k[..., part, :, :], v[..., part, :, :],
                               beta[..., part, :], gamma[..., part, :], S)
         outputs.append(y)
-    y = mx.concatenate(outputs, axis=3) if len(outputs) > 1 else outputs[0]  # [B, Hk, R, N, C, Dv]
+    y = mx.concatenate(outputs, axis=3)  # [B, Hk, R, N, C, Dv]
     y = y.transpose(0, 3, 4, 1, 2, 5).reshape(B, N * C, Hv, Dv)[:, :T]
     return y.astype(out_dtype), S.swapaxes(-1, -2).reshape(B, Hv, Dv, Dk)
 

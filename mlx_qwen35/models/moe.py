@@ -79,10 +79,14 @@ class SparseMoeBlock(nn.Module):
         weights = weights / weights.sum(-1, keepdims=True)
         return indices, weights.astype(x.dtype)
 
+    def routed(self, x, indices, weights):
+        """The routing-weighted sum of the chosen experts' outputs, [N, H]."""
+        return (self.experts(x, indices) * weights[..., None]).sum(axis=1)
+
     def __call__(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         indices, weights = self.route(x)
-        routed = (self.experts(x, indices) * weights[..., None]).sum(axis=1)
+        routed = self.routed(x, indices, weights)
         shared = mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return (routed + shared).reshape(shape)

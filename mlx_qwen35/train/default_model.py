@@ -156,16 +156,14 @@ def length_batches(rows, tokens_per_batch: int, pool: int = 64, seed: int = 0):
         yield from batches
 
 
-PROBE_QUESTIONS = {"color": "ask_color", "shape": "ask_shape", "count": "ask_count", "left_right": "ask_left_right"}
-
-
 def probe_rows(seed: int, processor, per_kind: int = 16) -> dict:
     """Held-out rows per skill (world seed far from the training stream's), thinking off, for
     `answer_accuracy` during training: the image questions one by one, then the other kinds."""
     from . import world
 
     rng = random.Random(seed + 7_000_003)
-    makers = {name: partial(world.image_example, question=getattr(world, fn)) for name, fn in PROBE_QUESTIONS.items()}
+    makers = {name: partial(world.image_example, question=world.SCENE_QUESTIONS[name])
+              for name in ("color", "shape", "count", "left_right")}
     makers.update(multi_image=world.multi_image_example, video=world.video_example,
                   sum=partial(world.sum_example, thinking=False), recall=partial(world.recall_example, max_tokens=600),
                   tool=world.tool_example)
@@ -190,12 +188,14 @@ def answer_accuracy(logits_fn, rows, batch_size: int = 16) -> float:
 def train_default(output: Path, seed: int = 0, steps: int = 1000, tokens_per_batch: int = 2048,
                   learning_rate: float = 2e-3, warmup: int = 100, log_every: int = 25, probe_every: int = 100,
                   progress: bool = True) -> Path:
-    """Train the default model into `output` (written atomically: weights, configs, tokenizer, training_log.txt)."""
+    """Train the default model into `output` (written atomically: weights, configs, tokenizer, training_log.txt).
+    At logging steps that are multiples of `probe_every` (0: never) the log also gets held-out per-skill
+    answer accuracy (`answer_accuracy` on `probe_rows`)."""
     import mlx.optimizers as optim
 
     from ..platform import blas_in_use
     from .data import collate
-    from .trainer import TrainConfig, Trainer
+    from .trainer import TrainConfig, Trainer, hidden_states
 
     output = Path(output)
     partial = output.with_name(output.name + ".partial")
@@ -235,8 +235,6 @@ def train_default(output: Path, seed: int = 0, steps: int = 1000, tokens_per_bat
                     + f"  lr {float(schedule(step)):.2e}  tokens {tokens}  {tokens / elapsed:.0f} tok/s  "
                     f"elapsed {elapsed / 60:.1f} min")
             if probe_every and (step % probe_every == 0 or step == steps):
-                from .trainer import hidden_states
-
                 model.eval()
                 scores = {kind: answer_accuracy(lambda b: model.logits(hidden_states(model, b)[:, :-1]), rows)
                           for kind, rows in probes.items()}

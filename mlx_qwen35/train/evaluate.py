@@ -40,10 +40,8 @@ def _answer(example) -> str:
 
 def cases(kind: str, rng: random.Random) -> Case:
     """One held-out question of `kind` with its exact expected answer."""
-    questions = {"color": world.ask_color, "shape": world.ask_shape, "count": world.ask_count,
-                 "left_right": world.ask_left_right, "describe": world.ask_describe}
-    if kind in questions:
-        example = world.image_example(rng, questions[kind])
+    if kind in world.SCENE_QUESTIONS:
+        example = world.image_example(rng, world.SCENE_QUESTIONS[kind])
     elif kind == "multi_image":
         example = world.multi_image_example(rng)
     elif kind == "video":

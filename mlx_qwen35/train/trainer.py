@@ -103,18 +103,10 @@ def trainable_router(model, records=None, dense: bool = False):
             records.append((probs, indices))
         return indices, weights.astype(x.dtype)
 
-    def call(self, x):
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        indices, weights = self.route(x)
-        routed = dense_experts_forward(self, x, indices, weights)
-        shared = mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return (routed + shared).reshape(shape)
-
     classes = [b.__class__ for b in blocks]
     for block, cls in zip(blocks, classes):
         dense_here = dense and type(block.experts) is Experts
-        methods = {"route": route, "__call__": call} if dense_here else {"route": route}
+        methods = {"route": route, "routed": dense_experts_forward} if dense_here else {"route": route}
         block.__class__ = type(cls.__name__, (cls,), methods)
     try:
         yield records

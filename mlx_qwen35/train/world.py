@@ -179,7 +179,8 @@ def describe(shapes) -> str:
     return text[0].upper() + text[1:] + "."
 
 
-SCENE_QUESTIONS = (ask_color, ask_shape, ask_count, ask_left_right, ask_describe)
+SCENE_QUESTIONS = {"color": ask_color, "shape": ask_shape, "count": ask_count, "left_right": ask_left_right,
+                   "describe": ask_describe}
 
 
 def _user(parts, text):
@@ -197,7 +198,7 @@ def image_example(rng: random.Random, question=None) -> dict:
     """One image and one question about it (a random applicable one, or the given generator)."""
     while True:
         scene = random_scene(rng)
-        ask = question or rng.choice(SCENE_QUESTIONS)
+        ask = question or rng.choice(list(SCENE_QUESTIONS.values()))
         qa = ask(rng, scene)
         if qa is not None:
             example = _chat(_user([{"type": "image", "image": draw(scene)}], qa[0]), qa[1])
