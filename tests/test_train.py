@@ -85,9 +85,27 @@ def components(image):
     return found
 
 
+def assert_answer_matches(question, answer, seen):
+    """`answer` is right for `question` about a picture whose shapes (components) are `seen`."""
+    if m := re.fullmatch(r"What color is the (\w+)\?", question):
+        assert [c for c, k, *_ in seen if k == m[1]] == [answer[:-1]]
+    elif m := re.fullmatch(r"What shape is (\w+)\?", question):
+        assert [f"A {k}." for c, k, *_ in seen if c == m[1]] == [answer]
+    elif m := re.fullmatch(r"How many (\w+)s are there\?", question):
+        assert answer == f"{sum(k == m[1] for _, k, *_ in seen)}."
+    elif m := re.fullmatch(r"Is the (\w+) (\w+) left or right of the (\w+) (\w+)\?", question):
+        (a,) = [s for s in seen if s[:2] == (m[1], m[2])]
+        (b,) = [s for s in seen if s[:2] == (m[3], m[4])]
+        assert answer == ("Left." if a[4] < b[3] else "Right.") and (a[4] < b[3] or b[4] < a[3])
+    elif question == "Describe the image.":
+        ordered = sorted(seen, key=lambda s: s[2])
+        assert answer == world.describe([world.Shape(k, c, x, 0, 1) for c, k, x, *_ in ordered])
+    else:
+        raise AssertionError(question)
+
+
 def test_world_answers_match_the_pixels():
     rng = random.Random(7)
-    checked = 0
     for _ in range(60):
         example = world.image_example(rng)
         image = example["messages"][0]["content"][0]["image"]
@@ -96,23 +114,48 @@ def test_world_answers_match_the_pixels():
         assert world.MIN_SIDE <= w <= world.MAX_SIDE and world.MIN_SIDE <= h <= world.MAX_SIDE
         seen = components(image)
         assert 1 <= len(seen) <= 4
-        if m := re.fullmatch(r"What color is the (\w+)\?", question):
-            assert [c for c, k, *_ in seen if k == m[1]] == [answer[:-1]]
-        elif m := re.fullmatch(r"What shape is (\w+)\?", question):
-            assert [f"A {k}." for c, k, *_ in seen if c == m[1]] == [answer]
-        elif m := re.fullmatch(r"How many (\w+)s are there\?", question):
-            assert answer == f"{sum(k == m[1] for _, k, *_ in seen)}."
-        elif m := re.fullmatch(r"Is the (\w+) (\w+) left or right of the (\w+) (\w+)\?", question):
-            (a,) = [s for s in seen if s[:2] == (m[1], m[2])]
-            (b,) = [s for s in seen if s[:2] == (m[3], m[4])]
-            assert answer == ("Left." if a[4] < b[3] else "Right.") and (a[4] < b[3] or b[4] < a[3])
-        elif question == "Describe the image.":
-            ordered = sorted(seen, key=lambda s: s[2])
-            assert answer == world.describe([world.Shape(k, c, x, 0, 1) for c, k, x, *_ in ordered])
-        else:
-            raise AssertionError(question)
-        checked += 1
-    assert checked == 60
+        assert_answer_matches(question, answer, seen)
+
+
+def test_image_conversation_asks_different_questions_about_one_image():
+    rng = random.Random(8)
+    for turns in (1, 2, 4, 4, 4, 4):
+        messages = world.image_conversation(rng, turns=turns)["messages"]
+        assert [m["role"] for m in messages] == ["user", "assistant"] * (len(messages) // 2)
+        assert 1 <= len(messages) // 2 <= turns
+        image = messages[0]["content"][0]["image"]
+        questions = [messages[0]["content"][-1]["text"]] + [m["content"] for m in messages[2::2]]
+        assert len({" ".join(q.split()[:2]) for q in questions}) == len(questions)  # five kinds of question
+        for question, reply in zip(questions, messages[1::2]):
+            assert_answer_matches(question, reply["content"], components(image))
+
+
+def test_curriculum_scenes_start_with_one_large_shape_and_end_as_the_world():
+    """Training's early image rows (growth 0) hold one shape spanning at least half the shorter side, answered
+    correctly from the pixels; from growth 1 on (after `curriculum` examples) shapes have the world's sizes."""
+    from mlx_qwen35.train.default_model import training_examples
+
+    rng = random.Random(11)
+    for _ in range(20):
+        example = world.image_example(rng, question=world.ask_color, growth=0.0)
+        image = example["messages"][0]["content"][0]["image"]
+        (color, kind, _, x0, x1), = components(image)
+        assert x1 - x0 + 1 >= min(image.size) / 2 - 1
+        assert example["messages"][0]["content"][-1]["text"] == f"What color is the {kind}?"
+        assert example["messages"][1]["content"] == f"{color}."
+    late = 0
+    for drawn, example in enumerate(training_examples(seed=3, first_stage=10, curriculum=20)):
+        if drawn >= 200:
+            break
+        if drawn < 30 or not (example.get("scenes") and "?" in example["messages"][0]["content"][-1]["text"]):
+            continue
+        for scene in example["scenes"]:
+            side = min(scene.width, scene.height)
+            for *_, x0, x1 in components(world.draw(scene)):
+                # a drawn extent is 2r + 1 px with r between the world's bounds (and Pillow's 5 px floor)
+                assert 2 * max(5, round(side / 14)) - 1 <= x1 - x0 <= 2 * max(6, round(side / 6)) + 1
+                late += 1
+    assert late > 20
 
 
 def test_world_multi_image_video_and_text_answers():
@@ -158,7 +201,8 @@ def test_mask_covers_exactly_the_assistant_tokens(processor):
     from mlx_qwen35.tokenizer import render_chat
 
     rng = random.Random(0)
-    for example in [world.tool_example(rng), world.sum_example(rng, thinking=True), world.image_example(rng)]:
+    for example in [world.tool_example(rng), world.sum_example(rng, thinking=True), world.image_example(rng),
+                    world.image_conversation(rng, turns=3)]:
         row = encode(example, processor)
         text = render_chat(example["messages"], tools=example.get("tools"), add_generation_prompt=False)
         # Whole-text encoding (placeholders expanded) equals the piecewise one.

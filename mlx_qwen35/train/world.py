@@ -84,18 +84,22 @@ def random_background(rng: random.Random) -> tuple:
 
 
 def random_scene(rng: random.Random, count: int | None = None, width: int | None = None,
-                 height: int | None = None, fixed: list | None = None) -> Scene:
-    """1-4 non-overlapping shapes (or `count`) on a plain background; `fixed` (kind, color) pairs come first."""
+                 height: int | None = None, fixed: list | None = None, growth: float = 1.0) -> Scene:
+    """1-4 non-overlapping shapes (or `count`) on a plain background; `fixed` (kind, color) pairs come first.
+    `growth` below 1 draws larger and fewer shapes (`radius_range`; at most 1 + 3 x growth of them unless
+    `count` says otherwise): the training curriculum starts there. The world itself is growth 1."""
+    growth = min(max(growth, 0.0), 1.0)
     width = width or rng.randint(MIN_SIDE, MAX_SIDE)
     height = height or rng.randint(MIN_SIDE, MAX_SIDE)
-    count = count if count is not None else rng.randint(1, 4)
+    count = count if count is not None else rng.randint(1, 1 + int(3 * growth))
     pairs = list(fixed or []) + [(rng.choice(SHAPES), rng.choice(list(COLORS))) for _ in range(count)]
     pairs = pairs[:max(count, len(fixed or []))]
-    for _ in range(100):
+    for attempt in range(100):
         scene = Scene(width, height, random_background(rng))
         side = min(width, height)
         for kind, color in pairs:
-            shape = _place(rng, scene, kind, color, side)
+            # large early-curriculum shapes may not fit together: later attempts fall back to the world's sizes
+            shape = _place(rng, scene, kind, color, side, growth if attempt < 50 else 1.0)
             if shape is None:
                 break
             scene.shapes.append(shape)
@@ -104,9 +108,18 @@ def random_scene(rng: random.Random, count: int | None = None, width: int | None
     raise RuntimeError(f"could not place {len(pairs)} shapes in {width}x{height}")
 
 
-def _place(rng, scene, kind, color, side):
+def radius_range(side: int, growth: float = 1.0) -> tuple[float, float]:
+    """Radius bounds of a shape on a canvas whose shorter side is `side`: the world's side/14 to side/6 at
+    growth 1; at growth 0 side/4 to side/2.6, a shape that covers most of a small image (linear between)."""
+    low, high = side / 14, side / 6
+    growth = min(max(growth, 0.0), 1.0)
+    return (side / 4 + (low - side / 4) * growth, side / 2.6 + (high - side / 2.6) * growth)
+
+
+def _place(rng, scene, kind, color, side, growth=1.0):
+    low, high = radius_range(side, growth)
     for _ in range(200):
-        r = rng.uniform(max(5.0, side / 14), max(6.0, side / 6))
+        r = rng.uniform(max(5.0, low), max(6.0, high))
         cx, cy = rng.uniform(r + 1, scene.width - r - 2), rng.uniform(r + 1, scene.height - r - 2)
         shape = Shape(kind, color, round(cx), round(cy), round(r))
         if all(_apart(shape, other) for other in scene.shapes):
@@ -194,16 +207,32 @@ def _chat(user, answer, tools=None) -> dict:
     return example
 
 
-def image_example(rng: random.Random, question=None) -> dict:
-    """One image and one question about it (a random applicable one, or the given generator)."""
+def image_example(rng: random.Random, question=None, growth: float = 1.0) -> dict:
+    """One image and one question about it (a random applicable one, or the given generator); `growth` as in
+    `random_scene`."""
     while True:
-        scene = random_scene(rng)
+        scene = random_scene(rng, growth=growth)
         ask = question or rng.choice(list(SCENE_QUESTIONS.values()))
         qa = ask(rng, scene)
         if qa is not None:
             example = _chat(_user([{"type": "image", "image": draw(scene)}], qa[0]), qa[1])
             example["scenes"] = [scene]
             return example
+
+
+def image_conversation(rng: random.Random, turns: int, growth: float = 1.0) -> dict:
+    """One image and up to `turns` different questions about it, asked one after another in a multi-turn chat
+    (the follow-up questions an app user asks): the image is read once and every answer is a target."""
+    while True:
+        scene = random_scene(rng, growth=growth)
+        asks = rng.sample(list(SCENE_QUESTIONS.values()), len(SCENE_QUESTIONS))
+        pairs = [qa for qa in (ask(rng, scene) for ask in asks) if qa is not None][:turns]
+        if pairs:
+            break
+    messages = [_user([{"type": "image", "image": draw(scene)}], pairs[0][0]), {"role": "assistant", "content": pairs[0][1]}]
+    for question, answer in pairs[1:]:
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return {"messages": messages, "scenes": [scene]}
 
 
 def multi_image_example(rng: random.Random) -> dict:
