@@ -7,6 +7,7 @@ with AdamW (warmup, cosine decay), the MoE load-balancing loss and the MTP loss.
 the seed; the run writes its log beside the weights."""
 
 import argparse
+import itertools
 import json
 import math
 import random
@@ -24,10 +25,10 @@ from mlx.utils import tree_flatten, tree_unflatten
 from ..loading import DEFAULT_MODEL_PATH as SHIPPED_PATH
 
 TEXT_CONFIG = dict(
-    model_type="qwen3_5_moe_text", vocab_size=1024, hidden_size=192, num_hidden_layers=8,
+    model_type="qwen3_5_moe_text", vocab_size=1024, hidden_size=192, num_hidden_layers=4,
     num_attention_heads=4, num_key_value_heads=2, head_dim=48, max_position_embeddings=32768,
     rms_norm_eps=1e-6, hidden_act="silu", linear_conv_kernel_dim=4, linear_key_head_dim=32,
-    linear_value_head_dim=32, linear_num_key_heads=4, linear_num_value_heads=8, full_attention_interval=4,
+    linear_value_head_dim=32, linear_num_key_heads=4, linear_num_value_heads=8, full_attention_interval=2,
     num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128, shared_expert_intermediate_size=128,
     rope_parameters=dict(rope_type="default", rope_theta=1e6, partial_rotary_factor=0.5,
                          mrope_section=[4, 4, 4], mrope_interleaved=True),
@@ -47,6 +48,13 @@ VIDEO_PREPROCESSOR = dict(PREPROCESSOR, fps=24.0, min_frames=4, max_frames=8)
 TRAIN_MIX = {"image": 0.50, "multi_image": 0.10, "video": 0.12, "sum": 0.12, "recall": 0.08, "tool": 0.08}
 RECALL_MAX_TOKENS = 1200
 THINKING_OFF = 0.3
+# The curriculum (docs/default-model.md): from the world's own small shapes, or with five kinds of question at
+# once, a model of this size never starts reading the image; one large shape and one question do start it.
+# Then image rows grow to the world's scenes (world.random_scene's `growth`) over CURRICULUM_EXAMPLES rows.
+FIRST_STAGE = 6_000
+CURRICULUM_EXAMPLES = 30_000
+IMAGE_TURNS = 4
+STEPS = 2800
 
 
 def write_skeleton(directory: Path, seed: int) -> tuple[dict, object]:
@@ -120,16 +128,26 @@ def encode_example(example, processor, rng: random.Random):
     return encode({k: v for k, v in example.items() if k != "thinking"}, processor, enable_thinking=thinking)
 
 
-def training_examples(seed: int):
-    """The world's examples drawn with TRAIN_MIX."""
+def training_examples(seed: int, first_stage: int = FIRST_STAGE, curriculum: int = CURRICULUM_EXAMPLES):
+    """The training curriculum: `first_stage` rows of "What color is the {shape}?" about one large shape, then
+    the world's examples drawn with TRAIN_MIX, image rows as 1-IMAGE_TURNS question conversations whose scenes
+    grow to the world's (growth 0 to 1) over the next `curriculum` rows."""
 
     from . import world
 
     rng = random.Random(seed)
     generators = dict(world.GENERATORS, recall=partial(world.recall_example, max_tokens=RECALL_MAX_TOKENS))
     kinds, weights = list(TRAIN_MIX), list(TRAIN_MIX.values())
-    while True:
-        yield generators[rng.choices(kinds, weights)[0]](rng)
+    for drawn in itertools.count():
+        if drawn < first_stage:
+            yield world.image_example(rng, question=world.ask_color, growth=0.0)
+            continue
+        kind = rng.choices(kinds, weights)[0]
+        if kind == "image":
+            growth = min(1.0, (drawn - first_stage) / curriculum) if curriculum else 1.0
+            yield world.image_conversation(rng, turns=rng.randint(1, IMAGE_TURNS), growth=growth)
+        else:
+            yield generators[kind](rng)
 
 
 def world_rows(seed: int, processor):
@@ -185,7 +203,7 @@ def answer_accuracy(logits_fn, rows, batch_size: int = 16) -> float:
     return correct / max(1, len(rows))
 
 
-def train_default(output: Path, seed: int = 0, steps: int = 1000, tokens_per_batch: int = 2048,
+def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_batch: int = 2048,
                   learning_rate: float = 2e-3, warmup: int = 100, log_every: int = 25, probe_every: int = 100,
                   progress: bool = True) -> Path:
     """Train the default model into `output` (written atomically: weights, configs, tokenizer, training_log.txt).
@@ -239,6 +257,7 @@ def train_default(output: Path, seed: int = 0, steps: int = 1000, tokens_per_bat
                 scores = {kind: answer_accuracy(lambda b: model.logits(hidden_states(model, b)[:, :-1]), rows)
                           for kind, rows in probes.items()}
                 line += "\n  held-out answers right: " + "  ".join(f"{k} {v:.0%}" for k, v in scores.items())
+                save_weights(model, partial / "model.safetensors")  # a run cut short keeps its latest weights
             log_lines.append(line)
             window = []
             if bar is None:
@@ -278,7 +297,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mlx-qwen35 train-default", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default=str(SHIPPED_PATH), help="where the model goes (default: the shipped one)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--tokens-per-batch", type=int, default=2048)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     args = parser.parse_args(argv)

@@ -1,0 +1,117 @@
+"""Single-skill training probes for the default model (docs/default-model.md, "Why the image questions stayed
+at chance"): train the default architecture on one kind of row and print the held-out answer accuracy
+(`answer_accuracy`, teacher-forced greedy) as it goes. Exploratory: one run is one noisy measurement.
+
+    .venv/bin/python scripts/probe_default_model.py --task big --steps 100 --every 25
+"""
+
+import argparse
+import random
+import time
+from functools import partial
+from pathlib import Path
+
+import mlx_qwen35.platform  # noqa: F401  (OpenBLAS before MLX runs anything)
+import mlx.optimizers as optim
+from PIL import Image
+
+from mlx_qwen35.train import default_model as dm
+from mlx_qwen35.train import world
+from mlx_qwen35.train.data import collate
+from mlx_qwen35.train.trainer import TrainConfig, Trainer, hidden_states
+
+
+def solid(rng):
+    color = rng.choice(list(world.COLORS))
+    image = Image.new("RGB", (rng.randint(64, 128), rng.randint(64, 128)), world.COLORS[color])
+    return world._chat(world._user([{"type": "image", "image": image}], "What color is the image?"), f"{color}.")
+
+
+def one_shape(rng, growth=1.0):
+    while True:
+        scene = world.random_scene(rng, count=1, growth=growth)
+        question, answer = world.ask_color(rng, scene)
+        return world._chat(world._user([{"type": "image", "image": world.draw(scene)}], question), answer)
+
+
+def shrinking(rng, progress, ramp):
+    return one_shape(rng, growth=min(1.0, progress[0] / ramp))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", default="big", help="solid, one_shape, big, shrinking, mixed_big, "
+                        "conversations_big, or a world question: color, shape, count, left_right")
+    parser.add_argument("--eval-task", help="held-out rows of this task (default: --task)")
+    parser.add_argument("--layers", type=int, default=dm.TEXT_CONFIG["num_hidden_layers"])
+    parser.add_argument("--attention-interval", type=int, default=dm.TEXT_CONFIG["full_attention_interval"])
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--tokens-per-batch", type=int, default=1024)
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--vision-lr", type=float, default=1.0, help="vision tower learning rate multiplier; "
+                        "0 freezes it")
+    parser.add_argument("--ramp", type=int, default=2400, help="rows over which `shrinking` reaches world sizes")
+    parser.add_argument("--every", type=int, default=50)
+    parser.add_argument("--held-out", type=int, default=64)
+    args = parser.parse_args()
+
+    progress = [0]
+    tasks = {"solid": solid, "one_shape": one_shape, "big": partial(one_shape, growth=0.0),
+             "shrinking": partial(shrinking, progress=progress, ramp=args.ramp),
+             "mixed_big": partial(world.image_example, growth=0.0),
+             "conversations_big": lambda rng: world.image_conversation(rng, turns=rng.randint(1, 4), growth=0.0)}
+    tasks.update({name: partial(world.image_example, question=ask) for name, ask in world.SCENE_QUESTIONS.items()})
+
+    dm.TEXT_CONFIG.update(num_hidden_layers=args.layers, full_attention_interval=args.attention_interval)
+    skeleton = Path(f"/tmp/probe-default-model-{args.layers}-{args.attention_interval}")
+    _, processor = dm.write_skeleton(skeleton, seed=0)
+    model = dm.build_model(skeleton, seed=0)
+
+    def rows(make, seed):
+        rng, thinking_rng = random.Random(seed), random.Random(seed + 1)
+        while True:
+            progress[0] += 1
+            yield dm.encode_example(dict(make(rng), thinking=False), processor, thinking_rng)
+
+    held_out_rows = rows(tasks[args.eval_task or args.task], seed=999)
+    held_out = [next(held_out_rows) for _ in range(args.held_out)]
+    progress[0] = 0
+    batches = dm.length_batches(rows(tasks[args.task], seed=0), args.tokens_per_batch, seed=0)
+
+    trainer = Trainer(model, None, TrainConfig(steps=args.steps, learning_rate=args.learning_rate,
+                                               moe_aux_weight=0.01, mtp_weight=0.3, progress=False, grad_clip=1.0,
+                                               weight_decay=0.01, dense_experts=True))
+
+    def schedule(scale):
+        peak = args.learning_rate * scale
+        return optim.join_schedules([optim.linear_schedule(1e-7, peak, args.warmup),
+                                     optim.cosine_decay(peak, args.steps - args.warmup, peak * 0.05)], [args.warmup])
+
+    if args.vision_lr == 0:
+        model.model.visual.freeze()
+        trainer.optimizer = optim.AdamW(learning_rate=schedule(1.0), weight_decay=0.01)
+    else:
+        trainer.optimizer = optim.MultiOptimizer(
+            [optim.AdamW(learning_rate=schedule(args.vision_lr), weight_decay=0.01),
+             optim.AdamW(learning_rate=schedule(1.0), weight_decay=0.01)],
+            [lambda path, _: path.startswith("model.visual")])
+
+    start, tokens, seen, losses = time.perf_counter(), 0, 0, []
+    for step in range(1, args.steps + 1):
+        batch = next(batches)
+        seen += len(batch)
+        record = trainer.train_step(collate(batch, pad_id=0))
+        tokens += record["tokens"]
+        losses.append(record["ce"])
+        if step % args.every == 0 or step == args.steps:
+            model.eval()
+            accuracy = dm.answer_accuracy(lambda b: model.logits(hidden_states(model, b)[:, :-1]), held_out)
+            elapsed = time.perf_counter() - start
+            print(f"step {step}  rows {seen}  ce {sum(losses) / len(losses):.3f}  held-out right {accuracy:.0%}  "
+                  f"{tokens / elapsed:.0f} tok/s  {elapsed:.0f} s", flush=True)
+            losses = []
+
+
+if __name__ == "__main__":
+    main()
