@@ -3,6 +3,7 @@ at chance"): train the default architecture on one kind of row and print the hel
 (`answer_accuracy`, teacher-forced greedy) as it goes. Exploratory: one run is one noisy measurement.
 
     .venv/bin/python scripts/probe_default_model.py --task big --steps 100 --every 25
+    .venv/bin/python scripts/probe_default_model.py --task big --steps 100 --then big_shape --then-steps 150
 """
 
 import argparse
@@ -41,7 +42,8 @@ def shrinking(rng, progress, ramp):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", default="big", help="solid, one_shape, big, shrinking, mixed_big, "
-                        "conversations_big, or a world question: color, shape, count, left_right")
+                        "conversations_big, a world question (color, shape, count, left_right, describe) or one "
+                        "about one large shape (big_shape, big_count, ...)")
     parser.add_argument("--eval-task", help="held-out rows of this task (default: --task)")
     parser.add_argument("--layers", type=int, default=dm.TEXT_CONFIG["num_hidden_layers"])
     parser.add_argument("--attention-interval", type=int, default=dm.TEXT_CONFIG["full_attention_interval"])
@@ -52,6 +54,8 @@ def main():
     parser.add_argument("--vision-lr", type=float, default=1.0, help="vision tower learning rate multiplier; "
                         "0 freezes it")
     parser.add_argument("--ramp", type=int, default=2400, help="rows over which `shrinking` reaches world sizes")
+    parser.add_argument("--then", help="a second stage: this task mixed half and half with --task")
+    parser.add_argument("--then-steps", type=int, default=150)
     parser.add_argument("--every", type=int, default=50)
     parser.add_argument("--held-out", type=int, default=64)
     args = parser.parse_args()
@@ -62,6 +66,9 @@ def main():
              "mixed_big": partial(world.image_example, growth=0.0),
              "conversations_big": lambda rng: world.image_conversation(rng, turns=rng.randint(1, 4), growth=0.0)}
     tasks.update({name: partial(world.image_example, question=ask) for name, ask in world.SCENE_QUESTIONS.items()})
+    # left/right needs two shapes: growth 0.34 draws one or two, a little smaller
+    tasks.update({f"big_{name}": partial(world.image_example, question=ask, growth=0.34 if name == "left_right" else 0.0)
+                  for name, ask in world.SCENE_QUESTIONS.items()})
 
     dm.TEXT_CONFIG.update(num_hidden_layers=args.layers, full_attention_interval=args.attention_interval)
     skeleton = Path(f"/tmp/probe-default-model-{args.layers}-{args.attention_interval}")
@@ -74,19 +81,28 @@ def main():
             progress[0] += 1
             yield dm.encode_example(dict(make(rng), thinking=False), processor, thinking_rng)
 
-    held_out_rows = rows(tasks[args.eval_task or args.task], seed=999)
-    held_out = [next(held_out_rows) for _ in range(args.held_out)]
+    held_out = {}
+    for name in dict.fromkeys([args.eval_task or args.task] + ([args.then] if args.then else [])):
+        stream = rows(tasks[name], seed=999)
+        held_out[name] = [next(stream) for _ in range(args.held_out)]
     progress[0] = 0
-    batches = dm.length_batches(rows(tasks[args.task], seed=0), args.tokens_per_batch, seed=0)
+    total = args.steps + (args.then_steps if args.then else 0)
+    first = rows(tasks[args.task], seed=0)
 
-    trainer = Trainer(model, None, TrainConfig(steps=args.steps, learning_rate=args.learning_rate,
+    def mixed():
+        second = rows(tasks[args.then], seed=1)
+        while True:
+            yield next(first)
+            yield next(second)
+
+    trainer = Trainer(model, None, TrainConfig(steps=total, learning_rate=args.learning_rate,
                                                moe_aux_weight=0.01, mtp_weight=0.3, progress=False, grad_clip=1.0,
                                                weight_decay=0.01, dense_experts=True))
 
     def schedule(scale):
         peak = args.learning_rate * scale
         return optim.join_schedules([optim.linear_schedule(1e-7, peak, args.warmup),
-                                     optim.cosine_decay(peak, args.steps - args.warmup, peak * 0.05)], [args.warmup])
+                                     optim.cosine_decay(peak, total - args.warmup, peak * 0.05)], [args.warmup])
 
     if args.vision_lr == 0:
         model.model.visual.freeze()
@@ -98,17 +114,21 @@ def main():
             [lambda path, _: path.startswith("model.visual")])
 
     start, tokens, seen, losses = time.perf_counter(), 0, 0, []
-    for step in range(1, args.steps + 1):
+    batches = dm.length_batches(first, args.tokens_per_batch, seed=0)
+    for step in range(1, total + 1):
+        if step == args.steps + 1:
+            batches = dm.length_batches(mixed(), args.tokens_per_batch, seed=1)
         batch = next(batches)
         seen += len(batch)
         record = trainer.train_step(collate(batch, pad_id=0))
         tokens += record["tokens"]
         losses.append(record["ce"])
-        if step % args.every == 0 or step == args.steps:
+        if step % args.every == 0 or step in (args.steps, total):
             model.eval()
-            accuracy = dm.answer_accuracy(lambda b: model.logits(hidden_states(model, b)[:, :-1]), held_out)
+            right = "  ".join(f"{name} {dm.answer_accuracy(lambda b: model.logits(hidden_states(model, b)[:, :-1]), held):.0%}"
+                              for name, held in held_out.items())
             elapsed = time.perf_counter() - start
-            print(f"step {step}  rows {seen}  ce {sum(losses) / len(losses):.3f}  held-out right {accuracy:.0%}  "
+            print(f"step {step}  rows {seen}  ce {sum(losses) / len(losses):.3f}  held-out right: {right}  "
                   f"{tokens / elapsed:.0f} tok/s  {elapsed:.0f} s", flush=True)
             losses = []
 
