@@ -29,10 +29,9 @@ def solid(rng):
 
 
 def one_shape(rng, growth=1.0):
-    while True:
-        scene = world.random_scene(rng, count=1, growth=growth)
-        question, answer = world.ask_color(rng, scene)
-        return world._chat(world._user([{"type": "image", "image": world.draw(scene)}], question), answer)
+    scene = world.random_scene(rng, count=1, growth=growth)
+    question, answer = world.ask_color(rng, scene)  # a lone shape is always unique
+    return world._chat(world._user([{"type": "image", "image": world.draw(scene)}], question), answer)
 
 
 def shrinking(rng, progress, ramp):

@@ -128,6 +128,8 @@ def test_image_conversation_asks_different_questions_about_one_image():
         assert len({" ".join(q.split()[:2]) for q in questions}) == len(questions)  # five kinds of question
         for question, reply in zip(questions, messages[1::2]):
             assert_answer_matches(question, reply["content"], components(image))
+    with pytest.raises(ValueError, match="turns=0"):
+        world.image_conversation(rng, turns=0)
 
 
 def test_curriculum_scenes_start_with_one_large_shape_and_end_as_the_world():

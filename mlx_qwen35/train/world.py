@@ -223,6 +223,8 @@ def image_example(rng: random.Random, question=None, growth: float = 1.0) -> dic
 def image_conversation(rng: random.Random, turns: int, growth: float = 1.0) -> dict:
     """One image and up to `turns` different questions about it, asked one after another in a multi-turn chat
     (the follow-up questions an app user asks): the image is read once and every answer is a target."""
+    if turns < 1:
+        raise ValueError(f"image_conversation needs at least one turn; got turns={turns}")
     while True:
         scene = random_scene(rng, growth=growth)
         asks = rng.sample(list(SCENE_QUESTIONS.values()), len(SCENE_QUESTIONS))
