@@ -19,6 +19,7 @@ from PIL import Image
 from mlx_qwen35.train import default_model as dm
 from mlx_qwen35.train import world
 from mlx_qwen35.train.data import collate
+from mlx_qwen35.train.vision_pretrain import pretrain_vision
 from mlx_qwen35.train.trainer import TrainConfig, Trainer, hidden_states
 
 
@@ -52,6 +53,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--vision-lr", type=float, default=1.0, help="vision tower learning rate multiplier; "
                         "0 freezes it")
+    parser.add_argument("--pretrain-vision", type=int, default=0, help="steps of vision tower pretraining "
+                        "on the world's labels first (train/vision_pretrain.py); saved and reused per step count")
     parser.add_argument("--ramp", type=int, default=2400, help="rows over which `shrinking` reaches world sizes")
     parser.add_argument("--then", help="a second stage: this task mixed half and half with --task")
     parser.add_argument("--then-steps", type=int, default=150)
@@ -73,6 +76,14 @@ def main():
     skeleton = Path(f"/tmp/probe-default-model-{args.layers}-{args.attention_interval}")
     _, processor = dm.write_skeleton(skeleton, seed=0)
     model = dm.build_model(skeleton, seed=0)
+    if args.pretrain_vision:
+        saved = skeleton / f"vision-{args.pretrain_vision}.safetensors"
+        if saved.exists():
+            model.model.visual.load_weights(str(saved))
+        else:
+            pretrain_vision(model.model.visual, processor.image_settings, processor.video_settings,
+                            steps=args.pretrain_vision)
+            model.model.visual.save_weights(str(saved))
 
     def rows(make, seed):
         rng, thinking_rng = random.Random(seed), random.Random(seed + 1)

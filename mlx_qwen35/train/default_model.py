@@ -55,6 +55,10 @@ FIRST_STAGE = 6_000
 CURRICULUM_EXAMPLES = 30_000
 IMAGE_TURNS = 4
 STEPS = 2800
+# The vision tower first learns the world's shapes on its own (train/vision_pretrain.py), then trains with the
+# decoder at a tenth of the learning rate so the decoder's first, noisy gradients do not wash that out.
+VISION_PRETRAIN_STEPS = 3000
+VISION_LR_SCALE = 0.1
 
 
 def write_skeleton(directory: Path, seed: int) -> tuple[dict, object]:
@@ -95,6 +99,8 @@ def initial_weights(model, seed: int) -> dict:
             # [1, 16] each DeltaNet head starts remembering from about one token to about a thousand.
             dt = mx.exp(mx.random.uniform(math.log(1e-3), math.log(1e-1), param.shape))
             value = dt + mx.log(-mx.expm1(-dt))
+        elif name == "model.visual.pos_embed.weight":
+            value = sincos_positions(*param.shape)
         elif name.endswith("conv1d.weight"):
             bound = 1.0 / math.sqrt(param.shape[-1])
             value = mx.random.uniform(-bound, bound, param.shape)
@@ -104,6 +110,20 @@ def initial_weights(model, seed: int) -> dict:
             value = param
         weights[name] = value.astype(mx.float32)
     return weights
+
+
+def sincos_positions(count: int, size: int) -> mx.array:
+    """A square table of 2-D sine-cosine position embeddings (ViT/MAE's): half the channels encode the row,
+    half the column, at geometric frequencies. The tower interpolates this table to each picture's grid, so a
+    token's position is linearly readable from the start; Normal(0, 0.02) entries drown under the patch
+    content and the tower took hundreds of steps to find where anything is."""
+    side = math.isqrt(count)
+    quarter = size // 4
+    freqs = 1.0 / 10_000 ** (np.arange(quarter) / quarter)
+    grid = np.arange(side, dtype=np.float64)
+    rows, cols = np.meshgrid(grid, grid, indexing="ij")
+    parts = [f(axis.reshape(-1, 1) * freqs) for axis in (rows, cols) for f in (np.sin, np.cos)]
+    return mx.array(np.concatenate(parts, axis=1), dtype=mx.float32)
 
 
 def build_model(directory: Path, seed: int):
@@ -204,16 +224,19 @@ def answer_accuracy(logits_fn, rows, batch_size: int = 16) -> float:
 
 
 def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_batch: int = 2048,
+                  vision_steps: int = VISION_PRETRAIN_STEPS, vision_weights: Path | None = None,
                   learning_rate: float = 2e-3, warmup: int = 100, log_every: int = 25, probe_every: int = 100,
                   progress: bool = True) -> Path:
     """Train the default model into `output` (written atomically: weights, configs, tokenizer, training_log.txt).
     At logging steps that are multiples of `probe_every` (0: never) the log also gets held-out per-skill
-    answer accuracy (`answer_accuracy` on `probe_rows`)."""
+    answer accuracy (`answer_accuracy` on `probe_rows`). `vision_weights`: a tower that `pretrain_vision`
+    already trained (with this seed and `vision_steps`) to start from instead of pretraining again."""
     import mlx.optimizers as optim
 
     from ..platform import blas_in_use
     from .data import collate
     from .trainer import TrainConfig, Trainer, hidden_states
+    from .vision_pretrain import pretrain_vision
 
     output = Path(output)
     partial = output.with_name(output.name + ".partial")
@@ -221,19 +244,35 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     config, processor = write_skeleton(partial, seed)
     model = build_model(partial, seed)
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    log_lines = [f"# mlx-qwen35 train-default: seed {seed}, {vision_steps} vision pretraining steps, {steps} steps "
+                 f"of ~{tokens_per_batch} tokens, peak lr {learning_rate}, {n_params / 1e6:.2f}M parameters, "
+                 f"BLAS {blas_in_use()}"]
+    print(log_lines[0], file=sys.stderr)
+
+    def log(line):
+        log_lines.append(line)
+        print(line, file=sys.stderr, flush=True)
+
+    if vision_weights:
+        model.model.visual.load_weights(str(vision_weights))
+        log(f"# vision tower loaded from {vision_weights} (pretrained beforehand, not in this run's time)")
+    elif vision_steps:
+        pretrain_vision(model.model.visual, processor.image_settings, processor.video_settings, vision_steps,
+                        seed=seed, log=log)
 
     train_config = TrainConfig(steps=steps, learning_rate=learning_rate, moe_aux_weight=0.01, mtp_weight=0.3,
                                seed=seed, progress=False, grad_clip=1.0, weight_decay=0.01,
                                dense_experts=True)
     trainer = Trainer(model, None, train_config)
-    schedule = optim.join_schedules(
-        [optim.linear_schedule(1e-6, learning_rate, warmup), optim.cosine_decay(learning_rate, steps - warmup,
-                                                                                  learning_rate * 0.05)], [warmup])
-    trainer.optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
 
-    log_lines = [f"# mlx-qwen35 train-default: seed {seed}, {steps} steps of ~{tokens_per_batch} tokens, "
-                 f"peak lr {learning_rate}, {n_params / 1e6:.2f}M parameters, BLAS {blas_in_use()}"]
-    print(log_lines[0], file=sys.stderr)
+    def warmup_cosine(peak):
+        return optim.join_schedules([optim.linear_schedule(peak * 5e-4, peak, warmup),
+                                     optim.cosine_decay(peak, steps - warmup, peak * 0.05)], [warmup])
+
+    schedule = warmup_cosine(learning_rate)
+    trainer.optimizer = optim.MultiOptimizer(
+        [optim.AdamW(learning_rate=warmup_cosine(learning_rate * VISION_LR_SCALE), weight_decay=0.01),
+         optim.AdamW(learning_rate=schedule, weight_decay=0.01)], [lambda path, _: path.startswith("model.visual")])
     batches = length_batches(world_rows(seed, processor), tokens_per_batch, seed=seed)
     probes = probe_rows(seed, processor) if probe_every else {}
     bar = _bar(steps, progress)
@@ -300,11 +339,16 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--tokens-per-batch", type=int, default=2048)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--vision-steps", type=int, default=VISION_PRETRAIN_STEPS,
+                        help="steps of vision tower pretraining on the world's labels before the decoder trains")
+    parser.add_argument("--vision-weights", help="start from this pretrained tower (safetensors) instead of "
+                        "pretraining it again")
     args = parser.parse_args(argv)
     from .. import platform  # noqa: F401  (OpenBLAS before MLX runs anything)
 
     train_default(Path(args.output), seed=args.seed, steps=args.steps, tokens_per_batch=args.tokens_per_batch,
-                  learning_rate=args.learning_rate)
+                  learning_rate=args.learning_rate, vision_steps=args.vision_steps,
+                  vision_weights=args.vision_weights)
     print(f"wrote {args.output}")
     return 0
 

@@ -1,0 +1,86 @@
+"""Vision tower pretraining (train/vision_pretrain.py): its labels are read back from the pixels the tower sees,
+in the tower's token order, and a pretraining step changes the tower and nothing else."""
+
+import random
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from mlx_qwen35.train import vision_pretrain as vp
+from mlx_qwen35.train import world
+from mlx_qwen35.train.default_model import sincos_positions
+
+IMAGE = dict(patch_size=16, temporal_patch_size=2, merge_size=2, min_pixels=32 * 32, max_pixels=224 * 224,
+             mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+VIDEO = dict(IMAGE, fps=24.0, min_frames=4, max_frames=8)
+COLOR_OF_ID = {i: world.COLORS[name] for name, i in vp.COLOR_IDS.items()}
+
+
+def token_pixels(pixels, temporal_slot=0):
+    """[tokens, 4 patches * 16 * 16, 3] RGB in 0-255 of each merged token, from the tower's input rows."""
+    rows = pixels.reshape(-1, 4, 3, 2, 16, 16)[:, :, :, temporal_slot]
+    return np.round((rows.transpose(0, 1, 3, 4, 2).reshape(rows.shape[0], -1, 3) * 0.5 + 0.5) * 255)
+
+
+def holds_colour(token, rgb):
+    return bool((np.abs(token - np.array(rgb)).max(-1) <= 2).any())
+
+
+def test_picture_labels_point_at_the_tokens_that_hold_each_shape():
+    """Each labelled centre token holds pixels of its shape's colour; a token's label names the colour of
+    the one shape whose centre lies in it; nothing is labelled where no shape is."""
+    rng = random.Random(11)
+    centres = 0
+    for _ in range(60):
+        pixels, grid, labels = vp.picture_item(rng, IMAGE)
+        tokens = token_pixels(pixels)
+        assert len(tokens) == len(labels["colour"]) == grid[1] * grid[2] // 4
+        for i in np.nonzero(labels["has_centre"])[0]:
+            assert holds_colour(tokens[i], COLOR_OF_ID[int(labels["colour"][i])])
+            x, y = labels["centre"][i]
+            row, col = divmod(int(i), grid[2] // 2)
+            # the centre lies inside this token's cell of the picture (coordinates in [-1, 1])
+            u, v = (x + 1) / 2 * (grid[2] // 2), (y + 1) / 2 * (grid[1] // 2)
+            assert col - 1e-4 <= u < col + 1 + 1e-4 and row - 1e-4 <= v < row + 1 + 1e-4
+            centres += 1
+        assert (labels["kind"][labels["colour"] == 0] == 0).all()
+    assert centres > 60
+
+
+def test_video_labels_follow_the_moving_shape_frame_pair_by_frame_pair():
+    rng = random.Random(5)
+    for _ in range(10):
+        pixels, grid, labels = vp.video_item(rng, VIDEO)
+        per_slot = grid[1] * grid[2] // 4
+        tokens = token_pixels(pixels)
+        positions = []
+        for slot in range(grid[0]):
+            at = np.nonzero(labels["has_centre"][slot * per_slot:(slot + 1) * per_slot])[0]
+            for i in at:
+                assert holds_colour(tokens[slot * per_slot + i], COLOR_OF_ID[int(labels["colour"][slot * per_slot + i])])
+            positions.append(labels["centre"][slot * per_slot:(slot + 1) * per_slot][at].tolist())
+        assert grid[0] >= 2 and positions[0] != positions[-1]  # the mover's centre moved
+
+
+def test_sincos_position_table_is_linearly_readable():
+    """The tower's initial position table: a least-squares line from its entries recovers row and column."""
+    table = np.array(sincos_positions(196, 128), np.float64)
+    rows, cols = np.divmod(np.arange(196), 14)
+    design = np.concatenate([table, np.ones((196, 1))], axis=1)
+    for target in (rows, cols):
+        fit, *_ = np.linalg.lstsq(design, target, rcond=None)
+        assert np.abs(design @ fit - target).max() < 0.05
+
+
+def test_pretraining_changes_the_tower_and_nothing_else():
+    from mlx_qwen35.train.default_model import VISION_CONFIG
+    from mlx_qwen35.models.vision import VisionConfig, VisionModel
+
+    tower = VisionModel(VisionConfig.from_dict(dict(VISION_CONFIG, depth=1)))
+    before = {k: np.array(v) for k, v in tree_flatten(tower.parameters())}
+    scores = vp.pretrain_vision(tower, IMAGE, VIDEO, steps=2, pictures=2, videos=1, log=lambda line: None)
+    after = dict(tree_flatten(tower.parameters()))
+    assert set(after) == set(before)  # the label head is not left on the tower
+    assert any(not np.array_equal(before[k], np.array(v)) for k, v in after.items())
+    assert all(np.isfinite(v) for v in scores.values()) and 0 <= scores["colour"] <= 1
