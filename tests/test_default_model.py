@@ -232,3 +232,21 @@ def test_train_default_writes_weights_and_a_log_with_held_out_checks(tmp_path):
     assert "vision step    2" in log and "step     2" in log and "held-out answers right: color" in log
     model, processor = load(output)
     assert processor.tokenizer.encode("red") and model.config.text_config.num_experts == 8
+
+
+def test_initial_weights_follow_the_seed_alone(tmp_path):
+    """The same seed gives the same initial model whatever the random state before it (the modules draw
+    their biases when they are built); another seed gives another model."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlx_qwen35.train.default_model import build_model, write_skeleton
+
+    write_skeleton(tmp_path, seed=0)
+    models = []
+    for before, seed in ((1, 0), (2, 0), (1, 3)):
+        mx.random.seed(before)
+        models.append(dict(tree_flatten(build_model(tmp_path, seed=seed).parameters())))
+    assert all(np.array_equal(np.array(models[0][k]), np.array(v)) for k, v in models[1].items())
+    assert not np.array_equal(np.array(models[0]["model.visual.blocks.0.attn.qkv.weight"]),
+                              np.array(models[2]["model.visual.blocks.0.attn.qkv.weight"]))

@@ -88,7 +88,8 @@ def write_skeleton(directory: Path, seed: int) -> tuple[dict, object]:
 
 def initial_weights(model, seed: int) -> dict:
     """Normal(0, 0.02) matrices, PyTorch's conv init for the DeltaNet short convolution, Mamba-style decay
-    rates and step sizes; norms and biases as the modules build them."""
+    rates and step sizes, the tower's sine-cosine position table, zero biases; norms as the modules build
+    them."""
     mx.random.seed(seed)
     weights = {}
     for name, param in tree_flatten(model.parameters()):
@@ -106,6 +107,9 @@ def initial_weights(model, seed: int) -> dict:
             value = mx.random.uniform(-bound, bound, param.shape)
         elif param.ndim >= 2:
             value = 0.02 * mx.random.normal(param.shape)
+        elif name.endswith(".bias"):
+            # the modules draw their biases when they are built, before the seed: zero them so the seed decides
+            value = mx.zeros(param.shape)
         else:
             value = param
         weights[name] = value.astype(mx.float32)

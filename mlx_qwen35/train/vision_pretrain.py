@@ -127,6 +127,7 @@ def pretrain_vision(visual, image_settings: dict, video_settings: dict, steps: i
     rng = random.Random(seed + 5_000_011)
     probe = Probe(visual)
     probe.head.weight = 0.02 * mx.random.normal(probe.head.weight.shape, key=mx.random.key(seed))
+    probe.head.bias = mx.zeros_like(probe.head.bias)
     warmup = min(50, steps)
     schedule = optim.join_schedules([optim.linear_schedule(1e-6, learning_rate, warmup),
                                      optim.cosine_decay(learning_rate, max(1, steps - warmup), learning_rate * 0.1)],
