@@ -20,7 +20,7 @@ from mlx_qwen35.train import default_model as dm
 from mlx_qwen35.train import world
 from mlx_qwen35.train.data import collate
 from mlx_qwen35.train.vision_pretrain import pretrain_vision
-from mlx_qwen35.train.trainer import TrainConfig, Trainer, hidden_states
+from mlx_qwen35.train.trainer import TrainConfig, Trainer, hidden_states, warmup_cosine
 
 
 def solid(rng):
@@ -81,8 +81,7 @@ def main():
         if saved.exists():
             model.model.visual.load_weights(str(saved))
         else:
-            pretrain_vision(model.model.visual, processor.image_settings, processor.video_settings,
-                            steps=args.pretrain_vision)
+            pretrain_vision(model.model.visual, processor, steps=args.pretrain_vision)
             model.model.visual.save_weights(str(saved))
 
     def rows(make, seed):
@@ -111,8 +110,7 @@ def main():
 
     def schedule(scale):
         peak = args.learning_rate * scale
-        return optim.join_schedules([optim.linear_schedule(1e-7, peak, args.warmup),
-                                     optim.cosine_decay(peak, total - args.warmup, peak * 0.05)], [args.warmup])
+        return warmup_cosine(peak, args.warmup, total, start=1e-7, final=peak * 0.05)
 
     if args.vision_lr == 0:
         model.model.visual.freeze()

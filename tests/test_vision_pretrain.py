@@ -7,13 +7,13 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from mlx_qwen35.processing.processor import Processor
+from mlx_qwen35.train import default_model as dm
 from mlx_qwen35.train import vision_pretrain as vp
 from mlx_qwen35.train import world
-from mlx_qwen35.train.default_model import sincos_positions
 
-IMAGE = dict(patch_size=16, temporal_patch_size=2, merge_size=2, min_pixels=32 * 32, max_pixels=224 * 224,
-             mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-VIDEO = dict(IMAGE, fps=24.0, min_frames=4, max_frames=8)
+# the default model's own preprocessing; labels need no tokenizer
+PROCESSOR = Processor(None, dm.PREPROCESSOR, dm.VIDEO_PREPROCESSOR)
 COLOR_OF_ID = {i: world.COLORS[name] for name, i in vp.COLOR_IDS.items()}
 
 
@@ -33,7 +33,7 @@ def test_picture_labels_point_at_the_tokens_that_hold_each_shape():
     rng = random.Random(11)
     centres = 0
     for _ in range(60):
-        pixels, grid, labels = vp.picture_item(rng, IMAGE)
+        pixels, grid, labels = vp.picture_item(rng, PROCESSOR)
         tokens = token_pixels(pixels)
         assert len(tokens) == len(labels["colour"]) == grid[1] * grid[2] // 4
         for i in np.nonzero(labels["has_centre"])[0]:
@@ -51,7 +51,7 @@ def test_picture_labels_point_at_the_tokens_that_hold_each_shape():
 def test_video_labels_follow_the_moving_shape_frame_pair_by_frame_pair():
     rng = random.Random(5)
     for _ in range(10):
-        pixels, grid, labels = vp.video_item(rng, VIDEO)
+        pixels, grid, labels = vp.video_item(rng, PROCESSOR)
         per_slot = grid[1] * grid[2] // 4
         tokens = token_pixels(pixels)
         positions = []
@@ -65,7 +65,7 @@ def test_video_labels_follow_the_moving_shape_frame_pair_by_frame_pair():
 
 def test_sincos_position_table_is_linearly_readable():
     """The tower's initial position table: a least-squares line from its entries recovers row and column."""
-    table = np.array(sincos_positions(196, 128), np.float64)
+    table = np.array(dm.sincos_positions(196, 128), np.float64)
     rows, cols = np.divmod(np.arange(196), 14)
     design = np.concatenate([table, np.ones((196, 1))], axis=1)
     for target in (rows, cols):
@@ -74,12 +74,11 @@ def test_sincos_position_table_is_linearly_readable():
 
 
 def test_pretraining_changes_the_tower_and_nothing_else():
-    from mlx_qwen35.train.default_model import VISION_CONFIG
     from mlx_qwen35.models.vision import VisionConfig, VisionModel
 
-    tower = VisionModel(VisionConfig.from_dict(dict(VISION_CONFIG, depth=1)))
+    tower = VisionModel(VisionConfig.from_dict(dict(dm.VISION_CONFIG, depth=1)))
     before = {k: np.array(v) for k, v in tree_flatten(tower.parameters())}
-    scores = vp.pretrain_vision(tower, IMAGE, VIDEO, steps=2, pictures=2, videos=1, log=lambda line: None)
+    scores = vp.pretrain_vision(tower, PROCESSOR, steps=2, pictures=2, videos=1, log=lambda line: None)
     after = dict(tree_flatten(tower.parameters()))
     assert set(after) == set(before)  # the label head is not left on the tower
     assert any(not np.array_equal(before[k], np.array(v)) for k, v in after.items())

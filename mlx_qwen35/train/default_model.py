@@ -239,7 +239,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
 
     from ..platform import blas_in_use
     from .data import collate
-    from .trainer import TrainConfig, Trainer, hidden_states
+    from .trainer import TrainConfig, Trainer, hidden_states, warmup_cosine
     from .vision_pretrain import pretrain_vision
 
     output = Path(output)
@@ -261,21 +261,19 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
         model.model.visual.load_weights(str(vision_weights))
         log(f"# vision tower loaded from {vision_weights} (pretrained beforehand, not in this run's time)")
     elif vision_steps:
-        pretrain_vision(model.model.visual, processor.image_settings, processor.video_settings, vision_steps,
-                        seed=seed, log=log)
+        pretrain_vision(model.model.visual, processor, vision_steps, seed=seed, log=log)
 
     train_config = TrainConfig(steps=steps, learning_rate=learning_rate, moe_aux_weight=0.01, mtp_weight=0.3,
                                seed=seed, progress=False, grad_clip=1.0, weight_decay=0.01,
                                dense_experts=True)
     trainer = Trainer(model, None, train_config)
 
-    def warmup_cosine(peak):
-        return optim.join_schedules([optim.linear_schedule(peak * 5e-4, peak, warmup),
-                                     optim.cosine_decay(peak, steps - warmup, peak * 0.05)], [warmup])
+    def schedule_for(peak):
+        return warmup_cosine(peak, warmup, steps, start=peak * 5e-4, final=peak * 0.05)
 
-    schedule = warmup_cosine(learning_rate)
+    schedule = schedule_for(learning_rate)
     trainer.optimizer = optim.MultiOptimizer(
-        [optim.AdamW(learning_rate=warmup_cosine(learning_rate * VISION_LR_SCALE), weight_decay=0.01),
+        [optim.AdamW(learning_rate=schedule_for(learning_rate * VISION_LR_SCALE), weight_decay=0.01),
          optim.AdamW(learning_rate=schedule, weight_decay=0.01)], [lambda path, _: path.startswith("model.visual")])
     batches = length_batches(world_rows(seed, processor), tokens_per_batch, seed=seed)
     probes = probe_rows(seed, processor) if probe_every else {}

@@ -174,6 +174,13 @@ def loss_fn(model, batch, config: TrainConfig):
     return loss, (count, parts)
 
 
+def warmup_cosine(peak: float, warmup: int, total: int, start: float, final: float):
+    """Learning rate rising linearly from `start` to `peak` over `warmup` steps, then cosine-decaying to `final`
+    by step `total`."""
+    return optim.join_schedules([optim.linear_schedule(start, peak, warmup),
+                                 optim.cosine_decay(peak, max(1, total - warmup), final)], [warmup])
+
+
 class Trainer:
     def __init__(self, model, train_rows, config: TrainConfig, val_rows=None, output_dir=None):
         """`train_rows` None: every train_step is given its batch."""

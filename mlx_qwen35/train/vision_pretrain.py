@@ -16,9 +16,8 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 
-from ..processing.image import preprocess_image
-from ..processing.video import Video, preprocess_video
 from . import world
+from .trainer import warmup_cosine
 
 COLOR_IDS = {name: i + 1 for i, name in enumerate(world.COLORS)}  # 0: no shape centre in this token
 KIND_IDS = {name: i + 1 for i, name in enumerate(world.SHAPES)}
@@ -49,27 +48,24 @@ def token_labels(scenes, grid) -> dict:
             "has_centre": (colour > 0).reshape(n)}
 
 
-def picture_item(rng: random.Random, settings: dict):
+def picture_item(rng: random.Random, processor):
     """A world scene (a quarter of the time with the curriculum's larger shapes) -> (pixels, grid, labels)."""
     scene = world.random_scene(rng, growth=1.0 if rng.random() < 0.75 else rng.random())
-    pixels, grid = preprocess_image(world.draw(scene), **settings)
+    [(pixels, grid)] = processor.prepare(images=[world.draw(scene)])["image"]
     grid = tuple(int(v) for v in grid)
     return pixels, grid, token_labels([scene], grid)
 
 
-def video_item(rng: random.Random, settings: dict):
+def video_item(rng: random.Random, processor):
     scenes, _, _ = world.video_scenes(rng)
-    frames = np.stack([np.asarray(world.draw(s)) for s in scenes])
-    options = {k: v for k, v in settings.items() if k not in ("fps", "min_frames", "max_frames")}
-    pixels, grid, _ = preprocess_video(Video(frames, np.arange(len(scenes)), 24.0), **options)
+    [(pixels, grid, _)] = processor.prepare(videos=[[world.draw(s) for s in scenes]])["video"]
     grid = tuple(int(v) for v in grid)
     return pixels, grid, token_labels(scenes[::2][:grid[0]], grid)
 
 
-def batch(rng: random.Random, image_settings: dict, video_settings: dict, pictures: int, videos: int) -> dict:
+def batch(rng: random.Random, processor, pictures: int, videos: int) -> dict:
     # (Pictures of one size sent as one (count, h, w) grid were no faster here: the time is in the blocks.)
-    items = ([picture_item(rng, image_settings) for _ in range(pictures)]
-             + [video_item(rng, video_settings) for _ in range(videos)])
+    items = [picture_item(rng, processor) for _ in range(pictures)] + [video_item(rng, processor) for _ in range(videos)]
     out = {"pixels": mx.array(np.concatenate([p for p, _, _ in items])), "grid": [g for _, g, _ in items]}
     for key in items[0][2]:
         out[key] = mx.array(np.concatenate([labels[key] for _, _, labels in items]))
@@ -106,38 +102,34 @@ def loss(probe, b) -> mx.array:
     return _balanced_ce(out["colour"], b["colour"], at) + _balanced_ce(out["kind"], b["kind"], at) + centre
 
 
-def accuracy(probe, batches) -> dict:
-    """Over the tokens of `batches` that hold a shape's centre: shares of colour and kind right, and the mean
+def accuracy(probe, b) -> dict:
+    """Over the tokens of batch `b` that hold a shape's centre: shares of colour and kind right, and the mean
     centre error (in halves of the picture's width and height)."""
-    right, centres = {"colour": 0.0, "kind": 0.0, "centre_error": 0.0}, 0.0
-    for b in batches:
-        out, at = probe(b["pixels"], b["grid"]), b["has_centre"]
-        right["colour"] += float(((out["colour"].argmax(-1) == b["colour"]) & at).sum())
-        right["kind"] += float(((out["kind"].argmax(-1) == b["kind"]) & at).sum())
-        right["centre_error"] += float((mx.abs(out["centre"] - b["centre"]).mean(-1) * at).sum())
-        centres += float(at.sum())
-    return {k: v / max(centres, 1) for k, v in right.items()}
+    out, at = probe(b["pixels"], b["grid"]), b["has_centre"]
+    centres = max(float(at.sum()), 1.0)
+    return {"colour": float(((out["colour"].argmax(-1) == b["colour"]) & at).sum()) / centres,
+            "kind": float(((out["kind"].argmax(-1) == b["kind"]) & at).sum()) / centres,
+            "centre_error": float((mx.abs(out["centre"] - b["centre"]).mean(-1) * at).sum()) / centres}
 
 
-def pretrain_vision(visual, image_settings: dict, video_settings: dict, steps: int, seed: int = 0,
+def pretrain_vision(visual, processor, steps: int, seed: int = 0,
                     pictures: int = 24, videos: int = 4, learning_rate: float = 1e-3, log=print,
                     log_every: int = 100) -> dict:
-    """Train `visual` in place on the world's labels for `steps` AdamW steps; returns the last held-out
-    accuracy (`accuracy` on 96 fresh pictures and 16 videos)."""
+    """Train `visual` in place on the world's labels for `steps` AdamW steps, pictures and clips prepared by
+    `processor` (the model's); returns the last held-out accuracy (`accuracy` on 96 fresh pictures and 16
+    clips)."""
     rng = random.Random(seed + 5_000_011)
     probe = Probe(visual)
     probe.head.weight = 0.02 * mx.random.normal(probe.head.weight.shape, key=mx.random.key(seed))
     probe.head.bias = mx.zeros_like(probe.head.bias)
     warmup = min(50, steps)
-    schedule = optim.join_schedules([optim.linear_schedule(1e-6, learning_rate, warmup),
-                                     optim.cosine_decay(learning_rate, max(1, steps - warmup), learning_rate * 0.1)],
-                                    [warmup])
+    schedule = warmup_cosine(learning_rate, warmup, steps, start=1e-6, final=learning_rate * 0.1)
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
-    held_out = [batch(random.Random(seed + 5_000_077), image_settings, video_settings, 96, 16)]
+    held_out = batch(random.Random(seed + 5_000_077), processor, 96, 16)
     step_fn = nn.value_and_grad(probe, loss)
     start, scores = time.perf_counter(), {}
     for step in range(1, steps + 1):
-        value, grads = step_fn(probe, batch(rng, image_settings, video_settings, pictures, videos))
+        value, grads = step_fn(probe, batch(rng, processor, pictures, videos))
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         optimizer.update(probe, grads)
         mx.eval(probe.parameters(), optimizer.state, value)

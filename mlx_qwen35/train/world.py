@@ -63,20 +63,17 @@ class Scene:
 
 def draw(scene: Scene) -> Image.Image:
     image = Image.new("RGB", (scene.width, scene.height), scene.background)
-    draw_shapes(ImageDraw.Draw(image), scene.shapes, lambda shape: COLORS[shape.color])
-    return image
-
-
-def draw_shapes(pen: ImageDraw.ImageDraw, shapes, fill):
-    """Each shape filled with `fill(shape)`."""
-    for s in shapes:
+    pen = ImageDraw.Draw(image)
+    for s in scene.shapes:
         x0, y0, x1, y1 = s.box
+        fill = COLORS[s.color]
         if s.kind == "circle":
-            pen.ellipse((x0, y0, x1, y1), fill=fill(s))
+            pen.ellipse((x0, y0, x1, y1), fill=fill)
         elif s.kind == "square":
-            pen.rectangle((x0, y0, x1, y1), fill=fill(s))
+            pen.rectangle((x0, y0, x1, y1), fill=fill)
         else:
-            pen.polygon([(s.cx, y0), (x1, y1), (x0, y1)], fill=fill(s))
+            pen.polygon([(s.cx, y0), (x1, y1), (x0, y1)], fill=fill)
+    return image
 
 
 def random_background(rng: random.Random) -> tuple:
