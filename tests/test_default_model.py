@@ -250,3 +250,14 @@ def test_initial_weights_follow_the_seed_alone(tmp_path):
     assert all(np.array_equal(np.array(models[0][k]), np.array(v)) for k, v in models[1].items())
     assert not np.array_equal(np.array(models[0]["model.visual.blocks.0.attn.qkv.weight"]),
                               np.array(models[2]["model.visual.blocks.0.attn.qkv.weight"]))
+
+
+def test_train_default_refuses_a_missing_vision_tower_before_writing(tmp_path, capsys):
+    from mlx_qwen35.train.default_model import main, train_default
+
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        train_default(tmp_path / "model", steps=1, vision_weights=tmp_path / "nope.safetensors")
+    with pytest.raises(SystemExit):
+        main(["--output", str(tmp_path / "model"), "--vision-weights", str(tmp_path / "nope.safetensors")])
+    assert "--vision-weights: no such file" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -242,6 +242,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     from .trainer import TrainConfig, Trainer, hidden_states, warmup_cosine
     from .vision_pretrain import pretrain_vision
 
+    if vision_weights and not Path(vision_weights).is_file():
+        raise FileNotFoundError(f"--vision-weights: no such file {vision_weights}")
     output = Path(output)
     partial = output.with_name(output.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -346,6 +348,8 @@ def main(argv=None) -> int:
     parser.add_argument("--vision-weights", help="start from this pretrained tower (safetensors) instead of "
                         "pretraining it again")
     args = parser.parse_args(argv)
+    if args.vision_weights and not Path(args.vision_weights).is_file():
+        parser.error(f"--vision-weights: no such file {args.vision_weights}")
     from .. import platform  # noqa: F401  (OpenBLAS before MLX runs anything)
 
     train_default(Path(args.output), seed=args.seed, steps=args.steps, tokens_per_batch=args.tokens_per_batch,
