@@ -23,6 +23,8 @@ def train_main(argv=None) -> int:
     parser.add_argument("--grad-checkpoint", action="store_true")
     parser.add_argument("--moe-aux-weight", type=float, default=0.0)
     parser.add_argument("--mtp-weight", type=float, default=0.0)
+    parser.add_argument("--prompt-loss-weight", type=float, default=0.0,
+                        help="also learn the prompts' text at this weight (answers: 1; images and videos: never)")
     parser.add_argument("--eval-every", type=int, default=0)
     parser.add_argument("--save-every", type=int, default=0)
     parser.add_argument("--resume", help="training checkpoint directory to continue from")
@@ -50,7 +52,7 @@ def train_main(argv=None) -> int:
         apply_lora(model, args.targets or DEFAULT_TARGETS, args.rank, args.alpha)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
                          dtype=args.dtype, grad_checkpoint=args.grad_checkpoint, moe_aux_weight=args.moe_aux_weight,
-                         mtp_weight=args.mtp_weight, eval_every=args.eval_every, save_every=args.save_every,
+                         mtp_weight=args.mtp_weight, prompt_loss_weight=args.prompt_loss_weight, eval_every=args.eval_every, save_every=args.save_every,
                          seed=args.seed)
     trainer = Trainer(model, rows, config, val_rows=val_rows, output_dir=args.output)
     if args.resume:

@@ -28,6 +28,7 @@ class DataError(ValueError):
 class Row:
     input_ids: np.ndarray  # [L] int32
     mask: np.ndarray  # [L] bool, True on assistant tokens
+    prompt: np.ndarray | None = None  # [L] bool, True on the other text tokens (not image or video placeholders)
     pixel_values: np.ndarray | None = None
     image_grid_thw: np.ndarray | None = None
     pixel_values_videos: np.ndarray | None = None
@@ -119,6 +120,8 @@ def encode(example, processor, row=None, enable_thinking: bool = True) -> Row:
         raise DataError(f"{where}: has images or videos but a text-only tokenizer was given (use the Processor)")
     items = processor.prepare(images, videos) if multimodal else None
     ids, mask, used = [], [], {"image": 0, "video": 0}
+    placeholder_ids = ({processor.tokenizer.convert_tokens_to_ids(t) for t in (IMAGE_PAD, VIDEO_PAD)}
+                       if multimodal else set())
     for piece, is_target in pieces:
         if not piece:
             continue
@@ -133,7 +136,8 @@ def encode(example, processor, row=None, enable_thinking: bool = True) -> Row:
             tokens = processor.encode(piece, add_special_tokens=False)
         ids += tokens
         mask += [is_target] * len(tokens)
-    out = Row(np.array(ids, np.int32), np.array(mask, bool))
+    ids, mask = np.array(ids, np.int32), np.array(mask, bool)
+    out = Row(ids, mask, prompt=~mask & ~np.isin(ids, list(placeholder_ids)))
     if images:
         out.pixel_values = np.concatenate([p for p, _ in items["image"]])
         out.image_grid_thw = np.array([g for _, g in items["image"]], np.int64)
@@ -166,14 +170,18 @@ def encode_all(examples, processor, enable_thinking: bool = True, max_tokens: in
 
 def collate(rows: list[Row], pad_id: int = 0) -> dict:
     """Right-padded batch (the pad id only needs to be in the vocabulary: padding follows every real token and
-    carries no loss): input_ids [B, L], mask [B, L] (False on padding), plus the concatenated pixel
-    values and grids in row order (the order the model's placeholder replacement expects)."""
+    carries no loss): input_ids [B, L], mask [B, L] (False on padding), prompt [B, L] (the rows' prompt text
+    tokens, False on padding), plus the concatenated pixel values and grids in row order (the order the model's
+    placeholder replacement expects)."""
     width = max(len(r) for r in rows)
     ids = np.full((len(rows), width), pad_id, np.int32)
     mask = np.zeros((len(rows), width), bool)
+    prompt = np.zeros((len(rows), width), bool)
     for i, r in enumerate(rows):
         ids[i, :len(r)], mask[i, :len(r)] = r.input_ids, r.mask
-    batch = {"input_ids": mx.array(ids), "mask": mx.array(mask)}
+        if r.prompt is not None:
+            prompt[i, :len(r)] = r.prompt
+    batch = {"input_ids": mx.array(ids), "mask": mx.array(mask), "prompt": mx.array(prompt)}
     for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
         parts = [getattr(r, key) for r in rows if getattr(r, key) is not None]
         if parts:

@@ -34,6 +34,7 @@ class TrainConfig:
     grad_checkpoint: bool = False
     moe_aux_weight: float = 0.0  # load-balancing loss weight (Switch Transformer form)
     mtp_weight: float = 0.0  # loss on the token after next through the MTP head, when the model has one
+    prompt_loss_weight: float = 0.0  # weight of the prompt's text tokens in the loss (assistant tokens: 1)
     dense_experts: bool = False  # all experts as two matmuls (dense_experts_forward): faster when E/K is small
     seed: int = 0
     eval_every: int = 0
@@ -138,11 +139,21 @@ def hidden_states(model, batch):
     return model.model.language_model(ids)
 
 
-def token_losses(model, batch):
-    """(sum of next-token cross-entropies over assistant targets, number of targets, hidden states)."""
+def target_weights(batch, prompt_weight: float = 0.0) -> mx.array:
+    """Loss weight of each token as a target [B, L]: 1 on assistant tokens, `prompt_weight` on the prompt's
+    text tokens (never on image or video placeholders or padding), 0 elsewhere."""
+    weight = batch["mask"].astype(mx.float32)
+    if prompt_weight and "prompt" in batch:
+        weight = weight + prompt_weight * batch["prompt"].astype(mx.float32)
+    return weight
+
+
+def token_losses(model, batch, prompt_weight: float = 0.0):
+    """(weighted sum of next-token cross-entropies over the targets, their total weight, hidden states): the
+    assistant tokens, and the prompt's text tokens at `prompt_weight`."""
     h = hidden_states(model, batch)
     logits = model.logits(h[:, :-1]).astype(mx.float32)
-    targets, weight = batch["input_ids"][:, 1:], batch["mask"][:, 1:].astype(mx.float32)
+    targets, weight = batch["input_ids"][:, 1:], target_weights(batch, prompt_weight)[:, 1:]
     ce = nn.losses.cross_entropy(logits, targets, reduction="none")
     return (ce * weight).sum(), weight.sum(), h
 
@@ -154,10 +165,11 @@ def mtp_head(model):
 
 
 def loss_fn(model, batch, config: TrainConfig):
+    """(loss, (target weight, {"ce", "aux", "mtp"}))."""
     aux_on = config.moe_aux_weight > 0 and model.config.text_config.is_moe
     records = [] if aux_on else None
     with trainable_router(model, records, dense=config.dense_experts):
-        total, count, h = token_losses(model, batch)
+        total, count, h = token_losses(model, batch, config.prompt_loss_weight)
     loss = total / mx.maximum(count, 1.0)
     parts = {"ce": loss}
     if aux_on:
@@ -167,7 +179,7 @@ def loss_fn(model, batch, config: TrainConfig):
     if head is not None:
         # position t sees h_t and token t+1 and predicts token t+2
         logits = head(h[:, :-2], batch["input_ids"][:, 1:-1]).astype(mx.float32)
-        weight = batch["mask"][:, 2:].astype(mx.float32)
+        weight = target_weights(batch, config.prompt_loss_weight)[:, 2:]
         ce = nn.losses.cross_entropy(logits, batch["input_ids"][:, 2:], reduction="none")
         parts["mtp"] = (ce * weight).sum() / mx.maximum(weight.sum(), 1.0)
         loss = loss + config.mtp_weight * parts["mtp"]
