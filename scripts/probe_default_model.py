@@ -39,18 +39,28 @@ def shrinking(rng, progress, ramp):
     return one_shape(rng, growth=min(1.0, progress[0] / ramp))
 
 
+def copy_row(rng):
+    """"Repeat: ..." and the same items back: a dense copying task (names, codes, cities, colours, numbers)."""
+    pools = [world.NAMES, list(world.CITIES), list(world.COLORS), [f"{n:04d}" for n in range(10000)],
+             [str(n) for n in range(1000)]]
+    items = " ".join(rng.choice(rng.choice(pools)) for _ in range(rng.randint(4, 16)))
+    return world._chat({"role": "user", "content": f"Repeat: {items}"}, items)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", default="big", help="solid, one_shape, big, shrinking, mixed_big, "
                         "conversations_big, a world question (color, shape, count, left_right, describe) or one "
                         "about one large shape (big_shape, big_count, ...)")
-    parser.add_argument("--eval-task", help="held-out rows of this task (default: --task)")
+    parser.add_argument("--eval-task", help="held-out rows of these tasks, comma-separated (default: --task)")
     parser.add_argument("--layers", type=int, default=dm.TEXT_CONFIG["num_hidden_layers"])
     parser.add_argument("--attention-interval", type=int, default=dm.TEXT_CONFIG["full_attention_interval"])
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--tokens-per-batch", type=int, default=1024)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--prompt-loss", type=float, default=0.0, help="loss weight of the prompt's text tokens "
+                        "(TrainConfig.prompt_loss_weight)")
     parser.add_argument("--vision-lr", type=float, default=1.0, help="vision tower learning rate multiplier; "
                         "0 freezes it")
     parser.add_argument("--pretrain-vision", type=int, default=0, help="steps of vision tower pretraining "
@@ -66,8 +76,11 @@ def main():
     tasks = {"solid": solid, "one_shape": one_shape, "big": partial(one_shape, growth=0.0),
              "shrinking": partial(shrinking, progress=progress, ramp=args.ramp),
              "mixed_big": partial(world.image_example, growth=0.0),
-             "conversations_big": lambda rng: world.image_conversation(rng, turns=rng.randint(1, 4), growth=0.0)}
+             "conversations_big": lambda rng: world.image_conversation(rng, turns=rng.randint(1, 4), growth=0.0),
+             "conversations": lambda rng: world.image_conversation(rng, turns=rng.randint(1, 4))}
     tasks.update({name: partial(world.image_example, question=ask) for name, ask in world.SCENE_QUESTIONS.items()})
+    tasks.update(copy=copy_row, tool=world.tool_example, recall_short=partial(world.recall_example, max_tokens=300),
+                 sum=partial(world.sum_example, thinking=False))
     # left/right needs two shapes: growth 0.34 draws one or two, a little smaller
     tasks.update({f"big_{name}": partial(world.image_example, question=ask, growth=0.34 if name == "left_right" else 0.0)
                   for name, ask in world.SCENE_QUESTIONS.items()})
@@ -84,6 +97,13 @@ def main():
             pretrain_vision(model.model.visual, processor, steps=args.pretrain_vision)
             model.model.visual.save_weights(str(saved))
 
+    def cycle(names, rng):
+        return tasks[names[rng.randrange(len(names))]](rng)
+
+    for name in list(args.task.split(",")) + (args.then or "").split(",") + (args.eval_task or "").split(","):
+        if "+" in name:
+            tasks[name] = partial(cycle, name.split("+"))
+
     def rows(make, seed):
         rng, thinking_rng = random.Random(seed), random.Random(seed + 1)
         while True:
@@ -91,7 +111,7 @@ def main():
             yield dm.encode_example(dict(make(rng), thinking=False), processor, thinking_rng)
 
     held_out = {}
-    for name in dict.fromkeys([args.eval_task or args.task] + ([args.then] if args.then else [])):
+    for name in dict.fromkeys((args.eval_task or args.task).split(",") + ([args.then] if args.then else [])):
         stream = rows(tasks[name], seed=999)
         held_out[name] = [next(stream) for _ in range(args.held_out)]
     progress[0] = 0
@@ -106,7 +126,8 @@ def main():
 
     trainer = Trainer(model, None, TrainConfig(steps=total, learning_rate=args.learning_rate,
                                                moe_aux_weight=0.01, mtp_weight=0.3, progress=False, grad_clip=1.0,
-                                               weight_decay=0.01, dense_experts=True))
+                                               weight_decay=0.01, dense_experts=True,
+                                               prompt_loss_weight=args.prompt_loss))
 
     def schedule(scale):
         peak = args.learning_rate * scale

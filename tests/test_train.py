@@ -197,6 +197,25 @@ def test_world_multi_image_video_and_text_answers():
         assert tool["messages"][2]["content"] == str(call["arguments"]["a"] + call["arguments"]["b"])
 
 
+def test_training_rows_with_several_recall_questions_and_tool_uses():
+    """The training forms that read a long prompt once: follow-up questions about other names of one passage,
+    and several tool uses under one tool declaration, each answer right for its own question."""
+    for seed in range(6):
+        rec = world.recall_example(random.Random(seed), 100, 300, questions=4)
+        passage = rec["messages"][0]["content"]
+        facts = dict(re.findall(r"The code for (\w+) is (\d{4})\.", passage))
+        asked = [re.search(r"What is the code for (\w+)\?$", m["content"])[1] for m in rec["messages"][::2]]
+        assert len(asked) == len(set(asked)) == len(facts) and set(asked) == set(facts)
+        assert [m["content"] for m in rec["messages"][1::2]] == [facts[name] + "." for name in asked]
+    tool = world.tool_example(random.Random(7), turns=3)
+    assert tool["tools"] == world.TOOLS and len(tool["messages"]) == 12
+    for question, call, response, answer in zip(*[tool["messages"][i::4] for i in range(4)]):
+        function = call["tool_calls"][0]["function"]
+        assert (question["role"], call["role"], response["role"], answer["role"]) == ("user", "assistant", "tool", "assistant")
+        assert all(str(v) in question["content"] for v in function["arguments"].values())
+        assert response["content"] in answer["content"]
+
+
 # --- rows and the assistant mask -----------------------------------------------------------------------------
 
 def test_mask_covers_exactly_the_assistant_tokens(processor):
@@ -219,6 +238,36 @@ def test_mask_covers_exactly_the_assistant_tokens(processor):
         expected = [t for s in spans for t in ByteTokenizer().encode(s) + [SPECIALS["<|im_end|>"]]]
         assert row.input_ids[row.mask].tolist() == expected
         assert "user" not in decoded and "system" not in decoded
+
+
+def test_prompt_mask_and_prompt_loss_weight(processor):
+    """Row.prompt marks the prompt's text (not answers, not image placeholders, not padding); the loss with
+    `prompt_loss_weight` w is (sum of answer-token CE + w x sum of prompt-token CE) / (answers + w x prompt
+    tokens), checked against float64 NumPy on the model's own logits."""
+    from mlx_qwen35.train.trainer import token_losses
+
+    rng = random.Random(2)
+    examples = [world.image_conversation(rng, turns=2), world.sum_example(rng, thinking=False)]
+    rows = [encode(example, processor) for example in examples]
+    for row in rows:
+        placeholder = row.input_ids == SPECIALS["<|image_pad|>"]
+        assert placeholder.any() == (row.pixel_values is not None)
+        assert np.array_equal(row.prompt, ~row.mask & ~placeholder)
+    batch = collate(rows, pad_id=258)
+    prompt = np.array(batch["prompt"])
+    assert not prompt[1, len(rows[1]):].any() and prompt[1, :len(rows[1])].sum() == rows[1].prompt.sum()
+    model = tiny_model(moe=True)
+    logits = np.array(model.logits(hidden_states(model, batch)[:, :-1]), np.float64)
+    ids = np.array(batch["input_ids"])
+    log_probs = logits - logits.max(-1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+    ce = -np.take_along_axis(log_probs, ids[:, 1:, None], -1)[..., 0]
+    answers = np.array(batch["mask"])[:, 1:]
+    for w in (0.0, 0.25):
+        total, count, _ = token_losses(model, batch, prompt_weight=w)
+        weight = answers + w * prompt[:, 1:]
+        assert abs(count.item() - weight.sum()) < 1e-6
+        np.testing.assert_allclose(total.item(), (ce * weight).sum(), rtol=1e-5)
 
 
 def test_rows_tokenise_as_generation_sees_them_with_the_real_tokenizer(tmp_path):

@@ -44,9 +44,13 @@ PREPROCESSOR = {"size": {"shortest_edge": 32 * 32, "longest_edge": 224 * 224}, "
 # video file gives at most 8 frames spread over its length.
 VIDEO_PREPROCESSOR = dict(PREPROCESSOR, fps=24.0, min_frames=4, max_frames=8)
 # The training mix leans on the visual questions (cheap rows, the hardest skills) and keeps recall passages at
-# most 1,200 tokens (the evaluation asks at 1,000): recall and tool rows cost 10-30x an image row.
-TRAIN_MIX = {"image": 0.50, "multi_image": 0.10, "video": 0.12, "sum": 0.12, "recall": 0.08, "tool": 0.08}
+# most 1,200 tokens (the evaluation asks at 1,000): recall and tool rows cost 10-30x an image row, so a recall
+# passage is asked about up to RECALL_QUESTIONS of its names and a tool row (its ~350-token tool declarations)
+# holds 1-TOOL_TURNS tool uses.
+TRAIN_MIX = {"image": 0.45, "multi_image": 0.10, "video": 0.12, "sum": 0.18, "recall": 0.07, "tool": 0.08}
 RECALL_MAX_TOKENS = 1200
+RECALL_QUESTIONS = 4
+TOOL_TURNS = 3
 THINKING_OFF = 0.3
 # The curriculum (docs/default-model.md): from the world's own small shapes, or with five kinds of question at
 # once, a model of this size never starts reading the image; one large shape and one question do start it.
@@ -160,7 +164,9 @@ def training_examples(seed: int, first_stage: int = FIRST_STAGE, curriculum: int
     from . import world
 
     rng = random.Random(seed)
-    generators = dict(world.GENERATORS, recall=partial(world.recall_example, max_tokens=RECALL_MAX_TOKENS))
+    generators = dict(world.GENERATORS,
+                      recall=partial(world.recall_example, max_tokens=RECALL_MAX_TOKENS, questions=RECALL_QUESTIONS),
+                      tool=lambda rng: world.tool_example(rng, turns=rng.randint(1, TOOL_TURNS)))
     kinds, weights = list(TRAIN_MIX), list(TRAIN_MIX.values())
     for drawn in itertools.count():
         if drawn < first_stage:

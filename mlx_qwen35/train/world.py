@@ -300,36 +300,48 @@ def sum_example(rng: random.Random, thinking: bool | None = None) -> dict:
     return example
 
 
-def recall_example(rng: random.Random, min_tokens: int = 100, max_tokens: int = 2000) -> dict:
+def recall_example(rng: random.Random, min_tokens: int = 100, max_tokens: int = 2000, questions: int = 1) -> dict:
     """Filler sentences with 1-4 "The code for NAME is DDDD." facts hidden among them, then a question about
-    one. Length is measured in words x 1.4 (about the BPE token count of this text)."""
+    one; with `questions` > 1, follow-up turns ask about more of the passage's names (a training row that
+    reads the passage once for several answers). Length is measured in words x 1.4 (about the BPE token count
+    of this text)."""
     target_words = int(rng.randint(min_tokens, max_tokens) / 1.4)
     names = rng.sample(NAMES, rng.randint(1, 4))
     codes = {n: f"{rng.randint(0, 9999):04d}" for n in names}
     sentences = [rng.choice(FILLER) for _ in range(max(1, target_words // 6))]
     for name in names:
         sentences.insert(rng.randint(0, len(sentences)), f"The code for {name} is {codes[name]}.")
-    asked = rng.choice(names)
-    text = " ".join(sentences) + f"\n\nWhat is the code for {asked}?"
-    return _chat({"role": "user", "content": text}, f"{codes[asked]}.")
+    asked = [rng.choice(names)]
+    if questions > 1:
+        asked += rng.sample([n for n in names if n != asked[0]], min(questions, len(names)) - 1)
+    text = " ".join(sentences) + f"\n\nWhat is the code for {asked[0]}?"
+    example = _chat({"role": "user", "content": text}, f"{codes[asked[0]]}.")
+    for name in asked[1:]:
+        example["messages"] += [{"role": "user", "content": f"What is the code for {name}?"},
+                                {"role": "assistant", "content": f"{codes[name]}."}]
+    return example
 
 
-def tool_example(rng: random.Random) -> dict:
-    """A question that needs a tool: the XML tool call, the tool's response, then an answer quoting it."""
-    if rng.random() < 0.5:
-        city = rng.choice(list(CITIES))
-        question, call = f"What is the weather in {city}?", {"name": "get_weather", "arguments": {"city": city}}
-        result = CITIES[city]
-        answer = f"The weather in {city} is {result}."
-    else:
-        a, b = rng.randint(100, 999), rng.randint(100, 999)
-        question, call = f"Use the add tool to add {a} and {b}.", {"name": "add", "arguments": {"a": a, "b": b}}
-        result = str(a + b)
-        answer = f"The sum is {result}."
-    messages = [{"role": "user", "content": question},
-                {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": call}]},
-                {"role": "tool", "content": result},
-                {"role": "assistant", "content": answer}]
+def tool_example(rng: random.Random, turns: int = 1) -> dict:
+    """A question that needs a tool: the XML tool call, the tool's response, then an answer quoting it; with
+    `turns` > 1, that many such exchanges in one conversation (a training row that reads the tool
+    declarations once)."""
+    messages = []
+    for _ in range(turns):
+        if rng.random() < 0.5:
+            city = rng.choice(list(CITIES))
+            question, call = f"What is the weather in {city}?", {"name": "get_weather", "arguments": {"city": city}}
+            result = CITIES[city]
+            answer = f"The weather in {city} is {result}."
+        else:
+            a, b = rng.randint(100, 999), rng.randint(100, 999)
+            question, call = f"Use the add tool to add {a} and {b}.", {"name": "add", "arguments": {"a": a, "b": b}}
+            result = str(a + b)
+            answer = f"The sum is {result}."
+        messages += [{"role": "user", "content": question},
+                     {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": call}]},
+                     {"role": "tool", "content": result},
+                     {"role": "assistant", "content": answer}]
     return {"messages": messages, "tools": TOOLS}
 
 
