@@ -46,7 +46,7 @@ class ByteTokenizer:
         return SPECIALS[token]
 
 
-def tiny_model(moe=False, vision=True, seed=0, **text):
+def tiny_model(moe=False, vision=True, seed=0, mtp_layers=0, **text):
     config = dict(model_type="qwen3_5_moe" if moe else "qwen3_5", text_config={**TEXT, **(MOE if moe else {}), **text},
                   tie_word_embeddings=False, image_token_id=300, video_token_id=301, vision_start_token_id=302,
                   vision_end_token_id=303)
@@ -55,7 +55,7 @@ def tiny_model(moe=False, vision=True, seed=0, **text):
     if vision:
         config["vision_config"] = VISION
     mx.random.seed(seed)
-    model = Model(ModelConfig.from_dict(config))
+    model = Model(ModelConfig.from_dict(config), mtp_layers=mtp_layers)
     params = [(k, mx.random.normal(v.shape) * (0.3 if v.ndim == 1 else v.shape[-1] ** -0.5))
               for k, v in tree_flatten(model.parameters())]
     model.update(tree_unflatten(params))
@@ -243,7 +243,8 @@ def test_mask_covers_exactly_the_assistant_tokens(processor):
 def test_prompt_mask_and_prompt_loss_weight(processor):
     """Row.prompt marks the prompt's text (not answers, not image placeholders, not padding); the loss with
     `prompt_loss_weight` w is (sum of answer-token CE + w x sum of prompt-token CE) / (answers + w x prompt
-    tokens), checked against float64 NumPy on the model's own logits."""
+    tokens), for the next token and through the MTP head for the one after, checked against float64 NumPy on
+    the full logits of every position (training projects only the weighted positions to the vocabulary)."""
     from mlx_qwen35.train.trainer import token_losses
 
     rng = random.Random(2)
@@ -256,18 +257,27 @@ def test_prompt_mask_and_prompt_loss_weight(processor):
     batch = collate(rows, pad_id=258)
     prompt = np.array(batch["prompt"])
     assert not prompt[1, len(rows[1]):].any() and prompt[1, :len(rows[1])].sum() == rows[1].prompt.sum()
-    model = tiny_model(moe=True)
-    logits = np.array(model.logits(hidden_states(model, batch)[:, :-1]), np.float64)
+    model = tiny_model(moe=True, mtp_layers=1)
+    h = hidden_states(model, batch)
     ids = np.array(batch["input_ids"])
-    log_probs = logits - logits.max(-1, keepdims=True)
-    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
-    ce = -np.take_along_axis(log_probs, ids[:, 1:, None], -1)[..., 0]
-    answers = np.array(batch["mask"])[:, 1:]
+    answers = np.array(batch["mask"])
+
+    def numpy_ce(logits, targets):
+        logits = np.array(logits, np.float64)
+        log_probs = logits - logits.max(-1, keepdims=True)
+        log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+        return -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+
+    ce = numpy_ce(model.logits(h[:, :-1]), ids[:, 1:])
+    mtp_ce = numpy_ce(model.mtp(h[:, :-2], batch["input_ids"][:, 1:-1]), ids[:, 2:])
     for w in (0.0, 0.25):
         total, count, _ = token_losses(model, batch, prompt_weight=w)
-        weight = answers + w * prompt[:, 1:]
-        assert abs(count.item() - weight.sum()) < 1e-6
-        np.testing.assert_allclose(total.item(), (ce * weight).sum(), rtol=1e-5)
+        weight = answers + w * prompt
+        assert abs(count.item() - weight[:, 1:].sum()) < 1e-6
+        np.testing.assert_allclose(total.item(), (ce * weight[:, 1:]).sum(), rtol=1e-5)
+        _, (_, parts) = loss_fn(model, batch, TrainConfig(mtp_weight=0.5, prompt_loss_weight=w))
+        np.testing.assert_allclose(parts["mtp"].item(), (mtp_ce * weight[:, 2:]).sum() / weight[:, 2:].sum(),
+                                   rtol=1e-5)
 
 
 def test_rows_tokenise_as_generation_sees_them_with_the_real_tokenizer(tmp_path):

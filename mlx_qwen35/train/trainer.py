@@ -148,19 +148,30 @@ def target_weights(batch, prompt_weight: float = 0.0) -> mx.array:
     return weight
 
 
+def weighted_cross_entropy(logits_of, hidden, targets, weight) -> mx.array:
+    """Sum over positions of weight x cross-entropy of `targets` [B, L] under `logits_of(hidden)`, where only the
+    positions with a weight reach `logits_of` (the vocabulary head): a real Qwen 3.5's 248K-row head on every
+    position of a 2,048-token batch row would be 2 GB of float32 logits, most of them for prompt tokens that
+    carry no loss."""
+    rows, cols = np.nonzero(np.asarray(weight) > 0)  # the weights are data (masks), not a function of the model
+    if len(rows) == 0:
+        return (hidden * 0).sum()
+    rows, cols = mx.array(rows), mx.array(cols)
+    logits = logits_of(hidden[rows, cols]).astype(mx.float32)
+    return (nn.losses.cross_entropy(logits, targets[rows, cols], reduction="none") * weight[rows, cols]).sum()
+
+
 def token_losses(model, batch, prompt_weight: float = 0.0):
     """(weighted sum of next-token cross-entropies over the targets, their total weight, hidden states): the
     assistant tokens, and the prompt's text tokens at `prompt_weight`."""
     h = hidden_states(model, batch)
-    logits = model.logits(h[:, :-1]).astype(mx.float32)
-    targets, weight = batch["input_ids"][:, 1:], target_weights(batch, prompt_weight)[:, 1:]
-    ce = nn.losses.cross_entropy(logits, targets, reduction="none")
-    return (ce * weight).sum(), weight.sum(), h
+    weight = target_weights(batch, prompt_weight)[:, 1:]
+    return weighted_cross_entropy(model.logits, h[:, :-1], batch["input_ids"][:, 1:], weight), weight.sum(), h
 
 
 def mtp_head(model):
-    """The model's MTP head when the checkpoint has one (a callable (hidden [B, L, H], next ids [B, L]) -> logits
-    of the token after next), else None and the MTP loss is skipped."""
+    """The model's MTP head when the checkpoint has one (models.mtp.MTP: `hidden(h [B, L, H], next ids [B, L])`,
+    then `head(norm(.))` gives the logits of the token after next), else None and the MTP loss is skipped."""
     return getattr(model, "mtp", None) if callable(getattr(model, "mtp", None)) else None
 
 
@@ -178,10 +189,10 @@ def loss_fn(model, batch, config: TrainConfig):
     head = mtp_head(model) if config.mtp_weight > 0 else None
     if head is not None:
         # position t sees h_t and token t+1 and predicts token t+2
-        logits = head(h[:, :-2], batch["input_ids"][:, 1:-1]).astype(mx.float32)
+        hidden = head.hidden(h[:, :-2], batch["input_ids"][:, 1:-1])
         weight = target_weights(batch, config.prompt_loss_weight)[:, 2:]
-        ce = nn.losses.cross_entropy(logits, batch["input_ids"][:, 2:], reduction="none")
-        parts["mtp"] = (ce * weight).sum() / mx.maximum(weight.sum(), 1.0)
+        total = weighted_cross_entropy(lambda x: head.head(head.norm(x)), hidden, batch["input_ids"][:, 2:], weight)
+        parts["mtp"] = total / mx.maximum(weight.sum(), 1.0)
         loss = loss + config.mtp_weight * parts["mtp"]
     return loss, (count, parts)
 
