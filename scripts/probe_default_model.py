@@ -47,6 +47,33 @@ def copy_row(rng):
     return world._chat({"role": "user", "content": f"Repeat: {items}"}, items)
 
 
+def text_binding(rng, low=2, high=3):
+    """"The {shape} is {color}. ..." about `low`-`high` different shapes, then the colour of one: binding in
+    text (one shape: plain copying)."""
+    shapes = rng.sample(world.SHAPES, rng.randint(low, high))
+    colors = rng.sample(list(world.COLORS), len(shapes))
+    facts = " ".join(f"The {s} is {c}." for s, c in zip(shapes, colors))
+    asked = rng.randrange(len(shapes))
+    return world._chat({"role": "user", "content": f"{facts} What color is the {shapes[asked]}?"}, f"{colors[asked]}.")
+
+
+def mimetic_attention(model):
+    """Mimetic initialisation (Trockman & Kolter 2023): each query head starts as a copy of its KV head's key
+    projection, so attention starts by matching similar tokens."""
+    import mlx.core as mx
+    from mlx_qwen35.models.attention import GatedAttention
+
+    for _, module in model.named_modules():
+        if isinstance(module, GatedAttention):
+            D, per_kv = module.head_dim, module.num_heads // module.num_kv_heads
+            rows = []
+            for h in range(module.num_heads):
+                kv = h // per_kv
+                rows += [module.k_proj.weight[kv * D:(kv + 1) * D], module.q_proj.weight[(2 * h + 1) * D:(2 * h + 2) * D]]
+            module.q_proj.weight = mx.concatenate(rows, axis=0)
+    mx.eval(model.parameters())
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", default="big", help="solid, one_shape, big, shrinking, mixed_big, "
@@ -55,6 +82,10 @@ def main():
     parser.add_argument("--eval-task", help="held-out rows of these tasks, comma-separated (default: --task)")
     parser.add_argument("--layers", type=int, default=dm.TEXT_CONFIG["num_hidden_layers"])
     parser.add_argument("--attention-interval", type=int, default=dm.TEXT_CONFIG["full_attention_interval"])
+    parser.add_argument("--rope-theta", type=float, default=dm.TEXT_CONFIG["rope_parameters"]["rope_theta"])
+    parser.add_argument("--beta2", type=float, default=0.999, help="AdamW's second-moment decay")
+    parser.add_argument("--mtp-weight", type=float, default=0.3)
+    parser.add_argument("--mimetic", action="store_true", help="mimetic attention initialisation")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--tokens-per-batch", type=int, default=1024)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
@@ -79,16 +110,19 @@ def main():
              "conversations_big": lambda rng: world.image_conversation(rng, turns=rng.randint(1, 4), growth=0.0),
              "conversations": lambda rng: world.image_conversation(rng, turns=rng.randint(1, 4))}
     tasks.update({name: partial(world.image_example, question=ask) for name, ask in world.SCENE_QUESTIONS.items()})
-    tasks.update(copy=copy_row, tool=world.tool_example, recall_short=partial(world.recall_example, max_tokens=300),
+    tasks.update(copy=copy_row, text_binding=text_binding, text_copy=partial(text_binding, low=1, high=1), tool=world.tool_example, recall_short=partial(world.recall_example, max_tokens=300),
                  sum=partial(world.sum_example, thinking=False))
     # left/right needs two shapes: growth 0.34 draws one or two, a little smaller
     tasks.update({f"big_{name}": partial(world.image_example, question=ask, growth=0.34 if name == "left_right" else 0.0)
                   for name, ask in world.SCENE_QUESTIONS.items()})
 
     dm.TEXT_CONFIG.update(num_hidden_layers=args.layers, full_attention_interval=args.attention_interval)
-    skeleton = Path(f"/tmp/probe-default-model-{args.layers}-{args.attention_interval}")
+    dm.TEXT_CONFIG["rope_parameters"] = dict(dm.TEXT_CONFIG["rope_parameters"], rope_theta=args.rope_theta)
+    skeleton = Path(f"/tmp/probe-default-model-{args.layers}-{args.attention_interval}-{args.rope_theta:g}")
     _, processor = dm.write_skeleton(skeleton, seed=0)
     model = dm.build_model(skeleton, seed=0)
+    if args.mimetic:
+        mimetic_attention(model)
     if args.pretrain_vision:
         saved = skeleton / f"vision-{args.pretrain_vision}.safetensors"
         if saved.exists():
@@ -125,7 +159,7 @@ def main():
             yield next(second)
 
     trainer = Trainer(model, None, TrainConfig(steps=total, learning_rate=args.learning_rate,
-                                               moe_aux_weight=0.01, mtp_weight=0.3, progress=False, grad_clip=1.0,
+                                               moe_aux_weight=0.01, mtp_weight=args.mtp_weight, progress=False, grad_clip=1.0,
                                                weight_decay=0.01, dense_experts=True,
                                                prompt_loss_weight=args.prompt_loss))
 
@@ -135,11 +169,11 @@ def main():
 
     if args.vision_lr == 0:
         model.model.visual.freeze()
-        trainer.optimizer = optim.AdamW(learning_rate=schedule(1.0), weight_decay=0.01)
+        trainer.optimizer = optim.AdamW(learning_rate=schedule(1.0), betas=[0.9, args.beta2], weight_decay=0.01)
     else:
         trainer.optimizer = optim.MultiOptimizer(
-            [optim.AdamW(learning_rate=schedule(args.vision_lr), weight_decay=0.01),
-             optim.AdamW(learning_rate=schedule(1.0), weight_decay=0.01)],
+            [optim.AdamW(learning_rate=schedule(args.vision_lr), betas=[0.9, args.beta2], weight_decay=0.01),
+             optim.AdamW(learning_rate=schedule(1.0), betas=[0.9, args.beta2], weight_decay=0.01)],
             [lambda path, _: path.startswith("model.visual")])
 
     start, tokens, seen, losses = time.perf_counter(), 0, 0, []

@@ -63,6 +63,9 @@ STEPS = 2800
 # decoder at a tenth of the learning rate so the decoder's first, noisy gradients do not wash that out.
 VISION_PRETRAIN_STEPS = 3000
 VISION_LR_SCALE = 0.1
+# AdamW's second-moment decay: 0.95 (GPT-3's, nanoGPT's) instead of 0.999 let the decoder learn in-context
+# binding ("The circle is red. ... What color is the circle?") in 4,000 rows instead of never (docs).
+ADAM_BETAS = [0.9, 0.95]
 
 
 def write_skeleton(directory: Path, seed: int) -> tuple[dict, object]:
@@ -281,8 +284,9 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
 
     schedule = schedule_for(learning_rate)
     trainer.optimizer = optim.MultiOptimizer(
-        [optim.AdamW(learning_rate=schedule_for(learning_rate * VISION_LR_SCALE), weight_decay=0.01),
-         optim.AdamW(learning_rate=schedule, weight_decay=0.01)], [lambda path, _: path.startswith("model.visual")])
+        [optim.AdamW(learning_rate=schedule_for(learning_rate * VISION_LR_SCALE), betas=ADAM_BETAS, weight_decay=0.01),
+         optim.AdamW(learning_rate=schedule, betas=ADAM_BETAS, weight_decay=0.01)],
+        [lambda path, _: path.startswith("model.visual")])
     batches = length_batches(world_rows(seed, processor), tokens_per_batch, seed=seed)
     probes = probe_rows(seed, processor) if probe_every else {}
     bar = _bar(steps, progress)
