@@ -39,11 +39,12 @@ def shrinking(rng, progress, ramp):
     return one_shape(rng, growth=min(1.0, progress[0] / ramp))
 
 
-def copy_row(rng):
-    """"Repeat: ..." and the same items back: a dense copying task (names, codes, cities, colours, numbers)."""
+def copy_row(rng, low=4, high=16):
+    """"Repeat: ..." and the same `low`-`high` items back: a dense copying task (names, codes, cities, colours,
+    numbers)."""
     pools = [world.NAMES, list(world.CITIES), list(world.COLORS), [f"{n:04d}" for n in range(10000)],
              [str(n) for n in range(1000)]]
-    items = " ".join(rng.choice(rng.choice(pools)) for _ in range(rng.randint(4, 16)))
+    items = " ".join(rng.choice(rng.choice(pools)) for _ in range(rng.randint(low, high)))
     return world._chat({"role": "user", "content": f"Repeat: {items}"}, items)
 
 
@@ -110,7 +111,7 @@ def main():
              "conversations_big": lambda rng: world.image_conversation(rng, turns=rng.randint(1, 4), growth=0.0),
              "conversations": lambda rng: world.image_conversation(rng, turns=rng.randint(1, 4))}
     tasks.update({name: partial(world.image_example, question=ask) for name, ask in world.SCENE_QUESTIONS.items()})
-    tasks.update(copy=copy_row, text_binding=text_binding, text_copy=partial(text_binding, low=1, high=1), tool=world.tool_example, recall_short=partial(world.recall_example, max_tokens=300),
+    tasks.update(copy=copy_row, copy_short=partial(copy_row, low=1, high=3), text_binding=text_binding, text_copy=partial(text_binding, low=1, high=1), tool=world.tool_example, recall_short=partial(world.recall_example, max_tokens=300),
                  sum=partial(world.sum_example, thinking=False))
     # left/right needs two shapes: growth 0.34 draws one or two, a little smaller
     tasks.update({f"big_{name}": partial(world.image_example, question=ask, growth=0.34 if name == "left_right" else 0.0)
