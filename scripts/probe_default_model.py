@@ -39,13 +39,23 @@ def shrinking(rng, progress, ramp):
     return one_shape(rng, growth=min(1.0, progress[0] / ramp))
 
 
-def copy_row(rng, low=4, high=16):
+def copy_row(rng, low=4, high=16, digits_only=False):
     """"Repeat: ..." and the same `low`-`high` items back: a dense copying task (names, codes, cities, colours,
     numbers)."""
     pools = [world.NAMES, list(world.CITIES), list(world.COLORS), [f"{n:04d}" for n in range(10000)],
              [str(n) for n in range(1000)]]
+    pools = pools[3:4] if digits_only else pools
     items = " ".join(rng.choice(rng.choice(pools)) for _ in range(rng.randint(low, high)))
     return world._chat({"role": "user", "content": f"Repeat: {items}"}, items)
+
+
+def recall_one(rng, tokens=150):
+    """One "The code for NAME is DDDD." among ~`tokens` tokens of filler, then its question."""
+    name, code = rng.choice(world.NAMES), f"{rng.randint(0, 9999):04d}"
+    sentences = [rng.choice(world.FILLER) for _ in range(max(1, int(tokens / 1.4) // 6))]
+    sentences.insert(rng.randint(0, len(sentences)), f"The code for {name} is {code}.")
+    text = " ".join(sentences) + f"\n\nWhat is the code for {name}?"
+    return world._chat({"role": "user", "content": text}, f"{code}.")
 
 
 def text_binding(rng, low=2, high=3):
@@ -111,7 +121,8 @@ def main():
              "conversations_big": lambda rng: world.image_conversation(rng, turns=rng.randint(1, 4), growth=0.0),
              "conversations": lambda rng: world.image_conversation(rng, turns=rng.randint(1, 4))}
     tasks.update({name: partial(world.image_example, question=ask) for name, ask in world.SCENE_QUESTIONS.items()})
-    tasks.update(copy=copy_row, copy_short=partial(copy_row, low=1, high=3), text_binding=text_binding, text_copy=partial(text_binding, low=1, high=1), tool=world.tool_example, recall_short=partial(world.recall_example, max_tokens=300),
+    tasks.update(copy=copy_row, copy_short=partial(copy_row, low=1, high=3),
+                 recall_one=recall_one, copy_code=partial(copy_row, low=1, high=1, digits_only=True), text_binding=text_binding, text_copy=partial(text_binding, low=1, high=1), tool=world.tool_example, recall_short=partial(world.recall_example, max_tokens=300),
                  sum=partial(world.sum_example, thinking=False))
     # left/right needs two shapes: growth 0.34 draws one or two, a little smaller
     tasks.update({f"big_{name}": partial(world.image_example, question=ask, growth=0.34 if name == "left_right" else 0.0)
