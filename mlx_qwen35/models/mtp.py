@@ -51,6 +51,10 @@ class MTP(nn.Module):
             z = layer(z, rotary, layer_cache)
         return z
 
+    def logits(self, z):
+        """Logits for token t+2 from the layer stack's output `z` [..., H] (`hidden`)."""
+        return self.head(self.norm(z))
+
     def __call__(self, hidden, next_ids, position_ids=None, cache=None):
         """Logits [B, L, V] for token t+2 from (h_t, token t+1)."""
-        return self.head(self.norm(self.hidden(hidden, next_ids, position_ids, cache)))
+        return self.logits(self.hidden(hidden, next_ids, position_ids, cache))

@@ -52,8 +52,8 @@ def train_main(argv=None) -> int:
         apply_lora(model, args.targets or DEFAULT_TARGETS, args.rank, args.alpha)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
                          dtype=args.dtype, grad_checkpoint=args.grad_checkpoint, moe_aux_weight=args.moe_aux_weight,
-                         mtp_weight=args.mtp_weight, prompt_loss_weight=args.prompt_loss_weight, eval_every=args.eval_every, save_every=args.save_every,
-                         seed=args.seed)
+                         mtp_weight=args.mtp_weight, prompt_loss_weight=args.prompt_loss_weight,
+                         eval_every=args.eval_every, save_every=args.save_every, seed=args.seed)
     trainer = Trainer(model, rows, config, val_rows=val_rows, output_dir=args.output)
     if args.resume:
         trainer.resume(args.resume)

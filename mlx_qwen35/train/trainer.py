@@ -171,7 +171,7 @@ def token_losses(model, batch, prompt_weight: float = 0.0):
 
 def mtp_head(model):
     """The model's MTP head when the checkpoint has one (models.mtp.MTP: `hidden(h [B, L, H], next ids [B, L])`,
-    then `head(norm(.))` gives the logits of the token after next), else None and the MTP loss is skipped."""
+    then `logits(.)` of the token after next), else None and the MTP loss is skipped."""
     return getattr(model, "mtp", None) if callable(getattr(model, "mtp", None)) else None
 
 
@@ -191,7 +191,7 @@ def loss_fn(model, batch, config: TrainConfig):
         # position t sees h_t and token t+1 and predicts token t+2
         hidden = head.hidden(h[:, :-2], batch["input_ids"][:, 1:-1])
         weight = target_weights(batch, config.prompt_loss_weight)[:, 2:]
-        total = weighted_cross_entropy(lambda x: head.head(head.norm(x)), hidden, batch["input_ids"][:, 2:], weight)
+        total = weighted_cross_entropy(head.logits, hidden, batch["input_ids"][:, 2:], weight)
         parts["mtp"] = total / mx.maximum(weight.sum(), 1.0)
         loss = loss + config.mtp_weight * parts["mtp"]
     return loss, (count, parts)
