@@ -49,13 +49,26 @@ def copy_row(rng, low=4, high=16, digits_only=False):
     return world._chat({"role": "user", "content": f"Repeat: {items}"}, items)
 
 
-def recall_one(rng, tokens=150):
-    """One "The code for NAME is DDDD." among ~`tokens` tokens of filler, then its question."""
+def recall_one(rng, tokens=150, reach=1.0):
+    """One "The code for NAME is DDDD." among ~`tokens` tokens of filler, then its question; the fact sits
+    within the last `reach` of the filler (0: right before the question)."""
     name, code = rng.choice(world.NAMES), f"{rng.randint(0, 9999):04d}"
     sentences = [rng.choice(world.FILLER) for _ in range(max(1, int(tokens / 1.4) // 6))]
-    sentences.insert(rng.randint(0, len(sentences)), f"The code for {name} is {code}.")
+    sentences.insert(len(sentences) - rng.randint(0, int(reach * len(sentences))), f"The code for {name} is {code}.")
     text = " ".join(sentences) + f"\n\nWhat is the code for {name}?"
     return world._chat({"role": "user", "content": text}, f"{code}.")
+
+
+def recall_reaching(rng, progress, ramp):
+    return recall_one(rng, reach=min(1.0, progress[0] / ramp))
+
+
+def recall_growing(rng, progress, ramp, questions=1):
+    """The world's recall rows growing from one fact in ~150 tokens to 1-4 facts in up to 1,200 over `ramp`
+    rows."""
+    grown = min(1.0, progress[0] / ramp)
+    return world.recall_example(rng, min_tokens=100, max_tokens=150 + int(1050 * grown), questions=questions,
+                                facts=1 + round(3 * grown))
 
 
 def text_binding(rng, low=2, high=3):
@@ -107,7 +120,8 @@ def main():
                         "0 freezes it")
     parser.add_argument("--pretrain-vision", type=int, default=0, help="steps of vision tower pretraining "
                         "on the world's labels first (train/vision_pretrain.py); saved and reused per step count")
-    parser.add_argument("--ramp", type=int, default=2400, help="rows over which `shrinking` reaches world sizes")
+    parser.add_argument("--ramp", type=int, default=2400, help="rows over which `shrinking` reaches world sizes and "
+                        "`recall_reaching` / `recall_growing` their full reach and length")
     parser.add_argument("--then", help="a second stage: this task mixed half and half with --task")
     parser.add_argument("--then-steps", type=int, default=150)
     parser.add_argument("--every", type=int, default=50)
@@ -122,7 +136,13 @@ def main():
              "conversations": lambda rng: world.image_conversation(rng, turns=rng.randint(1, 4))}
     tasks.update({name: partial(world.image_example, question=ask) for name, ask in world.SCENE_QUESTIONS.items()})
     tasks.update(copy=copy_row, copy_short=partial(copy_row, low=1, high=3),
-                 recall_one=recall_one, copy_code=partial(copy_row, low=1, high=1, digits_only=True), text_binding=text_binding, text_copy=partial(text_binding, low=1, high=1), tool=world.tool_example, recall_short=partial(world.recall_example, max_tokens=300),
+                 recall_one=recall_one, recall_near=partial(recall_one, reach=0.0),
+                 recall_tiny=partial(world.recall_example, min_tokens=10, max_tokens=40, facts=1),
+                 recall_growing=partial(recall_growing, progress=progress, ramp=args.ramp),
+                 recall_growing4=partial(recall_growing, progress=progress, ramp=args.ramp, questions=4),
+                 recall_1000=partial(world.recall_example, min_tokens=1000, max_tokens=1000),
+                 recall_300=partial(world.recall_example, min_tokens=300, max_tokens=300),
+                 recall_reaching=partial(recall_reaching, progress=progress, ramp=args.ramp), copy_code=partial(copy_row, low=1, high=1, digits_only=True), text_binding=text_binding, text_copy=partial(text_binding, low=1, high=1), tool=world.tool_example, recall_short=partial(world.recall_example, max_tokens=300),
                  sum=partial(world.sum_example, thinking=False))
     # left/right needs two shapes: growth 0.34 draws one or two, a little smaller
     tasks.update({f"big_{name}": partial(world.image_example, question=ask, growth=0.34 if name == "left_right" else 0.0)

@@ -261,3 +261,10 @@ def test_train_default_refuses_a_missing_vision_tower_before_writing(tmp_path, c
         main(["--output", str(tmp_path / "model"), "--vision-weights", str(tmp_path / "nope.safetensors")])
     assert "--vision-weights: no such file" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+    import mlx.core as mx
+
+    wrong = tmp_path / "wrong.safetensors"
+    mx.save_safetensors(str(wrong), {"patch_embed.proj.weight": mx.zeros((3, 3))})
+    with pytest.raises(ValueError, match=r"(?s)wrong.safetensors is not a vision tower of this model: Missing .*blocks.0.attn"):
+        train_default(tmp_path / "model", steps=1, vision_weights=wrong)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wrong.safetensors"]

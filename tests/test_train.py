@@ -1,6 +1,7 @@
 """Training: the synthetic world's answers read back from the drawn pixels, the assistant-token mask, LoRA
 gradients and fusing, loss going down, exact resume, and clear errors for bad rows and foreign adapters."""
 
+import itertools
 import random
 import re
 
@@ -214,6 +215,39 @@ def test_training_rows_with_several_recall_questions_and_tool_uses():
         assert (question["role"], call["role"], response["role"], answer["role"]) == ("user", "assistant", "tool", "assistant")
         assert all(str(v) in question["content"] for v in function["arguments"].values())
         assert response["content"] in answer["content"]
+
+
+def test_curriculum_text_rows_copy_then_recall_growing_from_one_fact():
+    """The first stage cycles large-shape colour rows, codes to repeat (answered with that code) and sums; the
+    recall passages after it start with one fact in at most ~150 tokens and grow to 1-4 facts and longer
+    passages, every answer the asked name's code."""
+    from mlx_qwen35.train.default_model import copy_example, training_examples
+
+    copy = copy_example(random.Random(4))
+    code = re.fullmatch(r"Repeat: (\d{4})", copy["messages"][0]["content"])[1]
+    assert copy["messages"][1]["content"] == f"{code}."
+    def recalls(curriculum):
+        rows = list(itertools.islice(training_examples(seed=5, first_stage=6, curriculum=curriculum), 1000))
+        return rows, [r for r in rows[6:] if isinstance(r["messages"][0]["content"], str) and passage_facts(r)]
+
+    rows, early = recalls(curriculum=10**9)
+    _, late = recalls(curriculum=1)
+    firsts = [r["messages"][0]["content"] for r in rows[:6]]
+    assert [type(c) for c in firsts[:3]] == [list, str, str] and firsts[1].startswith("Repeat: ")
+    assert re.fullmatch(r"What is \d+ \+ \d+\?", firsts[2]) and firsts[3:] != firsts[:3]
+    assert len(early) > 10 and len(late) > 10
+    for row in early + late:
+        passage = row["messages"][0]["content"]
+        facts = dict(re.findall(r"The code for (\w+) is (\d{4})\.", passage))
+        asked = [re.search(r"What is the code for (\w+)\?$", m["content"])[1] for m in row["messages"][::2]]
+        assert [m["content"] for m in row["messages"][1::2]] == [facts[name] + "." for name in asked]
+    assert all(passage_facts(r) == 1 and len(r["messages"][0]["content"].split()) < 150 / 1.4 + 25 for r in early)
+    assert max(passage_facts(r) for r in late) >= 3
+    assert max(len(r["messages"][0]["content"].split()) for r in late) > 300
+
+
+def passage_facts(row) -> int:
+    return row["messages"][0]["content"].count("The code for ")
 
 
 # --- rows and the assistant mask -----------------------------------------------------------------------------
