@@ -128,3 +128,47 @@ def test_realistic_trace_matches_the_published_397b_statistics():
     assert 0.22 < traces.reuse(k4) < 0.35
     for entries, published in traces.PUBLISHED_LRU_397B_K4.items():
         assert abs(traces.per_layer_lru(k4, entries) - published) < 0.1
+
+
+def test_record_routing_gives_each_tokens_experts_and_the_next_layer_routers_precision():
+    """record_routing against a float64 NumPy router: the trace holds each token's top-K experts per MoE layer
+    in order, and the precision is the share of layer l+1's experts that its router picks from layer l's
+    input."""
+    from types import SimpleNamespace
+
+    from mlx_qwen35.config import TextConfig
+    from mlx_qwen35.models.moe import SparseMoeBlock
+
+    config = TextConfig(num_hidden_layers=3, vocab_size=8, num_attention_heads=1, num_key_value_heads=1,
+                        hidden_size=16, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=8,
+                        shared_expert_intermediate_size=8)
+    mx.random.seed(0)
+    blocks = [SparseMoeBlock(config) for _ in range(3)]
+    model = SimpleNamespace(layers=[SimpleNamespace(mlp=b) for b in blocks] + [SimpleNamespace(mlp=None)])
+    inputs = [mx.random.normal((5, 16)), mx.random.normal((1, 16)), mx.random.normal((3, 16))]
+    seen = []
+
+    def run():
+        for x in inputs:
+            for block in blocks:
+                seen.append(np.array(x, dtype=np.float64))
+                x = x + block(x)
+
+    trace, precision = traces.record_routing(model, run)
+    assert trace.shape == (9, 3, 2)
+    gates = [np.array(b.gate.weight, dtype=np.float64) for b in blocks]
+    expected = np.zeros((9, 3, 2), dtype=np.int64)
+    hits = np.zeros(2)
+    for call, x in enumerate(seen):
+        chunk, layer = divmod(call, 3)
+        rows = slice(sum(len(i) for i in inputs[:chunk]), sum(len(i) for i in inputs[:chunk + 1]))
+        expected[rows, layer] = np.sort(np.argsort(-(x @ gates[layer].T), axis=1)[:, :2], axis=1)
+        if layer < 2:
+            predicted = np.argsort(-(x @ gates[layer + 1].T), axis=1)[:, :2]
+            actual = np.argsort(-(seen[call + 1] @ gates[layer + 1].T), axis=1)[:, :2]
+            hits[layer] += sum(len(np.intersect1d(p, a)) for p, a in zip(predicted, actual))
+    np.testing.assert_array_equal(np.sort(trace, axis=2), expected)
+    np.testing.assert_allclose(precision, hits / 18)
+    assert "route" not in vars(blocks[0])  # the model is left as it was
+    with pytest.raises(ValueError, match="never called"):
+        traces.record_routing(model, lambda: None)

@@ -15,7 +15,8 @@ docs/expert_cache.md section 4) also give a K=10 trace. Controls: `uniform_trace
 cache's hit rate is about its capacity share) and `shuffled` (the same trace with tokens permuted per layer:
 popularity kept, temporal reuse destroyed).
 
-A trace is an int array [tokens, layers, K] of expert ids (distinct within a row).
+A trace is an int array [tokens, layers, K] of expert ids (distinct within a row). `record_routing` records
+one from a real model as it runs, with the precision of the next-layer prediction that prefetch uses.
 """
 
 import numpy as np
@@ -111,7 +112,86 @@ def fit(tokens: int = 200, layers: int = 8, num_experts: int = 512, seed: int = 
     return best
 
 
+def record_routing(model, run) -> tuple[np.ndarray, list]:
+    """The routing of every token the model processes while `run()` runs (prefill and decode, in order) as a
+    trace [T, L, K], and for each pair of consecutive MoE layers (l, l+1) the share of layer l+1's experts that
+    its router, applied to layer l's MoE input, predicts (what CachedExperts prefetches with; chance K / E)."""
+    import mlx.core as mx
+
+    from ..models.moe import SparseMoeBlock
+
+    blocks = [layer.mlp for layer in model.layers if isinstance(layer.mlp, SparseMoeBlock)]
+    calls = [[] for _ in blocks]
+    for block, seen in zip(blocks, calls):
+        def route(x, block=block, seen=seen):
+            indices, weights = SparseMoeBlock.route(block, x)
+            seen.append((x, np.array(indices)))
+            return indices, weights
+        object.__setattr__(block, "route", route)
+    try:
+        run()
+    finally:
+        for block in blocks:
+            object.__delattr__(block, "route")
+    if not calls[0]:
+        raise ValueError("run() never called the model's MoE layers")
+    trace = np.stack([np.concatenate([indices for _, indices in seen]) for seen in calls], axis=1)
+    precision = []
+    for (current, following), block in zip(zip(calls, calls[1:]), blocks[1:]):
+        hits = total = 0
+        for (x, _), (_, actual) in zip(current, following):
+            logits = np.array(block.gate(x).astype(mx.float32))
+            predicted = np.argpartition(-logits, block.top_k - 1, axis=-1)[:, : block.top_k]
+            hits += sum(len(np.intersect1d(p, a)) for p, a in zip(predicted, actual))
+            total += actual.size
+        precision.append(hits / total)
+    return trace, precision
+
+
+def model_routing(path, per_kind: int = 5) -> dict:
+    """Routing statistics of a model trained on the synthetic world (the default model), recorded while it
+    answers `per_kind` held-out questions of every kind (train/evaluate.py) through the public API, beside
+    the same statistics of its shuffled and a uniform control of the same shape."""
+    import random
+
+    from ..loading import load
+    from ..train import evaluate
+
+    model, processor = load(path)
+
+    def run():
+        for kind in evaluate.TARGETS:
+            rng = random.Random(f"routing-{kind}")
+            for _ in range(per_kind):
+                evaluate.ask(model, processor, evaluate.cases(kind, rng))
+
+    trace, precision = record_routing(model, run)
+    experts = next(layer.mlp.gate.weight.shape[0] for layer in model.layers if hasattr(layer.mlp, "gate"))
+    T, L, K = trace.shape
+    share = np.stack([np.bincount(trace[:, layer].ravel(), minlength=experts) / (T * K) for layer in range(L)])
+
+    def summary(t):
+        return {"reuse_t+1": reuse(t), "touched_8": touched(t, 8),
+                **{f"lru_{n}": per_layer_lru(t, n) for n in range(K, experts, K)}}
+
+    return {"tokens": T, "layers": L, "experts": experts, "top_k": K,
+            "busiest_expert_share": float(share.max(1).mean()), "idlest_expert_share": float(share.min(1).mean()),
+            "next_layer_precision": precision, "chance": K / experts, "trace": summary(trace),
+            "shuffled": summary(shuffled(trace)), "uniform": summary(uniform_trace(T, L, experts, K))}
+
+
 if __name__ == "__main__":
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="Fit the synthetic trace to published routing statistics, or "
+                                     "(--model) record the routing of a model trained on the synthetic world.")
+    parser.add_argument("--model", help="a world-trained checkpoint (the default model) to record routing from")
+    parser.add_argument("--per-kind", type=int, default=5)
+    args = parser.parse_args()
+    if args.model:
+        print(json.dumps(model_routing(args.model, args.per_kind), indent=1))
+        raise SystemExit(0)
     skew, rho, error, fitted = fit()
     print(f"fitted skew {skew}, rho {rho} (squared error {error:.4f})")
     print("K=4 trace:", {k: round(v, 3) for k, v in fitted.items()})
