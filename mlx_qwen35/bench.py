@@ -259,3 +259,65 @@ def vision_bench(sizes=(448, 896), repeats=3, compare=("mlx-vlm",), depth=None):
             agreement = (mx.linalg.norm(a - b) / mx.linalg.norm(b)).item()
             print(f"          ours {times['mlx-vlm'] / times['mlx-qwen35']:.2f}x the speed of mlx-vlm; "
                   f"outputs agree to {agreement:.1e} relative", flush=True)
+
+
+def speculative_prompts(count: int, seed: int = 31):
+    """Text questions of the default model's world with their generation settings: sums answered with a
+    thinking block, tool calls (the XML call is most of the answer) and codes recalled from 300-token
+    passages, `count` of each."""
+    import random
+
+    from .train import world
+
+    rng, prompts = random.Random(seed), []
+    for _ in range(count):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        prompts.append(("sum, thinking", [{"role": "user", "content": f"What is {a} + {b}?"}], None, True))
+        tool = world.tool_example(rng)
+        prompts.append(("tool call", tool["messages"][:1], tool["tools"], False))
+        recall = world.recall_example(rng, 300, 300)
+        prompts.append(("recall", recall["messages"][:1], None, False))
+    return prompts
+
+
+def speculative_bench(path=None, drafts=(1, 2), count=10, repeats=3, max_tokens=64):
+    """Speculative decoding with the checkpoint's MTP head (default: the shipped default model) against plain
+    greedy decoding, on the same prompts in one process: the tokens must be identical; prints the share of
+    drafts accepted and the decode speed (tokens after the first, over their time), median of `repeats`."""
+    from .generation import stream_generate
+    from .loading import load
+
+    model, processor = load(path)
+    prompts = speculative_prompts(count)
+    print(f"# speculative decoding, {path or 'the default model'}, device {platform.device_name()}, "
+          f"{len(prompts)} prompts ({count} per kind), greedy, at most {max_tokens} new tokens, median of {repeats}")
+    baseline = None
+    for k in (0, *drafts):
+        runs = []
+        for _ in range(repeats):
+            tokens, decode_tokens, decode_time, drafted, accepted, by_kind = [], 0, 0.0, 0, 0, {}
+            for kind, messages, tools, thinking in prompts:
+                out = []
+                for last in stream_generate(model, processor, messages, max_tokens=max_tokens, tools=tools,
+                                            enable_thinking=thinking, speculative=k):
+                    out.append(last.token)
+                tokens.append(out)
+                if last.generation_tokens > 1 and last.decode_tps > 0:
+                    decode_tokens += last.generation_tokens - 1
+                    decode_time += (last.generation_tokens - 1) / last.decode_tps
+                if k:
+                    drafted, accepted = drafted + last.drafted, accepted + last.accepted
+                    d, a = by_kind.get(kind, (0, 0))
+                    by_kind[kind] = (d + last.drafted, a + last.accepted)
+            runs.append((decode_tokens / decode_time, tokens, drafted, accepted, by_kind))
+        speed = statistics.median(r[0] for r in runs)
+        _, tokens, drafted, accepted, by_kind = runs[0]
+        if k == 0:
+            baseline = (speed, tokens)
+            print(f"plain greedy        decode {speed:7.1f} tok/s  ({sum(map(len, tokens))} tokens)")
+            continue
+        if tokens != baseline[1]:
+            raise AssertionError(f"speculative decoding with {k} drafts changed the output")
+        kinds = ", ".join(f"{kind} {a / d:.0%}" for kind, (d, a) in by_kind.items() if d)
+        print(f"MTP, {k} draft{'s' if k > 1 else ' '}      decode {speed:7.1f} tok/s  {speed / baseline[0]:.2f}x  "
+              f"accepted {accepted}/{drafted} = {accepted / max(drafted, 1):.0%} ({kinds}); same tokens")

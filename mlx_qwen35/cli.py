@@ -168,8 +168,10 @@ def cmd_convert(args):
 
 
 def cmd_bench(args):
-    from .bench import attention_memory, bench, kernels_bench, vision_bench
+    from .bench import attention_memory, bench, kernels_bench, speculative_bench, vision_bench
 
+    if args.speculative:
+        return speculative_bench(args.model, tuple(args.speculative), repeats=args.repeats)
     if args.attention_memory:
         return attention_memory(tuple(args.prompt_lengths))
     if args.kernels:
@@ -264,6 +266,9 @@ def main(argv=None):
     bench.add_argument("--max-tokens", type=int, default=64)
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--compare", nargs="*", default=[], choices=["mlx-lm", "mlx-vlm"])
+    bench.add_argument("--speculative", type=int, nargs="+", metavar="K", help="MTP speculative decoding with K "
+                       "drafts per step against plain greedy decoding on the world's text questions (default "
+                       "model: the shipped one)")
     bench.add_argument("--attention-memory", action="store_true",
                        help="peak memory of prompt attention at --prompt-lengths instead of generation speed")
     bench.add_argument("--kernels", action="store_true",

@@ -71,6 +71,37 @@ def recall_growing(rng, progress, ramp, questions=1):
                                 facts=1 + round(3 * grown))
 
 
+def recall_bind(rng, low=30, high=150, questions=4):
+    """A short passage with 2-4 facts asked about up to `questions` of them: choosing the asked name's code
+    among several, without the length."""
+    while True:
+        example = world.recall_example(rng, min_tokens=low, max_tokens=high, questions=questions, facts=4)
+        if example["messages"][0]["content"].count("The code for") >= 2:
+            return example
+
+
+def big_video(rng, growth=0.5, room=1.0):
+    """One shape (larger than the world's at `growth` below 1) moving steadily across `room` of the free
+    space: the video question with the largest motion."""
+    frames, direction = rng.randint(4, 8), rng.choice(world.DIRECTIONS)
+    dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[direction]
+    while True:
+        first = world.random_scene(rng, count=1, growth=growth)
+        mover = first.shapes[0]
+        low, high = mover.r + 2, (first.width if dx else first.height) - mover.r - 3
+        step = int((high - low) * room) // (frames - 1)
+        if step >= 2:
+            break
+    span = step * (frames - 1)
+    start = rng.randint(low, high - span) if dx + dy > 0 else rng.randint(low + span, high)
+    scenes = [world.Scene(first.width, first.height, first.background,
+                          [world.Shape(mover.kind, mover.color, start + dx * step * t if dx else mover.cx,
+                                       start + dy * step * t if dy else mover.cy, mover.r)]) for t in range(frames)]
+    user = world._user([{"type": "video", "video": [world.draw(s) for s in scenes]}],
+                       f"Which way does the {mover.name} move?")
+    return world._chat(user, direction.capitalize() + ".")
+
+
 def text_binding(rng, low=2, high=3):
     """"The {shape} is {color}. ..." about `low`-`high` different shapes, then the colour of one: binding in
     text (one shape: plain copying)."""
@@ -142,7 +173,9 @@ def main():
                  recall_growing4=partial(recall_growing, progress=progress, ramp=args.ramp, questions=4),
                  recall_1000=partial(world.recall_example, min_tokens=1000, max_tokens=1000),
                  recall_300=partial(world.recall_example, min_tokens=300, max_tokens=300),
-                 recall_reaching=partial(recall_reaching, progress=progress, ramp=args.ramp), copy_code=partial(copy_row, low=1, high=1, digits_only=True), text_binding=text_binding, text_copy=partial(text_binding, low=1, high=1), tool=world.tool_example, recall_short=partial(world.recall_example, max_tokens=300),
+                 recall_reaching=partial(recall_reaching, progress=progress, ramp=args.ramp), copy_code=partial(copy_row, low=1, high=1, digits_only=True), text_binding=text_binding, recall_bind=recall_bind, big_video=big_video, video=lambda rng: world.video_example(rng),
+                 recall_bind1=partial(recall_bind, questions=1),
+                 recall_bind_300=partial(recall_bind, low=300, high=300, questions=1), text_copy=partial(text_binding, low=1, high=1), tool=world.tool_example, recall_short=partial(world.recall_example, max_tokens=300),
                  sum=partial(world.sum_example, thinking=False))
     # left/right needs two shapes: growth 0.34 draws one or two, a little smaller
     tasks.update({f"big_{name}": partial(world.image_example, question=ask, growth=0.34 if name == "left_right" else 0.0)

@@ -276,6 +276,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
 
     if vision_weights and not Path(vision_weights).is_file():
         raise FileNotFoundError(f"--vision-weights: no such file {vision_weights}")
+    run_start = time.perf_counter()
     output = Path(output)
     partial = output.with_name(output.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -348,7 +349,9 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
             bar.update(1)
     if bar is not None:
         bar.close()
-    log_lines.append(f"# finished in {(time.perf_counter() - start) / 60:.1f} min, {tokens} tokens")
+    log_lines.append(f"# finished in {(time.perf_counter() - start) / 60:.1f} min, {tokens} tokens; "
+                     f"{(time.perf_counter() - run_start) / 60:.1f} min in all (setup and the tower's pretraining "
+                     f"included)")
     (partial / "training_log.txt").write_text("\n".join(log_lines) + "\n")
     save_weights(model, partial / "model.safetensors")
     shutil.rmtree(output, ignore_errors=True)
