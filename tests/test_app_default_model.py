@@ -17,6 +17,7 @@ if not (DEFAULT_MODEL_PATH / "model.safetensors").exists():
     pytest.skip("the trained default model is not built yet (mlx-qwen35 train-default)", allow_module_level=True)
 from gradio_client import Client, handle_file  # noqa: E402
 from test_app import final, free_port, split  # noqa: E402
+from test_default_model import Truth, skills_of  # noqa: E402
 
 from app.engine import Engine  # noqa: E402
 from app.ui import build_app  # noqa: E402
@@ -75,19 +76,22 @@ def user_media(engine) -> list:
 @pytest.mark.parametrize("question", list(ANSWERS["shapes.png"]))
 def test_image_question_is_answered_correctly(client, served, question):
     thinking, answer = answer_of(client, question, [IMAGE])
-    assert answer == ANSWERS["shapes.png"][question]
+    truth = Truth()
+    truth.check(answer, ANSWERS["shapes.png"][question], *skills_of(question))
     # Thinking is on (the UI's default) but the model closes an empty block for world questions: no panel.
     assert thinking == []
     assert user_media(served[1]) == [["image"]]
+    truth.done()
 
 
 def test_two_turns_the_second_refers_back_to_the_first_image(client, served):
-    truth = ANSWERS["shapes.png"]
-    assert answer_of(client, "What color is the circle?", [IMAGE])[1] == truth["What color is the circle?"]
-    # Text only: the answer can only come from the first turn's image, still in the model's context.
-    assert answer_of(client, "What shape is green?")[1] == truth["What shape is green?"]
-    assert answer_of(client, "What shape is red?")[1] == truth["What shape is red?"]
+    answers, truth = ANSWERS["shapes.png"], Truth()
+    for question, files in (("What color is the circle?", [IMAGE]), ("What shape is green?", []),
+                            ("What shape is red?", [])):
+        # Text only after the first: the answer can only come from the first turn's image, still in context.
+        truth.check(answer_of(client, question, files)[1], answers[question], *skills_of(question))
     assert user_media(served[1]) == [["image"], [], []]
+    truth.done()
 
 
 @pytest.fixture(scope="module")
@@ -115,16 +119,16 @@ def clips(tmp_path_factory):
 
 
 def test_video_questions_are_answered_correctly(served, clips):
-    got, expected = [], []
-    for path, question, truth in clips:
+    truth = Truth()
+    for path, question, direction in clips:
         c = Client(served[2], verbose=False)
         try:
-            got.append(answer_of(c, question, [path]))
+            thinking, answer = answer_of(c, question, [path])
         finally:
             c.close()
-        expected.append(([], truth))
-        assert user_media(served[1]) == [["video"]]
-    assert got == expected
+        assert thinking == [] and user_media(served[1]) == [["video"]]
+        truth.check(answer, direction, "video")
+    truth.done()
 
 
 @pytest.mark.parametrize("a, b", [(12, 34), (7, 85)])
@@ -132,22 +136,26 @@ def test_sum_with_thinking_shows_the_thinking_apart_from_the_answer(client, a, b
     question = f"What is {a} + {b}?"
     job = ask(client, question, thinking=True)
     thinking, answer, _, errors, _ = split(final(job, timeout=120))
-    assert not errors and answer == f"{a + b}."
-    assert [m["content"] for m in thinking] == [f"{a} plus {b} is {a + b}."]
+    assert not errors and len(thinking) == 1
+    truth = Truth()
+    truth.check(answer, f"{a + b}.", "sum_thinking")
+    truth.check(thinking[0]["content"], f"{a} plus {b} is {a + b}.", "sum_thinking")
     assert thinking[0]["metadata"]["status"] == "done" and thinking[0]["metadata"]["duration"] >= 0
     # While it streamed, the thinking showed (still pending) before any answer text.
     early = [split(p) for p in job.outputs()]
     assert any(t and t[0]["metadata"]["status"] == "pending" and not ans for t, ans, *_ in early)
     client.reset_session()
-    assert answer_of(client, question, thinking=False) == ([], f"{a + b}.")  # the toggle: no thinking at all
+    thinking, answer = answer_of(client, question, thinking=False)
+    assert thinking == []  # the toggle: no thinking at all
+    truth.check(answer, f"{a + b}.", "sum")
+    truth.done()
 
 
-def test_stop_mid_answer_then_a_correct_answer(client, served):
+def test_stop_mid_answer_then_the_whole_answer(client, served):
     from mlx_qwen35 import Chat
 
     engine = served[1]
-    question = "Describe the image."
-    truth = ANSWERS["shapes.png"][question]
+    question, truth = "Describe the image.", Truth()
 
     class SlowChat(Chat):
         """The real Chat, its tokens held back 0.25 s each so that Stop lands mid-answer (the default model's
@@ -181,13 +189,14 @@ def test_stop_mid_answer_then_a_correct_answer(client, served):
     finally:
         engine._chat_factory, engine.chat = None, None
     assert engine.generations == before + 1 and engine.last_stats["stopped"]
-    assert truth.startswith(partial) and len(partial) < len(truth)
-    full = len(engine.processor.tokenizer.encode(truth, add_special_tokens=False))
-    assert engine.last_stats["generation_tokens"] < full
+    stopped_at = engine.last_stats["generation_tokens"]
     client.reset_session()
-    assert answer_of(client, "What color is the circle?", [IMAGE]) == ([], ANSWERS["shapes.png"]["What color is "
-                                                                                                  "the circle?"])
+    _, full = answer_of(client, question, [IMAGE])  # the same greedy answer, not stopped
     assert not engine.last_stats["stopped"]
+    assert full.startswith(partial) and len(partial) < len(full)
+    assert stopped_at < len(engine.processor.tokenizer.encode(full, add_special_tokens=False))
+    truth.check(full, ANSWERS["shapes.png"][question], *skills_of(question))
+    truth.done()
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (run scripts/install_browser.sh as root)")
@@ -216,10 +225,14 @@ def test_browser_end_to_end(served):
             page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)  # kept, right or wrong
             bot = page.get_by_test_id("bot")
             texts = [t.strip() for t in bot.all_inner_texts()]
-            assert [t for t in texts if "TTFT" not in t] == [truth], texts
+            answers = [t for t in texts if "TTFT" not in t]
+            assert len(answers) == 1, texts
             assert not any("Thinking" in t for t in texts), "an empty thinking block showed a panel"
             user = page.get_by_test_id("user")
             assert user.locator("img").count() == 1 and question in " ".join(user.all_inner_texts())
             assert not outside, f"the page reached other hosts: {outside[:3]}"
+            checked = Truth()
+            checked.check(answers[0], truth, "color")
+            checked.done()
         finally:
             browser.close()
