@@ -44,9 +44,10 @@ def test_generate_rejects_ids_outside_vocabulary(tmp_path):
         next(generate_tokens(model, [1, 2, 9999]))
 
 
-def test_generate_without_model_says_it_uses_random_weights(capsys, tmp_path, monkeypatch):
-    from mlx_qwen35 import cli, demo
+def test_generate_without_model_or_default_model_says_it_uses_random_weights(capsys, tmp_path, monkeypatch):
+    from mlx_qwen35 import cli, demo, loading
 
+    monkeypatch.setattr(loading, "DEFAULT_MODEL_PATH", tmp_path / "no-default-model")  # an install without it
     target = tmp_path / "random"
     monkeypatch.setattr(cli, "DEFAULT_PATH", target)
     monkeypatch.setattr(cli, "ensure_random_checkpoint", lambda: demo.ensure_random_checkpoint(target))
