@@ -71,13 +71,24 @@ def recall_growing(rng, progress, ramp, questions=1):
                                 facts=1 + round(3 * grown))
 
 
-def recall_bind(rng, low=30, high=150, questions=4):
+def recall_bind(rng, low=30, high=150, questions=4, facts=4):
     """A short passage with 2-4 facts asked about up to `questions` of them: choosing the asked name's code
     among several, without the length."""
     while True:
-        example = world.recall_example(rng, min_tokens=low, max_tokens=high, questions=questions, facts=4)
+        example = world.recall_example(rng, min_tokens=low, max_tokens=high, questions=questions, facts=facts)
         if example["messages"][0]["content"].count("The code for") >= 2:
             return example
+
+
+def recall_bind_names(rng, names=3, questions=4):
+    """recall_bind with the passage's names drawn from the first `names` of the world's 24: binding among a
+    few known names before any name."""
+    full = world.NAMES
+    world.NAMES = full[:names]
+    try:
+        return recall_bind(rng, questions=questions, facts=min(4, names))
+    finally:
+        world.NAMES = full
 
 
 def big_video(rng, growth=0.5, room=1.0):
@@ -100,6 +111,19 @@ def big_video(rng, growth=0.5, room=1.0):
     user = world._user([{"type": "video", "video": [world.draw(s) for s in scenes]}],
                        f"Which way does the {mover.name} move?")
     return world._chat(user, direction.capitalize() + ".")
+
+
+def side_of_picture(rng, growth=0.5):
+    """One shape clearly in the left or right third of the picture: "Is the {color} {shape} on the left or
+    the right?" (absolute position, a curriculum step before left/right of another shape)."""
+    while True:
+        scene = world.random_scene(rng, count=1, growth=growth)
+        shape = scene.shapes[0]
+        if shape.cx < scene.width / 3 or shape.cx > 2 * scene.width / 3:
+            answer = "Left." if shape.cx < scene.width / 2 else "Right."
+            user = world._user([{"type": "image", "image": world.draw(scene)}],
+                               f"Is the {shape.name} on the left or the right?")
+            return world._chat(user, answer)
 
 
 def text_binding(rng, low=2, high=3):
@@ -173,7 +197,9 @@ def main():
                  recall_growing4=partial(recall_growing, progress=progress, ramp=args.ramp, questions=4),
                  recall_1000=partial(world.recall_example, min_tokens=1000, max_tokens=1000),
                  recall_300=partial(world.recall_example, min_tokens=300, max_tokens=300),
-                 recall_reaching=partial(recall_reaching, progress=progress, ramp=args.ramp), copy_code=partial(copy_row, low=1, high=1, digits_only=True), text_binding=text_binding, recall_bind=recall_bind, big_video=big_video, video=lambda rng: world.video_example(rng),
+                 recall_reaching=partial(recall_reaching, progress=progress, ramp=args.ramp), copy_code=partial(copy_row, low=1, high=1, digits_only=True), text_binding=text_binding, recall_bind=recall_bind, big_video=big_video, side_of_picture=side_of_picture,
+                 recall_bind_names3=partial(recall_bind_names, names=3),
+                 recall_bind_names3_1=partial(recall_bind_names, names=3, questions=1), video=lambda rng: world.video_example(rng),
                  recall_bind1=partial(recall_bind, questions=1),
                  recall_bind_300=partial(recall_bind, low=300, high=300, questions=1), text_copy=partial(text_binding, low=1, high=1), tool=world.tool_example, recall_short=partial(world.recall_example, max_tokens=300),
                  sum=partial(world.sum_example, thinking=False))
