@@ -236,14 +236,15 @@ def test_lora_teaches_a_new_colour_name(monkeypatch):
     monkeypatch.delitem(world.COLORS, "teal")
     train += [world.image_example(rng, world.ask_color) for _ in range(48)]  # keep the old colours in view
     rows = encode_all(train, processor, enable_thinking=True)
-    apply_lora(model, rank=8, alpha=16.0)
+    apply_lora(model, rank=8, alpha=16.0, seed=0)
     trainer = Trainer(model, rows, TrainConfig(steps=60, batch_size=8, learning_rate=2e-3, progress=False, seed=1))
     trainer.fit()
     model.eval()
 
     assert _accuracy(model, processor, held_out) >= 0.8
-    # The old colours stay about as right as before (20 questions); a model below its colour bar reads them
-    # too loosely for this to hold yet.
+    # The old colours stay about as right as before (20 questions). With the interim model this depends on the
+    # adapters' starting weights (45-75 % right after fine-tunes from unseeded starts, 75 % before), hence the
+    # seed above and the soft check while its colour skill is below its bar.
     old_after, truth = _accuracy(model, processor, old), Truth()
     truth.check(old_after >= old_before - 0.15, True, "color",
                 what=f"old colours right {old_after:.0%} after the fine-tune, {old_before:.0%} before")

@@ -492,3 +492,16 @@ def test_lora_adapter_save_load_fuse_and_refuse(processor, tmp_path):
         load_adapter(other, tmp_path / "adapter")
     with pytest.raises(AdapterError, match="adapter_config.json was made for another architecture"):
         load_adapter(tiny_model(moe=True), tmp_path / "adapter")
+
+
+def test_lora_seed_fixes_the_adapters_starting_weights():
+    """`apply_lora(seed=)`: the adapters' A matrices depend on the seed alone, not on MLX's global random
+    state (so `mlx-qwen35 train --lora --seed S` repeats); another seed draws others."""
+    starts = []
+    for before, seed in ((1, 0), (2, 0), (1, 3)):
+        model = tiny_model()
+        mx.random.seed(before)
+        apply_lora(model, rank=2, alpha=4.0, seed=seed)
+        starts.append({k: np.array(v) for k, v in tree_flatten(model.trainable_parameters()) if k.endswith("lora_a")})
+    assert starts[0] and all(np.array_equal(starts[0][k], starts[1][k]) for k in starts[0])
+    assert not all(np.array_equal(starts[0][k], starts[2][k]) for k in starts[0])

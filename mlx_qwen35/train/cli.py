@@ -49,7 +49,7 @@ def train_main(argv=None) -> int:
     rows = encode_all(read(args.data), processor, enable_thinking=thinking)
     val_rows = encode_all(read(args.val), processor, enable_thinking=thinking) if args.val else None
     if args.lora:
-        apply_lora(model, args.targets or DEFAULT_TARGETS, args.rank, args.alpha)
+        apply_lora(model, args.targets or DEFAULT_TARGETS, args.rank, args.alpha, seed=args.seed)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
                          dtype=args.dtype, grad_checkpoint=args.grad_checkpoint, moe_aux_weight=args.moe_aux_weight,
                          mtp_weight=args.mtp_weight, prompt_loss_weight=args.prompt_loss_weight,

@@ -27,13 +27,13 @@ class AdapterError(ValueError):
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, linear: nn.Module, rank: int = 8, alpha: float = 16.0):
+    def __init__(self, linear: nn.Module, rank: int = 8, alpha: float = 16.0, key=None):
         super().__init__()
         out_dims, in_dims = _linear_dims(linear)
         self.linear = linear
         self.scale = alpha / rank
         bound = 1 / math.sqrt(in_dims)
-        self.lora_a = mx.random.uniform(-bound, bound, (in_dims, rank))
+        self.lora_a = mx.random.uniform(-bound, bound, (in_dims, rank), key=key)
         self.lora_b = mx.zeros((rank, out_dims))  # zero: the adapted model starts equal to the base
 
     def __call__(self, x):
@@ -68,9 +68,10 @@ def _matches(path: str, patterns) -> bool:
 
 
 def apply_lora(model: nn.Module, targets=DEFAULT_TARGETS, rank: int = 8, alpha: float = 16.0,
-               freeze_base: bool = True) -> list[str]:
+               freeze_base: bool = True, seed: int | None = None) -> list[str]:
     """Wrap the linear layers whose module path matches a pattern of `targets` (fnmatch on the full path,
-    or a bare layer name such as "q_proj"); freeze everything else. Returns the wrapped paths."""
+    or a bare layer name such as "q_proj"); freeze everything else. Returns the wrapped paths. With a `seed`
+    the adapters start from weights that depend on it alone (else on MLX's global random state)."""
     if rank < 1:
         raise AdapterError(f"LoRA rank must be >= 1, got {rank}")
     if freeze_base:
@@ -79,7 +80,9 @@ def apply_lora(model: nn.Module, targets=DEFAULT_TARGETS, rank: int = 8, alpha: 
               if isinstance(m, (nn.Linear, nn.QuantizedLinear)) and _matches(path, targets)]
     if not chosen:
         raise AdapterError(f"no linear layer matches the LoRA targets {list(targets)}")
-    model.update_modules(tree_unflatten([(path, LoRALinear(m, rank, alpha)) for path, m in chosen]))
+    keys = mx.random.split(mx.random.key(seed), len(chosen)) if seed is not None else [None] * len(chosen)
+    model.update_modules(tree_unflatten([(path, LoRALinear(m, rank, alpha, key))
+                                         for (path, m), key in zip(chosen, keys)]))
     return sorted(path for path, _ in chosen)
 
 
