@@ -285,9 +285,13 @@ def speculative_bench(path=None, drafts=(1, 2), count=10, repeats=3, max_tokens=
     greedy decoding, on the same prompts in one process: the tokens must be identical; prints the share of
     drafts accepted and the decode speed (tokens after the first, over their time), median of `repeats`."""
     from .generation import stream_generate
+    from .generation.speculative import require_mtp
     from .loading import load
 
+    if not drafts or min(drafts) < 1:
+        raise ValueError(f"--speculative takes draft counts of at least 1; got {list(drafts)}")
     model, processor = load(path)
+    require_mtp(model)  # before timing the plain run
     prompts = speculative_prompts(count)
     print(f"# speculative decoding, {path or 'the default model'}, device {platform.device_name()}, "
           f"{len(prompts)} prompts ({count} per kind), greedy, at most {max_tokens} new tokens, median of {repeats}")

@@ -342,3 +342,10 @@ def test_speculative_bench_keeps_the_tokens_and_counts_accepted_drafts(capsys):
     line = next(line for line in lines if line.startswith("MTP, 1 draft"))
     accepted, drafted = map(int, re.search(r"accepted (\d+)/(\d+)", line).groups())
     assert "same tokens" in line and drafted > 0 and accepted / drafted > 0.5
+
+
+def test_speculative_bench_refuses_draft_counts_below_one():
+    from mlx_qwen35.bench import speculative_bench
+
+    with pytest.raises(ValueError, match=r"draft counts of at least 1; got \[1, 0\]"):
+        speculative_bench(None, drafts=(1, 0))

@@ -166,7 +166,7 @@ def model_routing(path, per_kind: int = 5) -> dict:
                 evaluate.ask(model, processor, evaluate.cases(kind, rng))
 
     trace, precision = record_routing(model, run)
-    experts = next(layer.mlp.gate.weight.shape[0] for layer in model.layers if hasattr(layer.mlp, "gate"))
+    experts = model.config.text_config.num_experts
     T, L, K = trace.shape
     share = np.stack([np.bincount(trace[:, layer].ravel(), minlength=experts) / (T * K) for layer in range(L)])
 
