@@ -161,6 +161,31 @@ def test_curriculum_scenes_start_with_one_large_shape_and_end_as_the_world():
     assert late > 20
 
 
+def test_curriculum_videos_start_with_one_large_shape_crossing_the_picture():
+    """Training's early videos (growth 0) show one shape alone, at least a third of the shorter side across,
+    travelling most of the free room, and the answer is the direction its pixels move."""
+    rng = random.Random(12)
+    for _ in range(12):
+        example = world.video_example(rng, growth=0.0)
+        frames = example["messages"][0]["content"][0]["video"]
+        (color, kind, *_), = components(frames[0])
+        assert example["messages"][0]["content"][-1]["text"] == f"Which way does the {color} {kind} move?"
+        boxes = []
+        for frame in frames:
+            assert len(components(frame)) == 1
+            ys, xs = np.nonzero((np.abs(np.asarray(frame).astype(int) - world.COLORS[color]).sum(-1) == 0))
+            boxes.append((xs.min(), xs.max(), ys.min(), ys.max()))
+        width, height = frames[0].size
+        (x0, x1, y0, y1), (u0, u1, v0, v1) = boxes[0], boxes[-1]
+        dx, dy = u0 - x0, v0 - y0
+        horizontal = abs(dx) > abs(dy)
+        extent, side = (x1 - x0 + 1, width) if horizontal else (y1 - y0 + 1, height)
+        assert extent >= min(width, height) / 3 - 1
+        assert max(abs(dx), abs(dy)) >= 0.7 * (side - extent - 5)
+        expected = ("Right." if dx > 0 else "Left.") if horizontal else ("Down." if dy > 0 else "Up.")
+        assert example["messages"][1]["content"] == expected
+
+
 def test_world_multi_image_video_and_text_answers():
     rng = random.Random(3)
     for _ in range(8):
@@ -218,7 +243,8 @@ def test_training_rows_with_several_recall_questions_and_tool_uses():
 
 
 def test_curriculum_text_rows_copy_then_recall_growing_from_one_fact():
-    """The first stage cycles large-shape colour rows, codes to repeat (answered with that code) and sums; the
+    """The first stage cycles large-shape colour rows, codes to repeat (answered with that code), sums and
+    large-shape videos; the
     recall passages after it start with one fact in at most ~150 tokens and grow to 1-4 facts and longer
     passages, every answer the asked name's code."""
     from mlx_qwen35.train.default_model import copy_example, training_examples
@@ -231,10 +257,11 @@ def test_curriculum_text_rows_copy_then_recall_growing_from_one_fact():
         return rows, [r for r in rows[6:] if isinstance(r["messages"][0]["content"], str) and passage_facts(r)]
 
     rows, early = recalls(curriculum=10**9)
+    assert "video" in [part["type"] for part in rows[3]["messages"][0]["content"]]
     _, late = recalls(curriculum=1)
     firsts = [r["messages"][0]["content"] for r in rows[:6]]
     assert [type(c) for c in firsts[:3]] == [list, str, str] and firsts[1].startswith("Repeat: ")
-    assert re.fullmatch(r"What is \d+ \+ \d+\?", firsts[2]) and firsts[3:] != firsts[:3]
+    assert re.fullmatch(r"What is \d+ \+ \d+\?", firsts[2]) and firsts[4:6] != firsts[:2]
     assert len(early) > 10 and len(late) > 10
     for row in early + late:
         passage = row["messages"][0]["content"]

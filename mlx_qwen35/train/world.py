@@ -255,17 +255,21 @@ def multi_image_example(rng: random.Random) -> dict:
     return example
 
 
-def video_scenes(rng: random.Random, frames: int | None = None, direction: str | None = None) -> tuple:
+def video_scenes(rng: random.Random, frames: int | None = None, direction: str | None = None,
+                 growth: float = 1.0) -> tuple:
     """4-8 frames of one shape moving steadily in `direction` (others stay still). Returns (scenes, moving
-    shape's index, direction)."""
+    shape's index, direction). `growth` below 1 (the training curriculum) draws the mover alone, larger
+    (random_scene's growth 0.5 at 0) and crossing more of the free room (all of it at 0, half in the world)."""
+    growth = min(max(growth, 0.0), 1.0)
     frames = frames or rng.randint(4, 8)
     direction = direction or rng.choice(DIRECTIONS)
     dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[direction]
     while True:
-        first = random_scene(rng, count=rng.randint(1, 2))
+        count = rng.randint(1, 2) if growth == 1.0 else 1
+        first = random_scene(rng, count=count, growth=0.5 + 0.5 * growth)
         mover = first.shapes[0]
         low, high = mover.r + 2, (first.width if dx else first.height) - mover.r - 3
-        step = (high - low) // (2 * (frames - 1))  # the path spans at most half the free room
+        step = int((high - low) * (1 - 0.5 * growth)) // (frames - 1)
         if step < 2 or len(unique(first, kind=mover.kind, color=mover.color)) != 1:
             continue
         span = step * (frames - 1)
@@ -280,8 +284,8 @@ def video_scenes(rng: random.Random, frames: int | None = None, direction: str |
             return scenes, 0, direction
 
 
-def video_example(rng: random.Random) -> dict:
-    scenes, index, direction = video_scenes(rng)
+def video_example(rng: random.Random, growth: float = 1.0) -> dict:
+    scenes, index, direction = video_scenes(rng, growth=growth)
     mover = scenes[0].shapes[index]
     user = _user([{"type": "video", "video": [draw(s) for s in scenes]}], f"Which way does the {mover.name} move?")
     example = _chat(user, direction.capitalize() + ".")
