@@ -246,6 +246,23 @@ def test_adaptive_policy_follows_recency_or_frequency():
     assert simulate("lrfu-adaptive", skewed, 64) > simulate("lru", skewed, 64) + 0.05
 
 
+def test_offline_optimum_matches_the_textbook_and_bounds_every_policy():
+    from mlx_qwen35.experts import simulate_optimal
+    from mlx_qwen35.experts.traces import as_calls, realistic_trace
+
+    # Silberschatz et al., Operating System Concepts, section 10.4: this reference string with 3 frames
+    # costs 9 faults under the optimal replacement (12 under LRU).
+    string = [7, 0, 1, 2, 0, 3, 0, 4, 2, 3, 0, 3, 2, 1, 2, 0, 1, 7, 0, 1]
+    calls = [(0, [page]) for page in string]
+    assert simulate_optimal(calls, 3) == (len(string) - 9) / len(string)
+    assert simulate("lru", calls, 3) == (len(string) - 12) / len(string)
+    for trace, capacity in [(zipf_trace(1), 64), (as_calls(realistic_trace(200, 4, 256, 10, seed=1)), 51)]:
+        best = simulate_optimal(trace, capacity)
+        assert all(simulate(p, trace, capacity) <= best for p in ("lru", "lrfu", "lrfu-adaptive"))
+    with pytest.raises(ValueError, match="capacity 2 is below one call's 3 experts"):
+        simulate_optimal([(0, [1, 2, 3])], 2)
+
+
 def test_memory_pressure_shrinks_the_budget(checkpoints, references):
     path = checkpoints["4bit"]
     per = expert_bytes(path)

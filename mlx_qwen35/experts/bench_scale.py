@@ -197,17 +197,19 @@ def table(results: list) -> str:
 
 
 def simulate_table(layers: int, num_experts: int, top_k: int, tokens: int, fractions, seed: int = 0) -> str:
-    """Hit rates of LRU and LRFU over long traces (no I/O) at cache sizes given as a share of all experts."""
-    from .cache import simulate
+    """Hit rates of LRU and LRFU over long traces (no I/O) at cache sizes given as a share of all experts,
+    and Belady's offline optimum: the most any demand-loading policy can reach."""
+    from .cache import simulate, simulate_optimal
 
     kinds = {k: make_trace(k, tokens, layers, num_experts, top_k, seed) for k in TRACES}
-    rows = ["| trace | cache share | experts per layer | LRU | LRFU (half-life 16 tokens) | adaptive LRFU |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| trace | cache share | experts per layer | LRU | LRFU (half-life 16 tokens) | adaptive LRFU "
+            "| offline optimum (Belady) |", "|---|---|---|---|---|---|---|"]
     for kind, trace in kinds.items():
         calls = traces.as_calls(trace)
         for share in fractions:
             capacity = max(top_k, round(share * layers * num_experts))
             hits = [simulate(policy, calls, capacity) for policy in ("lru", "lrfu", "lrfu-adaptive")]
+            hits.append(simulate_optimal(calls, capacity))
             rates = " | ".join(f"{h:.1%}" for h in hits)
             rows.append(f"| {kind} | {share:.1%} | {capacity / layers:.0f} | {rates} |")
     return "\n".join(rows)

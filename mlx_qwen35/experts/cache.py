@@ -214,6 +214,41 @@ def simulate(policy, trace, capacity: int) -> float:
     return hits / max(1, total)
 
 
+def simulate_optimal(trace, capacity: int) -> float:
+    """The hit rate of Belady's offline optimum over `trace` (as `simulate`): on a miss, evict the resident
+    expert whose next use is furthest away. No online policy can do better at this capacity; prefetching is
+    the only way past it."""
+    keys = [[(layer, int(e)) for e in dict.fromkeys(experts)] for layer, experts in trace]
+    if keys and capacity < max(map(len, keys)):
+        raise ValueError(f"capacity {capacity} is below one call's {max(map(len, keys))} experts")
+    next_use, seen = [None] * len(keys), {}
+    for now in range(len(keys) - 1, -1, -1):
+        next_use[now] = [seen.get(key, math.inf) for key in keys[now]]
+        seen.update((key, now) for key in keys[now])
+    resident, furthest, hits, total = {}, [], 0, 0  # resident: key -> its next use; furthest: a lazy max-heap
+    for now, call in enumerate(keys):
+        pinned = set(call)
+        for key, following in zip(call, next_use[now]):
+            total += 1
+            if key in resident:
+                hits += 1
+            else:
+                skipped = []
+                while len(resident) >= capacity:
+                    negated, victim = heapq.heappop(furthest)
+                    if resident.get(victim) != -negated:
+                        continue  # a stale entry: that key was used again since
+                    if victim in pinned:
+                        skipped.append((negated, victim))
+                        continue
+                    del resident[victim]
+                for entry in skipped:
+                    heapq.heappush(furthest, entry)
+            resident[key] = following
+            heapq.heappush(furthest, (-following, key))
+    return hits / max(1, total)
+
+
 # ------------------------------------------------------------------------------------------------ stats
 @dataclass
 class LayerStats:
