@@ -19,6 +19,14 @@ def run_ours(model, prompt, max_tokens):
     return last.prefill_tps, last.decode_tps
 
 
+def run_ours_exact(model, prompt, max_tokens):
+    """Ours with MLX's own SiLU and sigmoid instead of kernels/activations.py's CPU polynomial."""
+    from .kernels.activations import exact
+
+    with exact():
+        return run_ours(model, prompt, max_tokens)
+
+
 def _timed(tokens, prompt_length):
     """(prefill tok/s, decode tok/s) of a peer's token generator: time to its first token, then the rest."""
     start = time.perf_counter()
@@ -70,6 +78,8 @@ def bench(path, prompt_lengths=(512,), max_tokens=64, repeats=3, dtype=None, com
 
     dtype = platform.parse_dtype(dtype) or platform.default_dtype()
     engines = {"mlx-qwen35": (lambda: load_model(path, dtype), run_ours)}
+    if "exact-activations" in compare:
+        engines["ours, MLX exp"] = (lambda: load_model(path, dtype), run_ours_exact)
     if "mlx-lm" in compare:
         engines["mlx-lm"] = (lambda: load_mlx_lm(path, dtype), run_mlx_lm)
     if "mlx-vlm" in compare:
@@ -90,7 +100,7 @@ def bench(path, prompt_lengths=(512,), max_tokens=64, repeats=3, dtype=None, com
             prefill = statistics.median(s[0] for s in samples)
             decode = statistics.median(s[1] for s in samples)
             rows[(name, length)] = (prefill, decode)
-            print(f"{name:11s} prompt {length:5d}: prefill {prefill:8.1f} tok/s  decode {decode:6.2f} tok/s  "
+            print(f"{name:13s} prompt {length:5d}: prefill {prefill:8.1f} tok/s  decode {decode:6.2f} tok/s  "
                   f"peak {max(peaks):.2f} GiB  (prefill runs {', '.join(f'{s[0]:.1f}' for s in samples)})",
                   flush=True)
         del model

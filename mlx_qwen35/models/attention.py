@@ -4,6 +4,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import TextConfig
+from ..kernels.activations import sigmoid
 from .layers import ZeroCenteredRMSNorm, apply_rotary
 
 # Prompts longer than this attend in blocks of queries, so scores take [block, keys], never [L, L].
@@ -42,7 +43,7 @@ class GatedAttention(nn.Module):
 
         out = causal_attention(queries, keys, values, self.scale)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
-        return self.o_proj(out * mx.sigmoid(gate))
+        return self.o_proj(out * sigmoid(gate))
 
 
 def causal_attention(queries, keys, values, scale, block: int | None = None):

@@ -5,6 +5,7 @@ import mlx.nn as nn
 
 from .. import kernels
 from ..config import TextConfig
+from ..kernels.activations import sigmoid, silu
 from .layers import GatedRMSNorm
 
 
@@ -65,7 +66,7 @@ class GatedDeltaNet(nn.Module):
         conv_input = mx.concatenate([context, mixed], axis=1)
         if cache is not None:
             cache[0] = conv_input[:, -(self.conv_kernel_size - 1) :]
-        mixed = nn.silu(self.conv1d(conv_input))
+        mixed = silu(self.conv1d(conv_input))
 
         q, k, v = mx.split(mixed, [self.key_dim, 2 * self.key_dim], axis=-1)
         q = q.reshape(B, L, self.num_k_heads, self.head_k_dim).astype(mx.float32)
@@ -74,7 +75,7 @@ class GatedDeltaNet(nn.Module):
         q = l2_normalize(q) * self.head_k_dim**-0.5
         k = l2_normalize(k)
 
-        beta = mx.sigmoid(b.astype(mx.float32))
+        beta = sigmoid(b.astype(mx.float32))
         log_decay = -mx.exp(self.A_log.astype(mx.float32)) * nn.softplus(
             a.astype(mx.float32) + self.dt_bias.astype(mx.float32))
         state = None if cache is None else cache[1]

@@ -3,6 +3,8 @@
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..kernels.activations import silu
+
 
 class ZeroCenteredRMSNorm(nn.Module):
     """RMSNorm whose stored weight is an offset from 1. (1 + w) is formed in float32 at run time, so the
@@ -28,7 +30,7 @@ class GatedRMSNorm(nn.Module):
 
     def __call__(self, x, gate):
         normed = mx.fast.rms_norm(x.astype(mx.float32), None, self.eps).astype(x.dtype) * self.weight
-        return (normed.astype(mx.float32) * nn.silu(gate.astype(mx.float32))).astype(x.dtype)
+        return (normed.astype(mx.float32) * silu(gate.astype(mx.float32))).astype(x.dtype)
 
 
 class MLP(nn.Module):
@@ -39,7 +41,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def __call__(self, x):
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class MRoPE:

@@ -6,6 +6,7 @@ import mlx.nn as nn
 
 from .. import kernels
 from ..config import TextConfig
+from ..kernels.activations import sigmoid, silu
 from .layers import MLP
 
 
@@ -31,7 +32,7 @@ class Experts(nn.Module):
         rows = x[order // K][:, None, :]  # [N*K, 1, H]
         gate_up = self.project(rows, "gate_up_proj", experts_sorted)
         gate, up = mx.split(gate_up, 2, axis=-1)
-        hidden = nn.silu(gate) * up
+        hidden = silu(gate) * up
         out = self.project(hidden, "down_proj", experts_sorted)
         return out[mx.argsort(order)].reshape(N, K, -1)
 
@@ -88,5 +89,5 @@ class SparseMoeBlock(nn.Module):
         x = x.reshape(-1, shape[-1])
         indices, weights = self.route(x)
         routed = self.routed(x, indices, weights)
-        shared = mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        shared = sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return (routed + shared).reshape(shape)

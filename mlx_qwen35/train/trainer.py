@@ -16,6 +16,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..kernels.activations import exact as exact_activations
 from ..models.moe import Experts, SparseMoeBlock
 from .data import collate
 
@@ -243,7 +244,7 @@ class Trainer:
             batch = collate([self.rows[i] for i in self.batch_indices(self.step)], self.config.pad_id)
         self.model.train()
         # Checkpointed layers recompute in the backward pass, after loss_fn returned: keep routing trainable.
-        with trainable_router(self.model, dense=self.config.dense_experts):
+        with trainable_router(self.model, dense=self.config.dense_experts), exact_activations():
             (loss, (count, parts)), grads = self._grad(self.model, batch)
         grads, norm = optim.clip_grad_norm(grads, self.config.grad_clip or float("inf"))
         mx.eval(loss, norm)
@@ -265,7 +266,8 @@ class Trainer:
         total = count = 0.0
         for start in range(0, len(rows), self.config.batch_size):
             batch = collate(rows[start:start + self.config.batch_size], self.config.pad_id)
-            s, n, _ = token_losses(self.model, batch)
+            with exact_activations():
+                s, n, _ = token_losses(self.model, batch)
             mx.eval(s, n)
             total, count = total + s.item(), count + n.item()
         return total / max(count, 1.0)
