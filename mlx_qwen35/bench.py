@@ -5,6 +5,7 @@ mlx-lm: generate_step), repeated, and the median is reported."""
 import gc
 import statistics
 import time
+from pathlib import Path
 
 import mlx.core as mx
 
@@ -77,6 +78,7 @@ def bench(path, prompt_lengths=(512,), max_tokens=64, repeats=3, dtype=None, com
     from .loading import load_model
 
     dtype = platform.parse_dtype(dtype) or platform.default_dtype()
+    path = Path(path)  # mlx-lm's and mlx-vlm's loaders take a Path, not a str
     engines = {"mlx-qwen35": (lambda: load_model(path, dtype), run_ours)}
     if "exact-activations" in compare:
         engines["ours, MLX exp"] = (lambda: load_model(path, dtype), run_ours_exact)
@@ -85,34 +87,40 @@ def bench(path, prompt_lengths=(512,), max_tokens=64, repeats=3, dtype=None, com
     if "mlx-vlm" in compare:
         engines["mlx-vlm"] = (lambda: load_mlx_vlm(path, dtype), run_mlx_vlm)
     print(f"# device {platform.device_name()}, dtype {dtype}, BLAS {platform.blas_in_use()}, "
-          f"{max_tokens} new tokens, median of {repeats}")
-    rows = {}
-    for name, (loader, runner) in engines.items():
-        model = loader()
-        for length in prompt_lengths:
-            prompt = mx.random.randint(0, 240000, (length,), key=mx.random.key(length)).tolist()
-            runner(model, prompt[:16], 4)  # warm-up
-            samples, peaks = [], []
-            for _ in range(repeats):
+          f"{max_tokens} new tokens, median of {repeats}, engines interleaved round by round")
+    # Each round loads, warms and runs every engine in turn (one model in memory at a time), so a slow or
+    # fast spell of this shared machine lands on all engines alike instead of on whichever ran then.
+    samples = {(name, length): [] for name in engines for length in prompt_lengths}
+    peaks = {key: [] for key in samples}
+    for _ in range(repeats):
+        for name, (loader, runner) in engines.items():
+            model = loader()
+            for length in prompt_lengths:
+                prompt = mx.random.randint(0, 240000, (length,), key=mx.random.key(length)).tolist()
+                runner(model, prompt[:16], 4)  # warm-up
                 mx.reset_peak_memory()
-                samples.append(runner(model, prompt, max_tokens))
-                peaks.append(mx.get_peak_memory() / 2**30)
-            prefill = statistics.median(s[0] for s in samples)
-            decode = statistics.median(s[1] for s in samples)
-            rows[(name, length)] = (prefill, decode)
-            print(f"{name:13s} prompt {length:5d}: prefill {prefill:8.1f} tok/s  decode {decode:6.2f} tok/s  "
-                  f"peak {max(peaks):.2f} GiB  (prefill runs {', '.join(f'{s[0]:.1f}' for s in samples)})",
-                  flush=True)
-        del model
-        gc.collect()
-        mx.clear_cache()
+                samples[(name, length)].append(runner(model, prompt, max_tokens))
+                peaks[(name, length)].append(mx.get_peak_memory() / 2**30)
+            del model
+            gc.collect()
+            mx.clear_cache()
+    rows = {}
+    for (name, length), runs in samples.items():
+        prefill = statistics.median(s[0] for s in runs)
+        decode = statistics.median(s[1] for s in runs)
+        rows[(name, length)] = (prefill, decode)
+        print(f"{name:13s} prompt {length:5d}: prefill {prefill:8.1f} tok/s  decode {decode:6.2f} tok/s  "
+              f"peak {max(peaks[(name, length)]):.2f} GiB  (prefill runs {', '.join(f'{s[0]:.1f}' for s in runs)})",
+              flush=True)
     for other in engines:
         if other == "mlx-qwen35":
             continue
         for length in prompt_lengths:
-            ours, theirs = rows[("mlx-qwen35", length)], rows[(other, length)]
-            print(f"ratio vs {other}, prompt {length}: prefill {ours[0] / theirs[0]:.2f}x, "
-                  f"decode {ours[1] / theirs[1]:.2f}x")
+            ours, theirs = samples[("mlx-qwen35", length)], samples[(other, length)]
+            prefill = statistics.median(a[0] / b[0] for a, b in zip(ours, theirs))
+            decode = statistics.median(a[1] / b[1] for a, b in zip(ours, theirs))
+            print(f"ratio vs {other}, prompt {length}: prefill {prefill:.2f}x, decode {decode:.2f}x "
+                  f"(medians of the per-round ratios)")
     return rows
 
 
