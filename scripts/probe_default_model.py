@@ -91,28 +91,6 @@ def recall_bind_names(rng, names=3, questions=4):
         world.NAMES = full
 
 
-def big_video(rng, growth=0.5, room=1.0):
-    """One shape (larger than the world's at `growth` below 1) moving steadily across `room` of the free
-    space: the video question with the largest motion."""
-    frames, direction = rng.randint(4, 8), rng.choice(world.DIRECTIONS)
-    dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[direction]
-    while True:
-        first = world.random_scene(rng, count=1, growth=growth)
-        mover = first.shapes[0]
-        low, high = mover.r + 2, (first.width if dx else first.height) - mover.r - 3
-        step = int((high - low) * room) // (frames - 1)
-        if step >= 2:
-            break
-    span = step * (frames - 1)
-    start = rng.randint(low, high - span) if dx + dy > 0 else rng.randint(low + span, high)
-    scenes = [world.Scene(first.width, first.height, first.background,
-                          [world.Shape(mover.kind, mover.color, start + dx * step * t if dx else mover.cx,
-                                       start + dy * step * t if dy else mover.cy, mover.r)]) for t in range(frames)]
-    user = world._user([{"type": "video", "video": [world.draw(s) for s in scenes]}],
-                       f"Which way does the {mover.name} move?")
-    return world._chat(user, direction.capitalize() + ".")
-
-
 def side_of_picture(rng, growth=0.5):
     """One shape clearly in the left or right third of the picture: "Is the {color} {shape} on the left or
     the right?" (absolute position, a curriculum step before left/right of another shape)."""
@@ -209,7 +187,7 @@ def main():
                  recall_growing4=partial(recall_growing, progress=progress, ramp=args.ramp, questions=4),
                  recall_1000=partial(world.recall_example, min_tokens=1000, max_tokens=1000),
                  recall_300=partial(world.recall_example, min_tokens=300, max_tokens=300),
-                 recall_reaching=partial(recall_reaching, progress=progress, ramp=args.ramp), copy_code=partial(copy_row, low=1, high=1, digits_only=True), text_binding=text_binding, recall_bind=recall_bind, big_video=big_video, side_of_picture=side_of_picture,
+                 recall_reaching=partial(recall_reaching, progress=progress, ramp=args.ramp), copy_code=partial(copy_row, low=1, high=1, digits_only=True), text_binding=text_binding, recall_bind=recall_bind, big_video=partial(world.video_example, growth=0.0), side_of_picture=side_of_picture,
                  recall_bind_names3=partial(recall_bind_names, names=3),
                  code_copy=partial(code_binding, low=1, high=1), code_binding=code_binding,
                  code_binding3=partial(code_binding, names=3),
