@@ -28,6 +28,12 @@ def run_ours_exact(model, prompt, max_tokens):
         return run_ours(model, prompt, max_tokens)
 
 
+def run_ours_plain_sgemm(model, prompt, max_tokens):
+    """Ours with matrix-vector products left to OpenBLAS's sgemm (platform.plain_sgemm), as the peers run."""
+    with platform.plain_sgemm():
+        return run_ours(model, prompt, max_tokens)
+
+
 def _timed(tokens, prompt_length):
     """(prefill tok/s, decode tok/s) of a peer's token generator: time to its first token, then the rest."""
     start = time.perf_counter()
@@ -40,18 +46,25 @@ def _timed(tokens, prompt_length):
     return prefill_tps, (n - 1) / (time.perf_counter() - decode_start)
 
 
-def run_mlx_lm(model, prompt, max_tokens):
+def run_mlx_lm_forwarded(model, prompt, max_tokens):
+    """mlx-lm's loop with this process's matrix-vector forwarding on: what mlx-lm would gain from it."""
     from mlx_lm.generate import generate_step
 
     return _timed(generate_step(mx.array(prompt), model, max_tokens=max_tokens), len(prompt))
+
+
+def run_mlx_lm(model, prompt, max_tokens):
+    with platform.plain_sgemm():  # the peers run on OpenBLAS as their users have it
+        return run_mlx_lm_forwarded(model, prompt, max_tokens)
 
 
 def run_mlx_vlm(model, prompt, max_tokens):
     """mlx-vlm's own text-only loop (its generate_step with no pixels), greedy."""
     from mlx_vlm.generate.ar import generate_step
 
-    return _timed(generate_step(mx.array(prompt)[None], model, None, None, max_tokens=max_tokens,
-                                temperature=0.0), len(prompt))
+    with platform.plain_sgemm():
+        return _timed(generate_step(mx.array(prompt)[None], model, None, None, max_tokens=max_tokens,
+                                    temperature=0.0), len(prompt))
 
 
 def load_mlx_vlm(path, dtype):
@@ -82,8 +95,12 @@ def bench(path, prompt_lengths=(512,), max_tokens=64, repeats=3, dtype=None, com
     engines = {"mlx-qwen35": (lambda: load_model(path, dtype), run_ours)}
     if "exact-activations" in compare:
         engines["ours, MLX exp"] = (lambda: load_model(path, dtype), run_ours_exact)
+    if "plain-sgemm" in compare:
+        engines["ours, sgemm"] = (lambda: load_model(path, dtype), run_ours_plain_sgemm)
     if "mlx-lm" in compare:
         engines["mlx-lm"] = (lambda: load_mlx_lm(path, dtype), run_mlx_lm)
+    if "mlx-lm-gemv" in compare:
+        engines["mlx-lm, gemv"] = (lambda: load_mlx_lm(path, dtype), run_mlx_lm_forwarded)
     if "mlx-vlm" in compare:
         engines["mlx-vlm"] = (lambda: load_mlx_vlm(path, dtype), run_mlx_vlm)
     print(f"# device {platform.device_name()}, dtype {dtype}, BLAS {platform.blas_in_use()}, "

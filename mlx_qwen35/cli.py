@@ -265,8 +265,11 @@ def main(argv=None):
     bench.add_argument("--prompt-lengths", type=int, nargs="+", default=[512])
     bench.add_argument("--max-tokens", type=int, default=64)
     bench.add_argument("--repeats", type=int, default=3)
-    bench.add_argument("--compare", nargs="*", default=[], choices=["mlx-lm", "mlx-vlm", "exact-activations"],
-                       help="peers, and/or ours with MLX's exp-based activations (exact-activations)")
+    bench.add_argument("--compare", nargs="*", default=[],
+                       choices=["mlx-lm", "mlx-vlm", "exact-activations", "plain-sgemm", "mlx-lm-gemv"],
+                       help="peers (run on plain OpenBLAS), and/or ours with MLX's exp-based activations "
+                       "(exact-activations) or without the matrix-vector forwarding (plain-sgemm), and/or mlx-lm "
+                       "with it (mlx-lm-gemv)")
     bench.add_argument("--speculative", type=int, nargs="+", metavar="K", help="MTP speculative decoding with K "
                        "drafts per step against plain greedy decoding on the world's text questions (default "
                        "model: the shipped one)")

@@ -4,11 +4,20 @@ The `mlx[cpu]` wheel links a reference BLAS (about 7 GFLOP/s on a 512x4096x4096 
 system OpenBLAS with RTLD_GLOBAL *before* `mlx.core` is imported makes MLX resolve its BLAS symbols there
 (about 220 GFLOP/s). This module must therefore be imported before anything imports MLX; the package's
 `__init__` does so first.
+
+MLX also sends matrix-vector products (every decode step) to sgemm, which OpenBLAS runs at a quarter of the
+memory bandwidth of its sgemv. `gemv_forward.c`, compiled once into the user cache with the system C compiler
+and loaded before OpenBLAS, gives MLX a `cblas_sgemm` that forwards those products to sgemv.
 """
 
 import ctypes
+import hashlib
 import os
+import shutil
+import subprocess
 import sys
+from contextlib import contextmanager
+from pathlib import Path
 
 OPENBLAS_PATHS = (
     "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
@@ -18,10 +27,41 @@ OPENBLAS_PATHS = (
     "/usr/lib64/libopenblas.so.0",
 )
 
+GEMV_FORWARD_SOURCE = Path(__file__).with_name("gemv_forward.c")
+
 _openblas_status = "not attempted"
+_gemv_forward = None  # the loaded shim (ctypes.CDLL), once bound to OpenBLAS
+_gemv_forward_status = "not attempted"
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlx-qwen35"
+
+
+def _build_gemv_forward() -> Path:
+    """The shim's shared library, compiled on first use and kept under a name that hashes its source."""
+    digest = hashlib.sha256(GEMV_FORWARD_SOURCE.read_bytes()).hexdigest()[:16]
+    library = _cache_dir() / f"gemv_forward-{digest}.so"
+    if library.exists():
+        return library
+    compiler = shutil.which(os.environ.get("CC") or "cc")
+    if compiler is None:
+        raise OSError(f"no C compiler ({os.environ.get('CC') or 'cc'}) found")
+    library.parent.mkdir(parents=True, exist_ok=True)
+    partial = library.with_name(f"{library.name}.{os.getpid()}.partial")
+    try:
+        subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", str(partial), str(GEMV_FORWARD_SOURCE), "-ldl"],
+                       check=True, capture_output=True, timeout=120)
+        os.replace(partial, library)
+    except subprocess.CalledProcessError as error:
+        raise OSError(f"{compiler} failed: {error.stderr.decode(errors='replace').strip()[:300]}") from None
+    finally:
+        partial.unlink(missing_ok=True)
+    return library
 
 
 def _preload_openblas() -> str:
+    global _gemv_forward, _gemv_forward_status
     if sys.platform != "linux":
         return "not needed (not Linux)"
     if os.environ.get("MLX_QWEN35_NO_OPENBLAS"):
@@ -30,12 +70,30 @@ def _preload_openblas() -> str:
         return "too late: mlx.core was imported before mlx_qwen35"
     for path in OPENBLAS_PATHS:
         if os.path.exists(path):
+            shim = _load_gemv_forward()  # first, so that MLX binds its cblas_sgemm rather than OpenBLAS's
             try:
                 ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
             except OSError as error:
                 return f"failed to load {path}: {error}"
+            if shim is not None:
+                if shim.gemv_forward_init(path.encode()) == 0:
+                    _gemv_forward, _gemv_forward_status = shim, "on"
+                else:
+                    _gemv_forward_status = f"off: {path} lacks cblas_sgemm or cblas_sgemv"
             return f"loaded {path}"
     return "not found (apt-get install libopenblas0-pthread)"
+
+
+def _load_gemv_forward():
+    global _gemv_forward_status
+    if os.environ.get("MLX_QWEN35_NO_GEMV_FORWARD"):
+        _gemv_forward_status = "off: disabled by MLX_QWEN35_NO_GEMV_FORWARD"
+        return None
+    try:
+        return ctypes.CDLL(str(_build_gemv_forward()), mode=ctypes.RTLD_GLOBAL)
+    except (OSError, subprocess.SubprocessError) as error:
+        _gemv_forward_status = f"off: {error}"
+        return None
 
 
 _openblas_status = _preload_openblas()
@@ -53,8 +111,39 @@ def blas_in_use() -> str:
     except OSError:
         mapped = ""
     if "libopenblas" in mapped and _openblas_status.startswith("loaded"):
-        return f"OpenBLAS ({_openblas_status.removeprefix('loaded ')})"
+        return f"OpenBLAS ({_openblas_status.removeprefix('loaded ')}; matrix-vector to sgemv: {gemv_forward_status()})"
     return f"reference BLAS bundled with mlx[cpu] (OpenBLAS: {_openblas_status})"
+
+
+def gemv_forward_status() -> str:
+    """"on", "off (disabled here)" or "off: why it could not be loaded"."""
+    if _gemv_forward is not None and not _gemv_forward.gemv_forward_enabled():
+        return "off (disabled here)"
+    return _gemv_forward_status
+
+
+def gemv_forwarded_calls() -> int:
+    """How many products the forwarding has sent to sgemv in this process (0 when it is not loaded)."""
+    if _gemv_forward is None:
+        return 0
+    _gemv_forward.gemv_forward_calls.restype = ctypes.c_long
+    return _gemv_forward.gemv_forward_calls()
+
+
+@contextmanager
+def plain_sgemm():
+    """Matrix-vector products go to OpenBLAS's sgemm inside this block, as in any other MLX process: what the
+    benchmarks give the peers, and how much of ours the forwarding is."""
+    if _gemv_forward is None:
+        yield
+        return
+    mx.synchronize()  # products already queued keep the routing they were queued under
+    previous = _gemv_forward.gemv_forward_set(0)
+    try:
+        yield
+    finally:
+        mx.synchronize()
+        _gemv_forward.gemv_forward_set(previous)
 
 
 def device_name() -> str:
