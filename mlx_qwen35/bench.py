@@ -1,9 +1,13 @@
-"""`mlx-qwen35 bench`: prefill and decode speed and peak memory, optionally beside mlx-lm on the same
-weights in the same process. Each engine runs through its own generation loop (ours: generate_tokens;
-mlx-lm: generate_step), repeated, and the median is reported."""
+"""`mlx-qwen35 bench`: prefill and decode speed and peak memory, optionally beside mlx-lm and mlx-vlm on the
+same weights. Each engine runs through its own generation loop (ours: generate_tokens; mlx-lm and mlx-vlm:
+their generate_step) in a fresh process per round, engines interleaved, and the medians are reported."""
 
 import gc
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,6 +15,19 @@ import mlx.core as mx
 
 from . import platform
 from .generation import generate_tokens
+
+# What a peer's user has: OpenBLAS loaded (the issue's setting for every engine), but neither of our two other
+# CPU settings (platform.py).
+PLAIN_CPU = {"MLX_QWEN35_NO_GEMV_FORWARD": "1", "MLX_QWEN35_NO_MALLOC_TUNING": "1"}
+# --compare name -> (label, runner, environment); "mlx-qwen35" always runs.
+ENGINES = {
+    "mlx-qwen35": ("mlx-qwen35", "ours", {}),
+    "exact-activations": ("ours, MLX exp", "ours-exact", {}),
+    "plain-cpu": ("ours, plain CPU", "ours", PLAIN_CPU),
+    "mlx-lm": ("mlx-lm", "mlx-lm", PLAIN_CPU),
+    "mlx-lm-our-cpu": ("mlx-lm, our CPU", "mlx-lm", {}),
+    "mlx-vlm": ("mlx-vlm", "mlx-vlm", PLAIN_CPU),
+}
 
 
 def run_ours(model, prompt, max_tokens):
@@ -28,12 +45,6 @@ def run_ours_exact(model, prompt, max_tokens):
         return run_ours(model, prompt, max_tokens)
 
 
-def run_ours_plain_sgemm(model, prompt, max_tokens):
-    """Ours with matrix-vector products left to OpenBLAS's sgemm (platform.plain_sgemm), as the peers run."""
-    with platform.plain_sgemm():
-        return run_ours(model, prompt, max_tokens)
-
-
 def _timed(tokens, prompt_length):
     """(prefill tok/s, decode tok/s) of a peer's token generator: time to its first token, then the rest."""
     start = time.perf_counter()
@@ -46,30 +57,21 @@ def _timed(tokens, prompt_length):
     return prefill_tps, (n - 1) / (time.perf_counter() - decode_start)
 
 
-def run_mlx_lm_forwarded(model, prompt, max_tokens):
-    """mlx-lm's loop with this process's matrix-vector forwarding on: what mlx-lm would gain from it."""
+def run_mlx_lm(model, prompt, max_tokens):
     from mlx_lm.generate import generate_step
 
     return _timed(generate_step(mx.array(prompt), model, max_tokens=max_tokens), len(prompt))
-
-
-def run_mlx_lm(model, prompt, max_tokens):
-    with platform.plain_sgemm():  # the peers run on OpenBLAS as their users have it
-        return run_mlx_lm_forwarded(model, prompt, max_tokens)
 
 
 def run_mlx_vlm(model, prompt, max_tokens):
     """mlx-vlm's own text-only loop (its generate_step with no pixels), greedy."""
     from mlx_vlm.generate.ar import generate_step
 
-    with platform.plain_sgemm():
-        return _timed(generate_step(mx.array(prompt)[None], model, None, None, max_tokens=max_tokens,
-                                    temperature=0.0), len(prompt))
+    return _timed(generate_step(mx.array(prompt)[None], model, None, None, max_tokens=max_tokens,
+                                temperature=0.0), len(prompt))
 
 
 def load_mlx_vlm(path, dtype):
-    from pathlib import Path
-
     from mlx_vlm.utils import load_model
 
     model = load_model(Path(path))
@@ -81,62 +83,81 @@ def load_mlx_vlm(path, dtype):
 def load_mlx_lm(path, dtype):
     from mlx_lm.utils import load_model
 
-    model, _ = load_model(path)
+    model, _ = load_model(Path(path))
     model.set_dtype(dtype)
     mx.eval(model.parameters())
     return model
 
 
-def bench(path, prompt_lengths=(512,), max_tokens=64, repeats=3, dtype=None, compare=()):
+def _load_ours(path, dtype):
     from .loading import load_model
 
+    return load_model(path, dtype)
+
+
+RUNNERS = {"ours": (_load_ours, run_ours), "ours-exact": (_load_ours, run_ours_exact),
+           "mlx-lm": (load_mlx_lm, run_mlx_lm), "mlx-vlm": (load_mlx_vlm, run_mlx_vlm)}
+
+
+def run_engine(runner, path, prompt_lengths, max_tokens, dtype):
+    """One engine in this process: load, then per prompt length a warm-up and a timed run. Prints one JSON line
+    per length (what `bench` reads from the child process)."""
+    loader, run = RUNNERS[runner]
+    model = loader(path, platform.parse_dtype(dtype) or platform.default_dtype())
+    for length in prompt_lengths:
+        prompt = mx.random.randint(0, 240000, (length,), key=mx.random.key(length)).tolist()
+        run(model, prompt[:16], 4)  # warm-up
+        mx.reset_peak_memory()
+        prefill, decode = run(model, prompt, max_tokens)
+        print(json.dumps({"length": length, "prefill": prefill, "decode": decode,
+                          "peak_gib": mx.get_peak_memory() / 2**30, "cpu": platform.cpu_setup()}), flush=True)
+    del model
+    gc.collect()
+
+
+def bench(path, prompt_lengths=(512,), max_tokens=64, repeats=3, dtype=None, compare=()):
     dtype = platform.parse_dtype(dtype) or platform.default_dtype()
-    path = Path(path)  # mlx-lm's and mlx-vlm's loaders take a Path, not a str
-    engines = {"mlx-qwen35": (lambda: load_model(path, dtype), run_ours)}
-    if "exact-activations" in compare:
-        engines["ours, MLX exp"] = (lambda: load_model(path, dtype), run_ours_exact)
-    if "plain-sgemm" in compare:
-        engines["ours, sgemm"] = (lambda: load_model(path, dtype), run_ours_plain_sgemm)
-    if "mlx-lm" in compare:
-        engines["mlx-lm"] = (lambda: load_mlx_lm(path, dtype), run_mlx_lm)
-    if "mlx-lm-gemv" in compare:
-        engines["mlx-lm, gemv"] = (lambda: load_mlx_lm(path, dtype), run_mlx_lm_forwarded)
-    if "mlx-vlm" in compare:
-        engines["mlx-vlm"] = (lambda: load_mlx_vlm(path, dtype), run_mlx_vlm)
-    print(f"# device {platform.device_name()}, dtype {dtype}, BLAS {platform.blas_in_use()}, "
-          f"{max_tokens} new tokens, median of {repeats}, engines interleaved round by round")
-    # Each round loads, warms and runs every engine in turn (one model in memory at a time), so a slow or
-    # fast spell of this shared machine lands on all engines alike instead of on whichever ran then.
+    dtype_name = next(name for name, value in platform.DTYPES.items() if value == dtype)
+    engines = {name: ENGINES[name] for name in ["mlx-qwen35", *compare] if name in ENGINES}
+    print(f"# device {platform.device_name()}, dtype {dtype}, {max_tokens} new tokens, median of {repeats}, "
+          f"engines interleaved round by round, each in a fresh process")
+    # Each round runs every engine in turn, so a slow or fast spell of this shared machine lands on all engines
+    # alike; a fresh process each time gives every engine exactly its own CPU settings (platform.py).
     samples = {(name, length): [] for name in engines for length in prompt_lengths}
-    peaks = {key: [] for key in samples}
+    setups = {}
     for _ in range(repeats):
-        for name, (loader, runner) in engines.items():
-            model = loader()
-            for length in prompt_lengths:
-                prompt = mx.random.randint(0, 240000, (length,), key=mx.random.key(length)).tolist()
-                runner(model, prompt[:16], 4)  # warm-up
-                mx.reset_peak_memory()
-                samples[(name, length)].append(runner(model, prompt, max_tokens))
-                peaks[(name, length)].append(mx.get_peak_memory() / 2**30)
-            del model
-            gc.collect()
-            mx.clear_cache()
+        for name, (label, runner, environment) in engines.items():
+            command = [sys.executable, "-m", "mlx_qwen35.bench", runner, str(path), dtype_name, str(max_tokens),
+                       *map(str, prompt_lengths)]
+            result = subprocess.run(command, env={**os.environ, **environment}, capture_output=True, text=True)
+            if result.returncode:
+                raise RuntimeError(f"{label} failed:\n{result.stderr[-2000:]}")
+            for line in result.stdout.splitlines():
+                if line.startswith("{"):
+                    record = json.loads(line)
+                    samples[(name, record["length"])].append(record)
+                    setups[name] = record["cpu"]
+    for name, (label, _, _) in engines.items():
+        print(f"# {label}: {setups.get(name)}")
     rows = {}
     for (name, length), runs in samples.items():
-        prefill = statistics.median(s[0] for s in runs)
-        decode = statistics.median(s[1] for s in runs)
-        rows[(name, length)] = (prefill, decode)
-        print(f"{name:13s} prompt {length:5d}: prefill {prefill:8.1f} tok/s  decode {decode:6.2f} tok/s  "
-              f"peak {max(peaks[(name, length)]):.2f} GiB  (prefill runs {', '.join(f'{s[0]:.1f}' for s in runs)})",
-              flush=True)
+        label = engines[name][0]
+        prefill = statistics.median(r["prefill"] for r in runs)
+        decode = statistics.median(r["decode"] for r in runs)
+        rows[(label, length)] = (prefill, decode)
+        prefill_runs = ", ".join(f"{r['prefill']:.1f}" for r in runs)
+        decode_runs = ", ".join(f"{r['decode']:.2f}" for r in runs)
+        print(f"{label:16s} prompt {length:5d}: prefill {prefill:8.1f} tok/s  decode {decode:6.2f} tok/s  "
+              f"peak {max(r['peak_gib'] for r in runs):.2f} GiB  (prefill runs {prefill_runs}; decode runs "
+              f"{decode_runs})", flush=True)
     for other in engines:
         if other == "mlx-qwen35":
             continue
         for length in prompt_lengths:
             ours, theirs = samples[("mlx-qwen35", length)], samples[(other, length)]
-            prefill = statistics.median(a[0] / b[0] for a, b in zip(ours, theirs))
-            decode = statistics.median(a[1] / b[1] for a, b in zip(ours, theirs))
-            print(f"ratio vs {other}, prompt {length}: prefill {prefill:.2f}x, decode {decode:.2f}x "
+            prefill = statistics.median(a["prefill"] / b["prefill"] for a, b in zip(ours, theirs))
+            decode = statistics.median(a["decode"] / b["decode"] for a, b in zip(ours, theirs))
+            print(f"ratio vs {engines[other][0]}, prompt {length}: prefill {prefill:.2f}x, decode {decode:.2f}x "
                   f"(medians of the per-round ratios)")
     return rows
 
@@ -198,7 +219,7 @@ def kernels_bench(lengths=(512, 2048, 8192), heads=32, key_heads=16, dim=128, re
 
     engines = {"mlx-qwen35 gated_delta_update": gated_delta_update, **_load_peer_scans()}
     print(f"# delta-rule scan, B=1, Hv={heads}, Hk={key_heads}, Dk=Dv={dim}, float32, device "
-          f"{platform.device_name()}, BLAS {platform.blas_in_use()}, median of {repeats}")
+          f"{platform.device_name()}, {platform.cpu_setup()}, median of {repeats}")
     for length in lengths:
         keys = mx.random.split(mx.random.key(length), 5)
         q = mx.random.normal((1, length, key_heads, dim), key=keys[0])
@@ -269,7 +290,7 @@ def vision_bench(sizes=(448, 896), repeats=3, compare=("mlx-vlm",), depth=None):
         print(f"# mlx-vlm not available ({error}); timing ours only")
     weights_mib = sum(p.nbytes for _, p in tree_flatten(ours.parameters())) / 2**20
     print(f"# vision tower, Qwen3.5-0.8B shapes (depth {shapes['depth']}, width 768; weights {weights_mib:.0f} MiB), "
-          f"float32, device {platform.device_name()}, BLAS {platform.blas_in_use()}, median of {repeats}")
+          f"float32, device {platform.device_name()}, {platform.cpu_setup()}, median of {repeats}")
     for size in sizes:
         grid = mx.array([[1, size // 16, size // 16]])
         pixels = mx.random.normal(((size // 16) ** 2, 3 * 2 * 16 * 16))
@@ -360,3 +381,8 @@ def speculative_bench(path=None, drafts=(1, 2), count=10, repeats=3, max_tokens=
         kinds = ", ".join(f"{kind} {a / d:.0%}" for kind, (d, a) in by_kind.items() if d)
         print(f"MTP, {k} draft{'s' if k > 1 else ' '}      decode {speed:7.1f} tok/s  {speed / baseline[0]:.2f}x  "
               f"accepted {accepted}/{drafted} = {accepted / max(drafted, 1):.0%} ({kinds}); same tokens")
+
+
+if __name__ == "__main__":  # the child process of `bench`: runner, path, dtype, max_tokens, prompt lengths
+    runner, path, dtype, max_tokens, *lengths = sys.argv[1:]
+    run_engine(runner, path, [int(n) for n in lengths], int(max_tokens), dtype)

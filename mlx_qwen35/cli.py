@@ -56,7 +56,7 @@ def cmd_info(args):
     import mlx.core as mx
 
     print(f"device: {platform.device_name()} (default dtype {platform.default_dtype()})")
-    print(f"BLAS: {platform.blas_in_use()}")
+    print(f"CPU: {platform.cpu_setup()}")
     print(f"MLX: {mx.__version__}")
     if not args.model:
         return
@@ -266,10 +266,10 @@ def main(argv=None):
     bench.add_argument("--max-tokens", type=int, default=64)
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--compare", nargs="*", default=[],
-                       choices=["mlx-lm", "mlx-vlm", "exact-activations", "plain-sgemm", "mlx-lm-gemv"],
-                       help="peers (run on plain OpenBLAS), and/or ours with MLX's exp-based activations "
-                       "(exact-activations) or without the matrix-vector forwarding (plain-sgemm), and/or mlx-lm "
-                       "with it (mlx-lm-gemv)")
+                       choices=["mlx-lm", "mlx-vlm", "exact-activations", "plain-cpu", "mlx-lm-our-cpu"],
+                       help="peers (on OpenBLAS without our other CPU settings, as their users run them); ours "
+                       "with MLX's exp-based activations (exact-activations) or without our CPU settings "
+                       "(plain-cpu); mlx-lm with them (mlx-lm-our-cpu)")
     bench.add_argument("--speculative", type=int, nargs="+", metavar="K", help="MTP speculative decoding with K "
                        "drafts per step against plain greedy decoding on the world's text questions (default "
                        "model: the shipped one)")

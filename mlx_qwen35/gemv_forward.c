@@ -17,7 +17,6 @@ typedef void (*sgemv_fn)(int, int, int, int, float, const float *, int, const fl
 
 static sgemm_fn real_sgemm;
 static sgemv_fn real_sgemv;
-static int forward_enabled = 1;
 static long forwarded_calls;  /* read by the tests: proves the products took this path */
 
 /* Binds the real BLAS (already loaded by the caller); returns 0 on success. */
@@ -29,15 +28,7 @@ int gemv_forward_init(const char *blas_path) {
     return real_sgemm && real_sgemv ? 0 : 2;
 }
 
-int gemv_forward_enabled(void) { return forward_enabled; }
-
 long gemv_forward_calls(void) { return forwarded_calls; }
-
-int gemv_forward_set(int enabled) {
-    int previous = forward_enabled;
-    forward_enabled = enabled;
-    return previous;
-}
 
 /* sgemv reads y when beta is 0 in some OpenBLAS versions (0 * NaN): MLX's output buffers are uninitialised. */
 static void clear(float *y, int n, int inc) {
@@ -46,7 +37,7 @@ static void clear(float *y, int n, int inc) {
 
 void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a, int lda,
                  const float *b, int ldb, float beta, float *c, int ldc) {
-    if (!forward_enabled || order != ROW_MAJOR || !real_sgemv || (m != 1 && n != 1) || k == 0) {
+    if (order != ROW_MAJOR || !real_sgemv || (m != 1 && n != 1) || k == 0) {
         real_sgemm(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
         return;
     }

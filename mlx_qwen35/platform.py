@@ -1,13 +1,16 @@
-"""Device and dtype policy, and a fast BLAS for MLX's CPU backend on Linux.
+"""Device and dtype policy, and MLX's CPU backend on Linux made fast. Three process-wide settings, made here
+before `mlx.core` is imported (so this module must be imported before anything imports MLX; the package's
+`__init__` does so first):
 
-The `mlx[cpu]` wheel links a reference BLAS (about 7 GFLOP/s on a 512x4096x4096 matmul here). Loading a
-system OpenBLAS with RTLD_GLOBAL *before* `mlx.core` is imported makes MLX resolve its BLAS symbols there
-(about 220 GFLOP/s). This module must therefore be imported before anything imports MLX; the package's
-`__init__` does so first.
-
-MLX also sends matrix-vector products (every decode step) to sgemm, which OpenBLAS runs at a quarter of the
-memory bandwidth of its sgemv. `gemv_forward.c`, compiled once into the user cache with the system C compiler
-and loaded before OpenBLAS, gives MLX a `cblas_sgemm` that forwards those products to sgemv.
+- OpenBLAS: the `mlx[cpu]` wheel links a reference BLAS (about 7 GFLOP/s on a 512x4096x4096 matmul here).
+  Loading a system OpenBLAS with RTLD_GLOBAL makes MLX resolve its BLAS symbols there (about 220 GFLOP/s).
+- Matrix-vector products: MLX sends them (every decode step) to sgemm, which OpenBLAS runs at a quarter of the
+  memory bandwidth of its sgemv. `gemv_forward.c`, compiled once into the user cache with the system C
+  compiler and loaded before OpenBLAS, gives MLX a `cblas_sgemm` that forwards those products to sgemv.
+- malloc: MLX's CPU allocator keeps no cache of its own, and glibc returns every freed block above 32 MB to
+  the kernel, so each large op's output is page-faulted in again (a [2048, 6144] float32 multiply: 40 ms
+  instead of 8). glibc is told to keep freed memory for reuse.
+Set MLX_QWEN35_NO_OPENBLAS, MLX_QWEN35_NO_GEMV_FORWARD or MLX_QWEN35_NO_MALLOC_TUNING to leave one out.
 """
 
 import ctypes
@@ -16,7 +19,6 @@ import os
 import shutil
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 OPENBLAS_PATHS = (
@@ -101,6 +103,39 @@ _openblas_status = _preload_openblas()
 import mlx.core as mx  # noqa: E402  (must follow the BLAS preload)
 
 
+# glibc mallopt parameters
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
+KEEP_FREED_BYTES = 1 << 30
+
+
+def _tune_malloc() -> str:
+    if sys.platform != "linux":
+        return "not needed (not Linux)"
+    if os.environ.get("MLX_QWEN35_NO_MALLOC_TUNING"):
+        return "off: disabled by MLX_QWEN35_NO_MALLOC_TUNING"
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return "off: not glibc"
+    # Blocks up to 1 GB come from the heap, up to 1 GB of free heap is kept, and one arena serves MLX's worker
+    # thread too (a thread arena's heaps stop at 64 MB, beyond which glibc maps and unmaps every block again).
+    if not (mallopt(M_MMAP_THRESHOLD, KEEP_FREED_BYTES) and mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES)
+            and mallopt(M_ARENA_MAX, 1)):
+        return "off: mallopt refused"
+    return "on"
+
+
+_malloc_status = _tune_malloc()
+
+
+def cpu_setup() -> str:
+    """One line for logs and benchmark headers: the BLAS and the two CPU settings in force."""
+    if sys.platform == "darwin":
+        return "Accelerate"
+    return f"BLAS {blas_in_use()}; matrix-vector to sgemv: {gemv_forward_status()}; malloc keeps freed blocks: {_malloc_status}"
+
+
 def blas_in_use() -> str:
     """Which BLAS MLX's CPU backend calls, read from the libraries mapped into this process."""
     if sys.platform == "darwin":
@@ -111,14 +146,12 @@ def blas_in_use() -> str:
     except OSError:
         mapped = ""
     if "libopenblas" in mapped and _openblas_status.startswith("loaded"):
-        return f"OpenBLAS ({_openblas_status.removeprefix('loaded ')}; matrix-vector to sgemv: {gemv_forward_status()})"
+        return f"OpenBLAS ({_openblas_status.removeprefix('loaded ')})"
     return f"reference BLAS bundled with mlx[cpu] (OpenBLAS: {_openblas_status})"
 
 
 def gemv_forward_status() -> str:
-    """"on", "off (disabled here)" or "off: why it could not be loaded"."""
-    if _gemv_forward is not None and not _gemv_forward.gemv_forward_enabled():
-        return "off (disabled here)"
+    """"on", or "off: why"."""
     return _gemv_forward_status
 
 
@@ -130,20 +163,8 @@ def gemv_forwarded_calls() -> int:
     return _gemv_forward.gemv_forward_calls()
 
 
-@contextmanager
-def plain_sgemm():
-    """Matrix-vector products go to OpenBLAS's sgemm inside this block, as in any other MLX process: what the
-    benchmarks give the peers, and how much of ours the forwarding is."""
-    if _gemv_forward is None:
-        yield
-        return
-    mx.synchronize()  # products already queued keep the routing they were queued under
-    previous = _gemv_forward.gemv_forward_set(0)
-    try:
-        yield
-    finally:
-        mx.synchronize()
-        _gemv_forward.gemv_forward_set(previous)
+def malloc_status() -> str:
+    return _malloc_status
 
 
 def device_name() -> str:

@@ -32,7 +32,7 @@ def test_info_reports_blas_and_model(capsys, tmp_path):
     path = save_hf_checkpoint(build_hf_model(moe=True, seed=2), tmp_path)
     main(["info", "--model", str(path)])
     out = capsys.readouterr().out
-    assert "BLAS:" in out and platform.blas_in_use() in out
+    assert "CPU:" in out and platform.cpu_setup() in out
     assert "qwen3_5_moe, 4 layers" in out and "experts: 8, 2 routed per token" in out
 
 

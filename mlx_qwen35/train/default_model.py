@@ -277,7 +277,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     already trained (with this seed and `vision_steps`) to start from instead of pretraining again."""
     import mlx.optimizers as optim
 
-    from ..platform import blas_in_use
+    from ..platform import cpu_setup
     from .data import collate
     from .trainer import TrainConfig, Trainer, hidden_states, warmup_cosine
     from .vision_pretrain import pretrain_vision
@@ -293,7 +293,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     log_lines = [f"# mlx-qwen35 train-default: seed {seed}, {vision_steps} vision pretraining steps, {steps} steps "
                  f"of ~{tokens_per_batch} tokens, peak lr {learning_rate}, {n_params / 1e6:.2f}M parameters, "
-                 f"BLAS {blas_in_use()}"]
+                 f"{cpu_setup()}"]
     print(log_lines[0], file=sys.stderr)
 
     def log(line):

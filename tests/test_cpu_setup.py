@@ -1,7 +1,9 @@
-"""The matrix-vector forwarding under MLX's CPU matmul (mlx_qwen35/gemv_forward.c, loaded by platform.py):
-every layout MLX can hand to cblas_sgemm with one row or one column, against float64 NumPy."""
+"""platform.py's CPU settings. The matrix-vector forwarding under MLX's CPU matmul (gemv_forward.c): every
+layout MLX can hand to cblas_sgemm with one row or one column, against float64 NumPy. The malloc setting:
+large outputs are not page-faulted in again op after op."""
 
 import os
+import resource
 import subprocess
 import sys
 
@@ -11,7 +13,7 @@ import pytest
 
 from mlx_qwen35 import platform
 
-pytestmark = pytest.mark.skipif(platform.gemv_forward_status() != "on",
+forwarding = pytest.mark.skipif(platform.gemv_forward_status() != "on",
                                 reason=f"forwarding not loaded: {platform.gemv_forward_status()}")
 
 
@@ -21,6 +23,7 @@ def _check(got, want):
     assert np.abs(got - want).max() <= 2e-6 * max(1.0, np.abs(want).max())
 
 
+@forwarding
 @pytest.mark.parametrize("m,k,n", [(1, 300, 257), (257, 300, 1), (1, 1, 5), (1, 7, 1)])
 @pytest.mark.parametrize("transpose_a", [False, True])
 @pytest.mark.parametrize("transpose_b", [False, True])
@@ -38,6 +41,7 @@ def test_one_row_or_column_products_match_float64(m, k, n, transpose_a, transpos
     _check(product, a.astype(np.float64) @ b.astype(np.float64))
 
 
+@forwarding
 def test_batched_vectors_and_addmm_with_beta():
     rng = np.random.default_rng(1)
     x, w = rng.standard_normal((3, 1, 64)).astype(np.float32), rng.standard_normal((96, 64)).astype(np.float32)
@@ -47,6 +51,7 @@ def test_batched_vectors_and_addmm_with_beta():
     _check(got, 2.0 * c.astype(np.float64) + 0.5 * (x[0].astype(np.float64) @ w.T.astype(np.float64)))
 
 
+@forwarding
 def test_uninitialised_output_memory_does_not_leak_into_results():
     # MLX reuses freed buffers for outputs; fill the allocator's cache with NaN first
     for _ in range(3):
@@ -58,23 +63,8 @@ def test_uninitialised_output_memory_does_not_leak_into_results():
     _check(got, x.astype(np.float64) @ w.T.astype(np.float64))
 
 
-def test_plain_sgemm_turns_it_off_and_back_on():
-    rng = np.random.default_rng(3)
-    x, w = mx.array(rng.standard_normal((1, 512)).astype(np.float32)), mx.array(rng.standard_normal((640, 512)).astype(np.float32))
-    forwarded = x @ w.T
-    mx.eval(forwarded)
-    with platform.plain_sgemm():
-        assert platform.gemv_forward_status() == "off (disabled here)"
-        calls = platform.gemv_forwarded_calls()
-        plain = x @ w.T
-        mx.eval(plain)
-        assert platform.gemv_forwarded_calls() == calls
-    assert platform.gemv_forward_status() == "on"
-    assert np.allclose(np.array(forwarded), np.array(plain), rtol=1e-5, atol=1e-5)
-
-
 def _status_in_fresh_process(env):
-    code = "import mlx_qwen35.platform as p, mlx.core as mx; print(p.gemv_forward_status()); print(p.blas_in_use()); " \
+    code = "import mlx_qwen35.platform as p, mlx.core as mx; print(p.gemv_forward_status()); print(p.cpu_setup()); " \
            "x = mx.ones((1, 8)); w = mx.ones((5, 8)); print((x @ w.T).tolist())"
     result = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
                             timeout=120)
@@ -82,16 +72,30 @@ def _status_in_fresh_process(env):
     return result.stdout.splitlines()
 
 
+@forwarding
 def test_disabled_by_environment_variable():
-    status, blas, product = _status_in_fresh_process({"MLX_QWEN35_NO_GEMV_FORWARD": "1"})
+    status, setup, product = _status_in_fresh_process({"MLX_QWEN35_NO_GEMV_FORWARD": "1"})
     assert status == "off: disabled by MLX_QWEN35_NO_GEMV_FORWARD"
-    assert blas.startswith("OpenBLAS") and "sgemv: off" in blas
+    assert setup.startswith("BLAS OpenBLAS") and "sgemv: off" in setup
     assert product == str([[8.0] * 5])
 
 
+@forwarding
 def test_without_a_compiler_mlx_still_runs_on_openblas(tmp_path):
-    status, blas, product = _status_in_fresh_process({"XDG_CACHE_HOME": str(tmp_path), "CC": "no-such-compiler"})
+    status, setup, product = _status_in_fresh_process({"XDG_CACHE_HOME": str(tmp_path), "CC": "no-such-compiler"})
     assert status == "off: no C compiler (no-such-compiler) found"
-    assert blas.startswith("OpenBLAS")
+    assert setup.startswith("BLAS OpenBLAS")
     assert product == str([[8.0] * 5])
     assert not list(tmp_path.rglob("*.partial"))
+
+
+@pytest.mark.skipif(platform.malloc_status() != "on", reason=f"malloc setting: {platform.malloc_status()}")
+def test_large_outputs_reuse_freed_memory():
+    x = mx.random.normal((2048, 6144))  # 50 MB: above glibc's largest default mmap threshold (32 MB)
+    mx.eval(x)
+    mx.eval(x * 2.0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        mx.eval(x * 2.0)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
+    assert faults < 1000, f"{faults:.0f} page faults per 50 MB output (12,288 pages if each is mapped afresh)"
