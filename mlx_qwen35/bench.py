@@ -162,6 +162,45 @@ def bench(path, prompt_lengths=(512,), max_tokens=64, repeats=3, dtype=None, com
     return rows
 
 
+def cpu_probe(repeats=5):
+    """In this process: matrix-vector bandwidth (1.2 GB of 6,144 x 1,024 float32 matrices, read cold, as a decode
+    step reads its weights) and the time of one elementwise op with a 50 MB output. Prints one JSON line."""
+    def median_seconds(fn):
+        mx.eval(fn())
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            mx.eval(fn())
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    weights = [mx.random.normal((6144, 1024), key=mx.random.key(i)) for i in range(47)]
+    x = mx.random.normal((1, 1024))
+    a, b = mx.random.normal((2048, 6144)), mx.random.normal((2048, 6144))
+    mx.eval(weights, x, a, b)
+    gigabytes = sum(w.nbytes for w in weights) / 1e9
+    print(json.dumps({"matvec_gb_s": gigabytes / median_seconds(lambda: [x @ w.T for w in weights]),
+                      "multiply_ms": 1000 * median_seconds(lambda: a * b), "cpu": platform.cpu_setup()}))
+
+
+def cpu_bench(repeats=5):
+    """Our CPU settings one at a time (platform.py), each in a fresh process: what each is worth on its own."""
+    settings = {"OpenBLAS only (what the peers get)": PLAIN_CPU,
+                "+ matrix-vector forwarding": {"MLX_QWEN35_NO_MALLOC_TUNING": "1"},
+                "+ malloc keeps freed blocks": {"MLX_QWEN35_NO_GEMV_FORWARD": "1"},
+                "both (ours)": {}}
+    print(f"# CPU settings, median of {repeats}; matrix-vector: 47 float32 6144x1024 matrices (1.2 GB) times one "
+          f"row, cold; multiply: two [2048, 6144] float32 arrays")
+    for label, environment in settings.items():
+        result = subprocess.run([sys.executable, "-m", "mlx_qwen35.bench", "cpu-probe", str(repeats)],
+                                env={**os.environ, **environment}, capture_output=True, text=True)
+        if result.returncode:
+            raise RuntimeError(f"{label} failed:\n{result.stderr[-2000:]}")
+        record = json.loads(result.stdout.splitlines()[-1])
+        print(f"{label:36s} matrix-vector {record['matvec_gb_s']:5.1f} GB/s   multiply {record['multiply_ms']:6.1f} ms",
+              flush=True)
+
+
 def attention_memory(lengths=(4096, 8192, 16384), heads=8, kv_heads=2, head_dim=256):
     """Peak memory of one causal attention call over a whole prompt: ours (query blocks) against a single
     mx.fast.scaled_dot_product_attention call, at Qwen3.5-0.8B attention shapes."""
@@ -383,6 +422,9 @@ def speculative_bench(path=None, drafts=(1, 2), count=10, repeats=3, max_tokens=
               f"accepted {accepted}/{drafted} = {accepted / max(drafted, 1):.0%} ({kinds}); same tokens")
 
 
-if __name__ == "__main__":  # the child process of `bench`: runner, path, dtype, max_tokens, prompt lengths
-    runner, path, dtype, max_tokens, *lengths = sys.argv[1:]
-    run_engine(runner, path, [int(n) for n in lengths], int(max_tokens), dtype)
+if __name__ == "__main__":  # the child processes of `bench` and `cpu_bench`
+    if sys.argv[1] == "cpu-probe":
+        cpu_probe(int(sys.argv[2]))
+    else:  # runner, path, dtype, max_tokens, prompt lengths
+        runner, path, dtype, max_tokens, *lengths = sys.argv[1:]
+        run_engine(runner, path, [int(n) for n in lengths], int(max_tokens), dtype)

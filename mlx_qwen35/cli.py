@@ -168,12 +168,14 @@ def cmd_convert(args):
 
 
 def cmd_bench(args):
-    from .bench import attention_memory, bench, kernels_bench, speculative_bench, vision_bench
+    from .bench import attention_memory, bench, cpu_bench, kernels_bench, speculative_bench, vision_bench
 
     if args.speculative:
         return speculative_bench(args.model, tuple(args.speculative), repeats=args.repeats)
     if args.attention_memory:
         return attention_memory(tuple(args.prompt_lengths))
+    if args.cpu:
+        return cpu_bench(repeats=args.repeats)
     if args.kernels:
         return kernels_bench(tuple(args.prompt_lengths), repeats=args.repeats)
     if args.vision:
@@ -273,6 +275,8 @@ def main(argv=None):
     bench.add_argument("--speculative", type=int, nargs="+", metavar="K", help="MTP speculative decoding with K "
                        "drafts per step against plain greedy decoding on the world's text questions (default "
                        "model: the shipped one)")
+    bench.add_argument("--cpu", action="store_true", help="what each of our CPU settings (platform.py) is worth "
+                       "on its own: matrix-vector bandwidth and a large elementwise op, each in a fresh process")
     bench.add_argument("--attention-memory", action="store_true",
                        help="peak memory of prompt attention at --prompt-lengths instead of generation speed")
     bench.add_argument("--kernels", action="store_true",

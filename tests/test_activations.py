@@ -46,3 +46,36 @@ def test_training_uses_mlx_activations():
         with exact():
             assert mx.array_equal(silu(x), nn.silu(x)) and mx.array_equal(sigmoid(x), mx.sigmoid(x))
         assert not mx.array_equal(silu(x), nn.silu(x))  # outside it, the polynomial (it rounds differently)
+
+
+def test_cpu_softmax_matches_float64():
+    from mlx_qwen35.kernels.activations import softmax
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((64, 300)) * 30).astype(np.float32)
+    x[:, 200:] = -np.inf  # masked scores
+    e = np.exp(x.astype(np.float64) - x.max(-1, keepdims=True))
+    want = e / e.sum(-1, keepdims=True)
+    with mx.stream(mx.cpu):
+        got = np.array(softmax(mx.array(x))).astype(np.float64)
+    assert np.abs(got - want).max() < 1e-6
+    assert np.abs(got[:, 200:]).max() < 1e-30
+
+
+@pytest.mark.parametrize("L, S, heads, kv_heads", [(5, 5, 4, 2), (7, 12, 8, 2), (33, 40, 2, 2)])
+def test_cpu_prompt_attention_matches_float64(L, S, heads, kv_heads):
+    """models/attention.scores_attention (the CPU prompt path: scores written out, the polynomial softmax)
+    against causal grouped-query attention in float64, the last L of S positions being queries."""
+    from mlx_qwen35.models.attention import scores_attention
+
+    rng = np.random.default_rng(L * S)
+    q = rng.standard_normal((2, heads, L, 16)).astype(np.float32)
+    k, v = (rng.standard_normal((2, kv_heads, S, 16)).astype(np.float32) for _ in range(2))
+    kr, vr = (np.repeat(a.astype(np.float64), heads // kv_heads, axis=1) for a in (k, v))
+    scores = q.astype(np.float64) @ kr.swapaxes(-1, -2) / 4.0
+    scores[..., np.arange(S)[None] > np.arange(S - L, S)[:, None]] = -np.inf
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    want = (weights / weights.sum(-1, keepdims=True)) @ vr
+    with mx.stream(mx.cpu):
+        got = np.array(scores_attention(mx.array(q), mx.array(k), mx.array(v), scale=0.25))
+    assert np.abs(got - want).max() < 1e-5
