@@ -4,6 +4,7 @@ device and sequence length; each path sits beside a plain reference with the sam
 import mlx.core as mx
 
 from .chunked import gated_delta_chunked
+from .cuda import fused_decode_step_cuda, gated_delta_step_cuda
 from .metal import gated_delta_step_metal
 from .metal_chunked import gated_delta_chunked_metal
 from .metal_decode import decode_kernel_fits, fused_decode_step_metal
@@ -21,6 +22,14 @@ METAL_CHUNKED_PREFILL = False
 # The fused decode kernel (metal_decode.py) passes in CPU emulation only, like the chunked one: switch it on
 # once tests/test_metal_decode.py has passed on a Mac.
 METAL_FUSED_DECODE = False
+# The CUDA kernels (cuda.py: the per-step scan for short sequences, the fused decode step) pass in CPU
+# emulation only: switch them on once tests/test_cuda_kernels.py has passed on a GPU.
+CUDA_KERNELS = False
+
+
+def fused_decode_enabled() -> bool:
+    """Whether a DeltaNet layer's T = 1 step goes through `fused_decode_step` (one kernel launch)."""
+    return (METAL_FUSED_DECODE and mx.metal.is_available()) or (CUDA_KERNELS and mx.cuda.is_available())
 
 
 def gated_delta_update(q, k, v, g, beta, state=None, mask=None):
@@ -31,6 +40,8 @@ def gated_delta_update(q, k, v, g, beta, state=None, mask=None):
         if METAL_CHUNKED_PREFILL and q.shape[1] >= CHUNKED_MIN_STEPS and Dk <= 256 and Dv in (32, 64, 128):
             return gated_delta_chunked_metal(q, k, v, g, beta, state, mask)
         return gated_delta_step_metal(q, k, v, g, beta, state, mask)
+    if CUDA_KERNELS and mx.cuda.is_available() and q.shape[1] < CHUNKED_MIN_STEPS and q.shape[-1] % 32 == 0:
+        return gated_delta_step_cuda(q, k, v, g, beta, state, mask)
     if q.shape[1] >= CHUNKED_MIN_STEPS:
         return gated_delta_chunked(q, k, v, g, beta, state, mask)
     return gated_delta_recurrent(q, k, v, g, beta, state, mask)
@@ -45,6 +56,9 @@ def fused_decode_step(qkv, conv_state, conv_weight, z, a, b, A_log, dt_bias, sta
     if METAL_FUSED_DECODE and mx.metal.is_available() and decode_kernel_fits(Dk, Dv):
         return fused_decode_step_metal(qkv, conv_state, conv_weight, z, a, b, A_log, dt_bias, state,
                                        norm_weight, eps, num_k_heads)
+    if CUDA_KERNELS and mx.cuda.is_available() and decode_kernel_fits(Dk, Dv):
+        return fused_decode_step_cuda(qkv, conv_state, conv_weight, z, a, b, A_log, dt_bias, state,
+                                      norm_weight, eps, num_k_heads)
     return fused_decode_step_reference(qkv, conv_state, conv_weight, z, a, b, A_log, dt_bias, state,
                                        norm_weight, eps, num_k_heads)
 

@@ -56,7 +56,7 @@ class GatedDeltaNet(nn.Module):
         z = self.in_proj_z(x).reshape(B, L, self.num_v_heads, self.head_v_dim)
         b = self.in_proj_b(x)
         a = self.in_proj_a(x)
-        if L == 1 and kernels.METAL_FUSED_DECODE and mx.metal.is_available():
+        if L == 1 and kernels.fused_decode_enabled():
             return self.out_proj(self.fused_decode(mixed, z, a, b, cache))
 
         # The conv cache holds the last kernel-1 pre-conv inputs.
@@ -87,7 +87,7 @@ class GatedDeltaNet(nn.Module):
         return self.out_proj(out.reshape(B, L, -1))
 
     def fused_decode(self, mixed, z, a, b, cache):
-        """T = 1 on Metal: the conv, norms, gates, scan step and output norm below in one kernel launch.
+        """T = 1 on a GPU: the conv, norms, gates, scan step and output norm below in one kernel launch.
         mixed [B, 1, conv_dim] -> [B, 1, value_dim] (before out_proj)."""
         conv_state, state = (None, None) if cache is None else (cache[0], cache[1])
         out, conv_state, state = kernels.fused_decode_step(

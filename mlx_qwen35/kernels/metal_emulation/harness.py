@@ -1,6 +1,8 @@
 """Run a kernel source written for `mx.fast.metal_kernel` on the CPU: generate the translation unit
 MLX would hand the Metal compiler (same signature, same template instantiation), compile it as C++
-against metal_shim.h, and run the whole grid with every thread of a threadgroup as a fiber.
+against metal_shim.h, and run the whole grid with every thread of a threadgroup as a fiber. With
+`dialect="cuda"`, the same for `mx.fast.cuda_kernel`: the translation unit MLX's CUDA backend builds (pointer
+inputs, template arguments as constants in the body), against cuda_shim.h on the same fibers.
 
     outputs = run_kernel(name, input_names, output_names, source, header, inputs=[...],
                          template=[...], grid=(x, y, z), threadgroup=(x, y, z),
@@ -140,6 +142,39 @@ int main(int argc, char** argv) {{ return mtl_emu::harness_main(argc, argv, &run
 """
 
 
+def cuda_translation_unit(name, input_names, output_names, source, header, in_types, template):
+    """The C++ file for a CUDA kernel: MLX's generated `__global__` function (every input a pointer, shapes
+    when the source names them, template arguments as constants at the top of the body) plus a main."""
+    params, args = [], []
+    for nm, (dt, ndim, _) in zip(input_names, in_types):
+        params.append(f"    const {TYPES[dt][0]}* {nm}")
+        args.append(f"({TYPES[dt][0]}*)buf[{len(args)}]")
+        if ndim == 0:
+            continue
+        for suffix, ctype in (("_shape", "Shape"), ("_strides", "const int64_t*"), ("_ndim", "int")):
+            if nm + suffix in source:
+                params.append(f"    const {ctype} {nm}{suffix}")
+                args.append(f"*(int*)buf[{len(args)}]" if suffix == "_ndim" else f"({ctype})buf[{len(args)}]")
+    for nm, dt in zip(output_names, template["__outputs__"]):
+        params.append(f"    {TYPES[dt][0]}* {nm}")
+        args.append(f"({TYPES[dt][0]}*)buf[{len(args)}]")
+    constants = "".join(f"  constexpr {'bool' if isinstance(v, bool) else 'int'} {k} = {template_value(v)};\n"
+                        if isinstance(v, (bool, int)) else f"  using {k} = {template_value(v)};\n"
+                        for k, v in template.items() if k != "__outputs__")
+    func = f"custom_kernel_{name}"
+    kernel = (f"{header}\nnamespace mlx::core::cu {{\n__global__ void {func}(\n" + ",\n".join(params)
+              + f") {{\n{constants}\n{source}\n}}\n}}  // namespace mlx::core::cu\n")
+    kernel = THREADGROUP_ARRAY.sub(r"static \1 \2\3; mtl_emu::tg_poison(&\2, sizeof(\2));", kernel)
+    return f"""#include "cuda_shim.h"
+{kernel}
+static void run_thread(void* ctx, int) {{
+  void** buf = static_cast<void**>(ctx);
+  mlx::core::cu::{func}({", ".join(args)});
+}}
+int main(int argc, char** argv) {{ return mtl_emu::harness_main(argc, argv, &run_thread); }}
+"""
+
+
 def cache_dir() -> Path:
     d = Path(os.environ.get("MLX_QWEN35_METAL_EMU_CACHE",
                             Path(tempfile.gettempdir()) / f"mlx_qwen35_metal_emu_{os.getuid()}"))
@@ -149,7 +184,8 @@ def cache_dir() -> Path:
 
 def compile_tu(code: str) -> Path:
     here = Path(__file__).parent
-    key = hashlib.sha256((code + SHIM.read_text() + (here / "harness_main.h").read_text()).encode()).hexdigest()[:24]
+    shims = "".join((here / f).read_text() for f in ("metal_shim.h", "harness_main.h", "cuda_shim.h"))
+    key = hashlib.sha256((code + shims).encode()).hexdigest()[:24]
     exe = cache_dir() / f"kernel_{key}"
     if exe.exists():
         return exe
@@ -160,7 +196,7 @@ def compile_tu(code: str) -> Path:
            f"-I{here}", str(src), "-o", str(tmp)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode:
-        raise RuntimeError(f"the kernel does not compile against the Metal shim:\n{proc.stderr[-6000:]}")
+        raise RuntimeError(f"the kernel does not compile against the emulation shim:\n{proc.stderr[-6000:]}")
     os.replace(tmp, exe)  # atomic, so concurrent test workers never run a half-written binary
     return exe
 
@@ -173,7 +209,7 @@ def write_blob(path, arrays):
 
 
 def run_kernel(name, input_names, output_names, source, header="", *, inputs, grid, threadgroup,
-               output_shapes, output_dtypes, template=(), init_value=None, timeout=300):
+               output_shapes, output_dtypes, template=(), init_value=None, timeout=300, dialect="metal"):
     if len(inputs) != len(input_names) or len(output_shapes) != len(output_names) \
             or len(output_dtypes) != len(output_names):
         raise ValueError("inputs/outputs do not match input_names/output_names")
@@ -184,7 +220,12 @@ def run_kernel(name, input_names, output_names, source, header="", *, inputs, gr
     in_types = [(dt, arr.ndim, arr.size) for dt, arr, _ in bufs]
     tmpl = dict(template)
     tmpl["__outputs__"] = out_names
-    exe = compile_tu(translation_unit(name, input_names, output_names, source, header, in_types, tmpl))
+    if dialect not in ("metal", "cuda"):
+        raise ValueError(f"dialect must be 'metal' or 'cuda', not {dialect!r}")
+    if dialect == "cuda" and any(g % t for g, t in zip(grid, threadgroup)):
+        raise ValueError(f"grid {grid} is not whole blocks of {threadgroup}: CUDA would run the extra threads")
+    build = cuda_translation_unit if dialect == "cuda" else translation_unit
+    exe = compile_tu(build(name, input_names, output_names, source, header, in_types, tmpl))
 
     data = []
     for nm, (dt, arr, scalar) in zip(input_names, bufs):
@@ -225,7 +266,7 @@ def run_kernel(name, input_names, output_names, source, header="", *, inputs, gr
     return results
 
 
-def emulate(spec, **launch):
-    """Run a `KernelSource` (the exact `mx.fast.metal_kernel` arguments) with a launch dict as the
-    wrappers in kernels/metal.py build it."""
-    return run_kernel(*spec, **launch)
+def emulate(spec, dialect="metal", **launch):
+    """Run a `KernelSource` (the exact `mx.fast.metal_kernel` or, with dialect="cuda", `mx.fast.cuda_kernel`
+    arguments) with a launch dict as the wrappers in kernels/metal.py build it."""
+    return run_kernel(*spec, dialect=dialect, **launch)

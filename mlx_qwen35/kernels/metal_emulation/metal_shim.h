@@ -453,6 +453,8 @@ void simdgroup_multiply(simdgroup_matrix<T, 8, 8>& d, const simdgroup_matrix<T, 
 }
 #undef MTL_LOC
 
+// The Metal language's names. cuda_shim.h leaves them out: there the kernel's dialect header defines them.
+#ifndef MTL_EMU_NO_METAL_NAMES
 namespace metal {
 inline float exp(float x) { return std::exp(x); }
 inline float exp2(float x) { return std::exp2(x); }
@@ -481,3 +483,4 @@ using namespace metal;
 #define constant
 #define thread
 #define threadgroup
+#endif  // MTL_EMU_NO_METAL_NAMES
