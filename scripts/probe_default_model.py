@@ -114,12 +114,12 @@ def text_binding(rng, low=2, high=3):
     return world._chat({"role": "user", "content": f"{facts} What color is the {shapes[asked]}?"}, f"{colors[asked]}.")
 
 
-def code_binding(rng, low=2, high=3, names=None):
+def code_binding(rng, low=2, high=3, names=None, digits=4):
     """The recall facts with no filler between them, "The code for {name} is {DDDD}. ..." about `low`-`high`
     names (of the first `names` of the world's, default all), then "What is the code for {name}?": text
-    binding's form with recall's names and four-digit answers."""
+    binding's form with recall's names and (by default) four-digit answers."""
     chosen = rng.sample(world.NAMES[:names], rng.randint(low, high))
-    codes = [f"{rng.randint(0, 9999):04d}" for _ in chosen]
+    codes = [f"{rng.randint(0, 10 ** digits - 1):0{digits}d}" for _ in chosen]
     facts = " ".join(f"The code for {n} is {c}." for n, c in zip(chosen, codes))
     asked = rng.randrange(len(chosen))
     return world._chat({"role": "user", "content": f"{facts} What is the code for {chosen[asked]}?"},
@@ -191,6 +191,9 @@ def main():
                  recall_bind_names3=partial(recall_bind_names, names=3),
                  code_copy=partial(code_binding, low=1, high=1), code_binding=code_binding,
                  code_binding3=partial(code_binding, names=3),
+                 digit_copy=partial(code_binding, low=1, high=1, digits=1), digit_binding=partial(code_binding, digits=1),
+                 digit_copy3=partial(code_binding, low=1, high=1, digits=1, names=3),
+                 digit_binding3=partial(code_binding, digits=1, names=3),
                  recall_bind_names3_1=partial(recall_bind_names, names=3, questions=1), video=lambda rng: world.video_example(rng),
                  recall_bind1=partial(recall_bind, questions=1),
                  recall_bind_300=partial(recall_bind, low=300, high=300, questions=1), text_copy=partial(text_binding, low=1, high=1), tool=world.tool_example, recall_short=partial(world.recall_example, max_tokens=300),
