@@ -72,16 +72,19 @@ def _preload_openblas() -> str:
         return "too late: mlx.core was imported before mlx_qwen35"
     for path in OPENBLAS_PATHS:
         if os.path.exists(path):
-            shim = _load_gemv_forward()  # first, so that MLX binds its cblas_sgemm rather than OpenBLAS's
             try:
-                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                blas = ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)
             except OSError as error:
                 return f"failed to load {path}: {error}"
-            if shim is not None:
-                if shim.gemv_forward_init(path.encode()) == 0:
-                    _gemv_forward, _gemv_forward_status = shim, "on"
-                else:
-                    _gemv_forward_status = f"off: {path} lacks cblas_sgemm or cblas_sgemv"
+            if not (hasattr(blas, "cblas_sgemm") and hasattr(blas, "cblas_sgemv")):
+                _gemv_forward_status = f"off: {path} lacks cblas_sgemm or cblas_sgemv"
+            elif (shim := _load_gemv_forward()) is not None:
+                # The shim joins the global scope first, so MLX binds its cblas_sgemm rather than OpenBLAS's;
+                # binding it makes OpenBLAS global too, after the shim.
+                if shim.gemv_forward_init(path.encode()) != 0:
+                    raise ImportError(f"gemv_forward could not bind {path}; set MLX_QWEN35_NO_GEMV_FORWARD=1")
+                _gemv_forward, _gemv_forward_status = shim, "on"
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
             return f"loaded {path}"
     return "not found (apt-get install libopenblas0-pthread)"
 
