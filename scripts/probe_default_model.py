@@ -126,6 +126,17 @@ def code_binding(rng, low=2, high=3, names=None, digits=4):
                        f"{codes[asked]}.")
 
 
+def fact_binding(rng, keys, values, fact, question, low=2, high=3):
+    """`low`-`high` facts `fact.format(key=, value=)` about different keys, then `question.format(key=)` of one:
+    binding with the key set, value set and sentence forms chosen separately."""
+    chosen = rng.sample(keys, rng.randint(low, high))
+    answers = rng.sample(values, len(chosen))
+    facts = " ".join(fact.format(key=k, value=v) for k, v in zip(chosen, answers))
+    asked = rng.randrange(len(chosen))
+    return world._chat({"role": "user", "content": f"{facts} {question.format(key=chosen[asked])}"},
+                       f"{answers[asked]}.")
+
+
 def mimetic_attention(model):
     """Mimetic initialisation (Trockman & Kolter 2023): each query head starts as a copy of its KV head's key
     projection, so attention starts by matching similar tokens."""
@@ -194,6 +205,19 @@ def main():
                  digit_copy=partial(code_binding, low=1, high=1, digits=1), digit_binding=partial(code_binding, digits=1),
                  digit_copy3=partial(code_binding, low=1, high=1, digits=1, names=3),
                  digit_binding3=partial(code_binding, digits=1, names=3),
+                 name_color_copy=partial(fact_binding, keys=world.NAMES, values=list(world.COLORS), low=1, high=1,
+                                         fact="The {key} is {value}.", question="What color is the {key}?"),
+                 name_color=partial(fact_binding, keys=world.NAMES, values=list(world.COLORS),
+                                    fact="The {key} is {value}.", question="What color is the {key}?"),
+                 shape_digit_copy=partial(fact_binding, keys=world.SHAPES, values=list("0123456789"), low=1, high=1,
+                                          fact="The code for the {key} is {value}.",
+                                          question="What is the code for the {key}?"),
+                 shape_digit_plain_copy=partial(fact_binding, keys=world.SHAPES, values=list("0123456789"), low=1,
+                                                high=1, fact="The {key} is {value}.", question="What is the {key}?"),
+                 shape_digit_plain=partial(fact_binding, keys=world.SHAPES, values=list("0123456789"),
+                                           fact="The {key} is {value}.", question="What is the {key}?"),
+                 shape_digit=partial(fact_binding, keys=world.SHAPES, values=list("0123456789"),
+                                     fact="The code for the {key} is {value}.", question="What is the code for the {key}?"),
                  recall_bind_names3_1=partial(recall_bind_names, names=3, questions=1), video=lambda rng: world.video_example(rng),
                  recall_bind1=partial(recall_bind, questions=1),
                  recall_bind_300=partial(recall_bind, low=300, high=300, questions=1), text_copy=partial(text_binding, low=1, high=1), tool=world.tool_example, recall_short=partial(world.recall_example, max_tokens=300),
