@@ -98,3 +98,25 @@ def random_decode_inputs(B, Hk, Hv, Dk, Dv=None, K=4, *, seed, zero_state=False)
     f32 = [x.astype(np.float32) for x in (qkv, conv_state, conv_weight, z, a, b, A_log, dt_bias, state,
                                           norm_weight)]
     return (*f32, 1e-6, Hk)
+
+
+def check_step_kernel(run, B, T, Hk, Hv, D, variant):
+    """`run` (inputs -> y, state) on random inputs of these sizes against `numpy_recurrence`: float32
+    outputs within 1e-5 relative. `variant`: "random-state", "zero-state" or "padded"."""
+    inputs = random_inputs(B, T, Hk, Hv, D, seed=7 * T + D + B, zero_state=variant == "zero-state",
+                           padded=variant == "padded")
+    expected_y, expected_state = numpy_recurrence(*inputs)
+    y, state = run(inputs)
+    assert y.shape == expected_y.shape and state.shape == expected_state.shape
+    assert y.dtype == np.float32 and state.dtype == np.float32
+    assert rel(y, expected_y) <= 1e-5
+    assert rel(state, expected_state) <= 1e-5
+
+
+def check_decode_step(outputs, inputs, tol=1e-5):
+    """A fused decode step's (out, conv_state, state) against `numpy_fused_decode` on the same inputs."""
+    expected = numpy_fused_decode(*inputs)
+    for got, want, name in zip(outputs, expected, ("out", "conv_state", "state")):
+        assert got.shape == want.shape, name
+        assert got.dtype == np.float32, name
+        assert rel(got, want) <= tol, (name, rel(got, want))

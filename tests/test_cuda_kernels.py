@@ -6,7 +6,9 @@ through mx.fast.cuda_kernel when MLX's CUDA backend is present."""
 import mlx.core as mx
 import numpy as np
 import pytest
-from delta_reference import numpy_fused_decode, numpy_recurrence, random_decode_inputs, random_inputs, rel, to_mx
+from delta_reference import check_decode_step, check_step_kernel, random_decode_inputs, random_inputs, rel, to_mx
+from test_metal_decode import deltanet, prefilled_twins
+from test_metal_decode import to_mx as decode_args
 
 from mlx_qwen35.kernels.cuda import (
     DECODE_CUDA,
@@ -49,17 +51,7 @@ STEP_RUNNERS = [pytest.param(step_emulated, id="emulated"), pytest.param(step_cu
                                          (3, 63, 1, 2, 128)])
 @pytest.mark.parametrize("variant", ["random-state", "zero-state", "padded"])
 def test_step_kernel_matches_float64(run, B, T, Hk, Hv, D, variant):
-    inputs = random_inputs(B, T, Hk, Hv, D, seed=7 * T + D + B, zero_state=variant == "zero-state",
-                           padded=variant == "padded")
-    expected_y, expected_state = numpy_recurrence(*inputs)
-    y, state = run(inputs)
-    assert y.shape == expected_y.shape and state.shape == expected_state.shape
-    assert rel(y, expected_y) <= 1e-5
-    assert rel(state, expected_state) <= 1e-5
-
-
-def decode_args(inputs):
-    return [mx.array(x) if isinstance(x, np.ndarray) else x for x in inputs]
+    check_step_kernel(run, B, T, Hk, Hv, D, variant)
 
 
 def decode_emulated(inputs):
@@ -81,10 +73,7 @@ DECODE_RUNNERS = [pytest.param(decode_emulated, id="emulated"),
 @pytest.mark.parametrize("zero_state", [False, True], ids=["random-state", "zero-state"])
 def test_decode_step_matches_float64(run, B, Hk, Hv, Dk, Dv, K, zero_state):
     inputs = random_decode_inputs(B, Hk, Hv, Dk, Dv, K, seed=B + 10 * Hv + Dk + Dv, zero_state=zero_state)
-    expected = numpy_fused_decode(*inputs)
-    for got, want, name in zip(run(inputs), expected, ("out", "conv_state", "state")):
-        assert got.shape == want.shape, name
-        assert rel(got, want) <= 1e-5, (name, rel(got, want))
+    check_decode_step(run(inputs), inputs)
 
 
 def test_cuda_entry_points_refuse_without_cuda():
@@ -98,15 +87,10 @@ def test_cuda_entry_points_refuse_without_cuda():
 def test_model_dispatch_with_cuda_on_runs_both_kernels(monkeypatch):
     """With CUDA_KERNELS on a CUDA device, a DeltaNet layer's decode step is one DECODE_CUDA launch and a short
     prompt's scan one STEP_CUDA launch (emulated here), matching the MLX-ops paths."""
-    from test_metal_decode import deltanet, prefilled
-
     from mlx_qwen35 import kernels
-    from mlx_qwen35.cache import DeltaNetCache
 
     layer = deltanet()
-    cache = prefilled(layer, 2, 5, mx.float32)
-    twin = DeltaNetCache()
-    twin[0], twin[1] = cache[0], cache[1]
+    cache, twin = prefilled_twins(layer, 2, 5, mx.float32)
     x = mx.random.normal((2, 1, 96))
     expected = layer(x, twin)
     prompt = mx.random.normal((2, 6, 96))

@@ -5,7 +5,7 @@ a float64 NumPy decode step; and its MLX-ops reference against the model's own T
 import mlx.core as mx
 import numpy as np
 import pytest
-from delta_reference import numpy_fused_decode, random_decode_inputs, rel
+from delta_reference import check_decode_step, numpy_fused_decode, random_decode_inputs, rel
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_qwen35 import kernels
@@ -45,14 +45,6 @@ RUNNERS = [pytest.param(run_emulated, id="emulated"), pytest.param(run_reference
 HEADS = [(1, 1), (1, 2), (2, 4), (4, 4), (1, 4)]  # (Hk, Hv)
 
 
-def check(outputs, inputs, tol=1e-5):
-    expected = numpy_fused_decode(*inputs)
-    for got, want, name in zip(outputs, expected, ("out", "conv_state", "state")):
-        assert got.shape == want.shape, name
-        assert got.dtype == np.float32, name
-        assert rel(got, want) <= tol, (name, rel(got, want))
-
-
 @pytest.mark.parametrize("run", RUNNERS)
 @pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize("Hk,Hv", HEADS)
@@ -60,7 +52,7 @@ def check(outputs, inputs, tol=1e-5):
 @pytest.mark.parametrize("zero_state", [False, True], ids=["random-state", "zero-state"])
 def test_decode_step_matches_float64(run, B, Hk, Hv, D, zero_state):
     inputs = random_decode_inputs(B, Hk, Hv, D, seed=B + 10 * Hv + D, zero_state=zero_state)
-    check(run(inputs), inputs)
+    check_decode_step(run(inputs), inputs)
 
 
 @pytest.mark.parametrize("run", RUNNERS)
@@ -68,7 +60,7 @@ def test_decode_step_matches_float64(run, B, Hk, Hv, D, zero_state):
 def test_decode_step_odd_sizes(run, Dk, Dv, K):
     """Dk != Dv, Dv not a multiple of 32 (fewer simdgroups than rows), kernel sizes 2 and 3."""
     inputs = random_decode_inputs(2, 2, 4, Dk, Dv, K, seed=Dk + Dv + K)
-    check(run(inputs), inputs)
+    check_decode_step(run(inputs), inputs)
 
 
 def test_launch_shape():
@@ -121,6 +113,14 @@ def prefilled(layer, B, prompt, dtype):
     return cache
 
 
+def prefilled_twins(layer, B, prompt, dtype):
+    """Two caches holding the same prefilled state: one for the path under test, one for the reference."""
+    cache = prefilled(layer, B, prompt, dtype)
+    twin = DeltaNetCache()
+    twin[0], twin[1] = cache[0], cache[1]
+    return cache, twin
+
+
 @pytest.mark.skipif(mx.metal.is_available(), reason="on Metal the layer itself takes the fused path")
 @pytest.mark.parametrize("prompt", [0, 5])
 def test_reference_equals_model_decode_path(prompt):
@@ -162,9 +162,7 @@ def test_layer_metal_hook_with_emulated_kernel(monkeypatch):
     """GatedDeltaNet's T = 1 Metal branch, run here: Metal reported available, the kernel emulated. Output
     and cache match the layer's MLX-ops path."""
     layer = deltanet()
-    cache = prefilled(layer, 3, 4, mx.float32)
-    twin = DeltaNetCache()
-    twin[0], twin[1] = cache[0], cache[1]
+    cache, twin = prefilled_twins(layer, 3, 4, mx.float32)
     x = mx.random.normal((3, 1, 96))
     expected = layer(x, twin)
     launches = []
@@ -247,7 +245,7 @@ def test_emulator_is_not_vacuous(old, new):
     inputs = random_decode_inputs(2, 2, 4, 64, seed=4)
     outputs = emulate(broken(old, new), **decode_launch(*to_mx(inputs)))
     with pytest.raises(AssertionError):
-        check(outputs, inputs)
+        check_decode_step(outputs, inputs)
 
 
 def test_emulator_catches_missing_barrier():
