@@ -95,7 +95,9 @@ def _load_gemv_forward():
         _gemv_forward_status = "off: disabled by MLX_QWEN35_NO_GEMV_FORWARD"
         return None
     try:
-        return ctypes.CDLL(str(_build_gemv_forward()), mode=ctypes.RTLD_GLOBAL)
+        shim = ctypes.CDLL(str(_build_gemv_forward()), mode=ctypes.RTLD_GLOBAL)
+        shim.gemv_forward_calls.restype = ctypes.c_long
+        return shim
     except (OSError, subprocess.SubprocessError) as error:
         _gemv_forward_status = f"off: {error}"
         return None
@@ -160,10 +162,7 @@ def gemv_forward_status() -> str:
 
 def gemv_forwarded_calls() -> int:
     """How many products the forwarding has sent to sgemv in this process (0 when it is not loaded)."""
-    if _gemv_forward is None:
-        return 0
-    _gemv_forward.gemv_forward_calls.restype = ctypes.c_long
-    return _gemv_forward.gemv_forward_calls()
+    return 0 if _gemv_forward is None else _gemv_forward.gemv_forward_calls()
 
 
 def malloc_status() -> str:

@@ -56,24 +56,20 @@ def exact():
         _exact_depth -= 1
 
 
-def _fast(x) -> bool:
+def fast_path(x) -> bool:
+    """Whether these functions take the polynomial path for `x` (also for callers choosing between a fused MLX
+    op and a composition of these)."""
     return not _exact_depth and x.dtype == mx.float32 and mx.default_device() == mx.cpu
 
 
 def silu(x):
-    return _silu(x) if _fast(x) else nn.silu(x)
+    return _silu(x) if fast_path(x) else nn.silu(x)
 
 
 def sigmoid(x):
-    return _sigmoid(x) if _fast(x) else mx.sigmoid(x)
+    return _sigmoid(x) if fast_path(x) else mx.sigmoid(x)
 
 
 def softmax(x):
     """Over the last axis."""
-    return _softmax(x) if _fast(x) else mx.softmax(x, axis=-1)
-
-
-def fast_path(x) -> bool:
-    """Whether these functions take the polynomial path for `x` (callers that choose between a fused MLX op and
-    a composition of these)."""
-    return _fast(x)
+    return _softmax(x) if fast_path(x) else mx.softmax(x, axis=-1)
