@@ -251,12 +251,15 @@ def _load_peer_scans():
     return peers
 
 
-def kernels_bench(lengths=(512, 2048, 8192), heads=32, key_heads=16, dim=128, repeats=3):
+def kernels_bench(lengths=(512, 2048, 8192), heads=32, key_heads=16, dim=128, repeats=3, peers=None):
     """Our delta-rule entry against the peers' scans, float32, one process. Work counted as the
-    recurrence's 6 * Dk * Dv FLOPs per token and head (S k, k u^T, S q)."""
+    recurrence's 6 * Dk * Dv FLOPs per token and head (S k, k u^T, S q). `peers`: names ("mlx-lm", "mlx-vlm",
+    "mx.fast") to keep, e.g. for more rounds against the fastest peer alone; None keeps them all."""
     from .kernels import gated_delta_recurrent, gated_delta_update
 
-    engines = {"mlx-qwen35 gated_delta_update": gated_delta_update, **_load_peer_scans()}
+    scans = {name: scan for name, scan in _load_peer_scans().items()
+             if peers is None or any(name.startswith(peer + " ") for peer in peers)}
+    engines = {"mlx-qwen35 gated_delta_update": gated_delta_update, **scans}
     print(f"# delta-rule scan, B=1, Hv={heads}, Hk={key_heads}, Dk=Dv={dim}, float32, device "
           f"{platform.device_name()}, {platform.cpu_setup()}, median of {repeats}")
     for length in lengths:

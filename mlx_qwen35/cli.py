@@ -177,7 +177,8 @@ def cmd_bench(args):
     if args.cpu:
         return cpu_bench(repeats=args.repeats)
     if args.kernels:
-        return kernels_bench(tuple(args.prompt_lengths), repeats=args.repeats)
+        return kernels_bench(tuple(args.prompt_lengths), repeats=args.repeats,
+                             peers=[p for p in args.compare if p in ("mlx-lm", "mlx-vlm")] or None)
     if args.vision:
         return vision_bench(tuple(args.prompt_lengths), repeats=args.repeats, compare=args.compare,
                             depth=args.vision_depth)
@@ -280,7 +281,8 @@ def main(argv=None):
     bench.add_argument("--attention-memory", action="store_true",
                        help="peak memory of prompt attention at --prompt-lengths instead of generation speed")
     bench.add_argument("--kernels", action="store_true",
-                       help="the delta-rule scan at --prompt-lengths against mlx-lm, mlx-vlm and mx.fast")
+                       help="the delta-rule scan at --prompt-lengths against mlx-lm, mlx-vlm and mx.fast (with "
+                       "--compare mlx-lm / mlx-vlm: only those peers)")
     bench.add_argument("--vision", action="store_true",
                        help="image encode time at --prompt-lengths pixels per side against mlx-vlm's tower")
     bench.add_argument("--vision-depth", type=int, help="with --vision: fewer blocks (memory runs at large sizes)")
