@@ -172,3 +172,25 @@ def test_record_routing_gives_each_tokens_experts_and_the_next_layer_routers_pre
     assert "route" not in vars(blocks[0])  # the model is left as it was
     with pytest.raises(ValueError, match="never called"):
         traces.record_routing(model, lambda: None)
+
+
+def test_plain_cpu_engine_runs_the_peer_without_our_cpu_settings(synthetic, monkeypatch):
+    """`mlx-vlm-plain` is mlx-vlm's engine in a child without the sgemv forwarding and malloc settings (as the
+    peer's users have their CPU); `mlx-vlm` is the same engine with them (the caches compared alone)."""
+    pytest.importorskip("mlx_vlm", reason="the peer comparison needs mlx-vlm: pip install -e '.[peers]'")
+    from mlx_qwen35.experts import bench_scale
+
+    path, info = synthetic
+    monkeypatch.setattr(bench_scale, "drop_caches", lambda: True)  # toy files; keep the machine's page cache
+    args = argparse.Namespace(path=str(path), tokens=3, warmup=1, budget_gb=6 * info["expert_bytes"] / 1e9,
+                              prewarm=2, io_threads=2, seed=0, lookahead_precision=0.5, wait_for=None)
+    settings = {}
+    for engine in ("mlx-vlm-plain", "mlx-vlm"):
+        result = bench_scale._run_once(args, engine, "realistic", None)
+        assert "failed" not in result, result.get("stderr")
+        assert result["engine"] == engine and result["finite"]
+        settings[engine] = result["cpu"]
+    assert "sgemv: off" in settings["mlx-vlm-plain"] and "freed blocks: off" in settings["mlx-vlm-plain"]
+    if "sgemv: on" not in settings["mlx-vlm"]:
+        pytest.skip(f"our CPU settings are not available here: {settings['mlx-vlm']}")
+    assert "freed blocks: on" in settings["mlx-vlm"]

@@ -14,9 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import platform
 from . import traces
 
-ENGINES = ("ours", "ours-noprefetch", "lru", "mlx-vlm", "mmap")
+ENGINES = ("ours", "ours-noprefetch", "lru", "mlx-vlm", "mlx-vlm-plain", "mmap")
+# Engines that are another engine run without our two CPU settings (bench.PLAIN_CPU), as that peer's users
+# have their CPU: the cache comparison alone is "mlx-vlm", the peer as installed is "mlx-vlm-plain".
+PLAIN_CPU_ENGINES = {"mlx-vlm-plain": "mlx-vlm"}
 TRACES = ("realistic", "realistic-low", "uniform", "shuffled")
 
 def make_trace(kind: str, tokens: int, layers: int, num_experts: int, top_k: int, seed: int = 0):
@@ -270,4 +274,5 @@ def child(args) -> dict:
             "budget_gb": args.budget_gb, "prewarm": args.prewarm, "prewarm_seconds": prewarm_seconds, "times": times, "snapshots": snapshots,
             "peak_rss": _proc("status", "VmHWM:"), "rss_after_load": resident_rss,
             "resident_bytes": info["resident_bytes"], "expert_bytes": info["expert_bytes"],
-            "mlx_peak": mx.get_peak_memory(), "finite": bool(np.isfinite(np.array(logits)).all())}
+            "mlx_peak": mx.get_peak_memory(), "finite": bool(np.isfinite(np.array(logits)).all()),
+            "cpu": platform.cpu_setup()}

@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 from . import traces
-from .bench_engines import ENGINES, TRACES, child, make_trace
+from ..bench import PLAIN_CPU
+from .bench_engines import ENGINES, PLAIN_CPU_ENGINES, TRACES, child, make_trace
 
 DEFAULT_PATH = Path("/tmp/mlx-qwen35-expert-bench")
 CGROUP_NAME = "mlx-qwen35-expert-bench"
@@ -107,8 +108,9 @@ def _run_once(args, engine: str, trace: str, group: Path | None) -> dict:
         fadvise_dontneed(Path(args.path))
     if group is not None:
         (group / "memory.max_usage_in_bytes").write_text("0")
+    environment = {**os.environ, **(PLAIN_CPU if engine in PLAIN_CPU_ENGINES else {})}
     command = [sys.executable, "-m", "mlx_qwen35.experts.bench_scale", "--child", "--path", str(args.path),
-               "--engine", engine, "--trace", trace, "--tokens", str(args.tokens), "--warmup", str(args.warmup),
+               "--engine", PLAIN_CPU_ENGINES.get(engine, engine), "--trace", trace, "--tokens", str(args.tokens), "--warmup", str(args.warmup),
                "--budget-gb", str(args.budget_gb), "--prewarm", str(args.prewarm), "--io-threads", str(args.io_threads), "--seed", str(args.seed),
                "--lookahead-precision", str(args.lookahead_precision)]
     if group is not None:
@@ -117,7 +119,7 @@ def _run_once(args, engine: str, trace: str, group: Path | None) -> dict:
 
     start, disturbed = time.perf_counter(), False
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        child_process = subprocess.Popen(command, stdout=out, stderr=err, text=True)
+        child_process = subprocess.Popen(command, stdout=out, stderr=err, text=True, env=environment)
         last = time.perf_counter()
         while child_process.poll() is None:
             time.sleep(1)
@@ -131,7 +133,7 @@ def _run_once(args, engine: str, trace: str, group: Path | None) -> dict:
         return {"engine": engine, "trace": trace, "failed": child_process.returncode, "stderr": stderr[-2000:],
                 "wall": wall, "disturbed": disturbed}
     result = json.loads(stdout.strip().splitlines()[-1])
-    result["wall"], result["disturbed"] = wall, disturbed
+    result["engine"], result["wall"], result["disturbed"] = engine, wall, disturbed
     if group is not None:
         result["cgroup_peak"] = int((group / "memory.max_usage_in_bytes").read_text())
         result["cgroup_limit"] = int((group / "memory.limit_in_bytes").read_text())
