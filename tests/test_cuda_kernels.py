@@ -88,6 +88,7 @@ def test_model_dispatch_with_cuda_on_runs_both_kernels(monkeypatch):
     """With CUDA_KERNELS on a CUDA device, a DeltaNet layer's decode step is one DECODE_CUDA launch and a short
     prompt's scan one STEP_CUDA launch (emulated here), matching the MLX-ops paths."""
     from mlx_qwen35 import kernels
+    from mlx_qwen35.kernels import self_check
 
     layer = deltanet()
     cache, twin = prefilled_twins(layer, 2, 5, mx.float32)
@@ -107,11 +108,13 @@ def test_model_dispatch_with_cuda_on_runs_both_kernels(monkeypatch):
 
     monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
     monkeypatch.setattr(kernels, "CUDA_KERNELS", True)
+    monkeypatch.setattr(self_check, "_verdicts", {})
     monkeypatch.setattr(kernels, "fused_decode_step_cuda", emulated(DECODE_CUDA, decode_launch))
     monkeypatch.setattr(kernels, "gated_delta_step_cuda", emulated(STEP_CUDA, step_launch))
     got = layer(x, cache)
     got_prompt = layer(prompt, None)
-    assert launches == [DECODE_CUDA.name, STEP_CUDA.name]
+    # each kernel: its first-use check, then the layer's call
+    assert launches == [DECODE_CUDA.name] * 2 + [STEP_CUDA.name] * 2
     assert rel(np.array(got), np.array(expected)) <= 1e-5
     assert rel(np.array(cache[1]), np.array(twin[1])) <= 1e-5
     assert rel(np.array(got_prompt), np.array(expected_prompt)) <= 1e-5

@@ -9,6 +9,7 @@ from delta_reference import check_decode_step, numpy_fused_decode, random_decode
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_qwen35 import kernels
+from mlx_qwen35.kernels import self_check
 from mlx_qwen35.cache import DeltaNetCache
 from mlx_qwen35.config import TextConfig
 from mlx_qwen35.kernels.metal_decode import (
@@ -175,8 +176,10 @@ def test_layer_metal_hook_with_emulated_kernel(monkeypatch):
     monkeypatch.setattr(mx.metal, "is_available", lambda: True)
     monkeypatch.setattr(kernels, "METAL_FUSED_DECODE", True)
     monkeypatch.setattr(kernels, "fused_decode_step_metal", emulated)
+    monkeypatch.setattr(self_check, "_verdicts", {})
     got = layer(x, cache)
-    assert len(launches) == 1
+    # the first-use check on small inputs (2 sequences), then the layer's step (3 sequences)
+    assert [launch["grid"][2] for launch in launches] == [2 * 2, 3 * 4]  # B * Hv
     assert rel(np.array(got), np.array(expected)) <= 1e-5
     assert rel(np.array(cache[0]), np.array(twin[0])) == 0
     assert rel(np.array(cache[1]), np.array(twin[1])) <= 1e-5

@@ -6,9 +6,10 @@ import mlx.core as mx
 from .chunked import gated_delta_chunked
 from .cuda import fused_decode_step_cuda, gated_delta_step_cuda
 from .metal import gated_delta_step_metal
-from .metal_chunked import gated_delta_chunked_metal
+from .metal_chunked import CHUNK, gated_delta_chunked_metal
 from .metal_decode import decode_kernel_fits, fused_decode_step_metal
 from .reference import fused_decode_step_reference, gated_delta_recurrent
+from .self_check import decode_inputs, device_kernels_allowed, passes, scan_inputs
 from .validation import check_inputs, decode_shapes
 
 __all__ = ["gated_delta_update", "gated_delta_recurrent", "gated_delta_chunked", "fused_decode_step",
@@ -16,49 +17,62 @@ __all__ = ["gated_delta_update", "gated_delta_recurrent", "gated_delta_chunked",
 
 # Below this many steps the per-step recurrence does less work than building 64x64 chunk matrices.
 CHUNKED_MIN_STEPS = 16
-# The chunked Metal kernel passes in CPU emulation only; switch it on once tests/test_metal_chunked.py
-# has passed on a Mac.
-METAL_CHUNKED_PREFILL = False
-# The fused decode kernel (metal_decode.py) passes in CPU emulation only, like the chunked one: switch it on
-# once tests/test_metal_decode.py has passed on a Mac.
-METAL_FUSED_DECODE = False
-# The CUDA kernels (cuda.py: the per-step scan for short sequences, the fused decode step) pass in CPU
-# emulation only: switch them on once tests/test_cuda_kernels.py has passed on a GPU.
-CUDA_KERNELS = False
+# The device kernels pass their tests in CPU emulation; on a real device each is also checked against the
+# reference on first use per shape class (self_check.py) and skipped if it disagrees. These switch them off.
+METAL_STEP = True  # metal.py: the recurrence in one launch (decode-sized T, and prefill where chunks don't fit)
+METAL_CHUNKED_PREFILL = True  # metal_chunked.py: simdgroup-matrix chunks for T >= CHUNKED_MIN_STEPS
+METAL_FUSED_DECODE = True  # metal_decode.py: a DeltaNet layer's T = 1 step in one launch
+CUDA_KERNELS = True  # cuda.py: the per-step scan for short sequences and the fused decode step
 
 
 def fused_decode_enabled() -> bool:
-    """Whether a DeltaNet layer's T = 1 step goes through `fused_decode_step` (one kernel launch)."""
-    return (METAL_FUSED_DECODE and mx.metal.is_available()) or (CUDA_KERNELS and mx.cuda.is_available())
+    """Whether a DeltaNet layer's T = 1 step goes through `fused_decode_step` (one kernel launch where the
+    kernel has passed its first-use check, the same math in MLX ops otherwise)."""
+    return device_kernels_allowed() and ((METAL_FUSED_DECODE and mx.metal.is_available())
+                                         or (CUDA_KERNELS and mx.cuda.is_available()))
 
 
 def gated_delta_update(q, k, v, g, beta, state=None, mask=None):
     """Gated delta rule over a sequence; see `gated_delta_recurrent` for shapes and conventions."""
     check_inputs(q, k, v, g, beta, state, mask)
-    if mx.metal.is_available() and q.shape[-1] % 32 == 0:
-        Dk, Dv = q.shape[-1], v.shape[-1]
-        if METAL_CHUNKED_PREFILL and q.shape[1] >= CHUNKED_MIN_STEPS and Dk <= 256 and Dv in (32, 64, 128):
+    T, Dk, Dv = q.shape[1], q.shape[-1], v.shape[-1]
+    if mx.metal.is_available() and Dk % 32 == 0:
+        if (METAL_CHUNKED_PREFILL and T >= CHUNKED_MIN_STEPS and Dk <= 256 and Dv in (32, 64, 128)
+                and _scan_passes("Metal chunked", gated_delta_chunked_metal, q, v, mask, steps=2 * CHUNK + 5)):
             return gated_delta_chunked_metal(q, k, v, g, beta, state, mask)
-        return gated_delta_step_metal(q, k, v, g, beta, state, mask)
-    if CUDA_KERNELS and mx.cuda.is_available() and q.shape[1] < CHUNKED_MIN_STEPS and q.shape[-1] % 32 == 0:
+        if METAL_STEP and _scan_passes("Metal step", gated_delta_step_metal, q, v, mask, steps=5):
+            return gated_delta_step_metal(q, k, v, g, beta, state, mask)
+    if (CUDA_KERNELS and mx.cuda.is_available() and T < CHUNKED_MIN_STEPS and Dk % 32 == 0
+            and _scan_passes("CUDA step", gated_delta_step_cuda, q, v, mask, steps=5)):
         return gated_delta_step_cuda(q, k, v, g, beta, state, mask)
-    if q.shape[1] >= CHUNKED_MIN_STEPS:
+    if T >= CHUNKED_MIN_STEPS:
         return gated_delta_chunked(q, k, v, g, beta, state, mask)
     return gated_delta_recurrent(q, k, v, g, beta, state, mask)
+
+
+def _scan_passes(name, kernel, q, v, mask, steps):
+    Dk, Dv = q.shape[-1], v.shape[-1]
+    key = (Dk, Dv, q.dtype, v.dtype, mask is not None)
+    return passes(name, key, kernel, gated_delta_recurrent,
+                  lambda: scan_inputs(Dk, Dv, q.dtype, v.dtype, steps, mask is not None))
 
 
 def fused_decode_step(qkv, conv_state, conv_weight, z, a, b, A_log, dt_bias, state, norm_weight, eps,
                       num_k_heads):
     """One DeltaNet token from the projections to the gated norm (see `fused_decode_step_reference` for
-    shapes): one Metal launch where the kernel applies, else the same math in MLX ops."""
-    *_, Dk, Dv = decode_shapes(qkv, conv_state, conv_weight, z, a, b, A_log, dt_bias, state, norm_weight,
-                               num_k_heads)
-    if METAL_FUSED_DECODE and mx.metal.is_available() and decode_kernel_fits(Dk, Dv):
-        return fused_decode_step_metal(qkv, conv_state, conv_weight, z, a, b, A_log, dt_bias, state,
-                                       norm_weight, eps, num_k_heads)
-    if CUDA_KERNELS and mx.cuda.is_available() and decode_kernel_fits(Dk, Dv):
-        return fused_decode_step_cuda(qkv, conv_state, conv_weight, z, a, b, A_log, dt_bias, state,
-                                      norm_weight, eps, num_k_heads)
+    shapes): one kernel launch where the kernel applies and has passed its first-use check, else the same
+    math in MLX ops."""
+    *_, K, _, _, Dk, Dv = decode_shapes(qkv, conv_state, conv_weight, z, a, b, A_log, dt_bias, state,
+                                        norm_weight, num_k_heads)
+    for name, kernel, enabled in (
+            ("Metal fused decode", fused_decode_step_metal, METAL_FUSED_DECODE and mx.metal.is_available()),
+            ("CUDA fused decode", fused_decode_step_cuda, CUDA_KERNELS and mx.cuda.is_available())):
+        if enabled and decode_kernel_fits(Dk, Dv):
+            dtypes = tuple(x.dtype for x in (qkv, conv_weight, z, a, b, A_log, dt_bias, norm_weight))
+            if passes(name, (Dk, Dv, K) + dtypes, kernel, fused_decode_step_reference,
+                      lambda: decode_inputs(Dk, Dv, K, dtypes)):
+                return kernel(qkv, conv_state, conv_weight, z, a, b, A_log, dt_bias, state, norm_weight, eps,
+                              num_k_heads)
     return fused_decode_step_reference(qkv, conv_state, conv_weight, z, a, b, A_log, dt_bias, state,
                                        norm_weight, eps, num_k_heads)
 

@@ -1,0 +1,126 @@
+"""The device kernels' first-use check (kernels/self_check.py) in the dispatch of kernels/__init__.py: a kernel
+that matches the reference on the device is used, one that disagrees or fails to launch is replaced by the
+MLX-ops path (with a warning, once), and MLX_QWEN35_NO_DEVICE_KERNELS keeps them all off. The device is
+faked (mx.metal.is_available -> True) and the kernels are the exact Metal sources run in CPU emulation; every
+result is compared with the float64 NumPy recurrence."""
+
+import warnings
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_qwen35 import kernels
+from mlx_qwen35.kernels import self_check
+from mlx_qwen35.kernels.metal import STEP, step_launch
+from mlx_qwen35.kernels.metal_chunked import CHUNKED, chunked_launch
+from mlx_qwen35.kernels.metal_decode import DECODE, decode_launch
+from mlx_qwen35.kernels.metal_emulation import emulate
+from delta_reference import numpy_fused_decode, numpy_recurrence, random_decode_inputs, random_inputs, rel
+
+
+def to_mx(inputs):
+    return [mx.array(x) if isinstance(x, np.ndarray) else x for x in inputs]
+
+
+@pytest.fixture
+def metal(monkeypatch):
+    """A pretend Metal device whose kernels run in emulation; returns the list of kernel names launched."""
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    monkeypatch.setattr(self_check, "_verdicts", {})
+    monkeypatch.delenv("MLX_QWEN35_NO_DEVICE_KERNELS", raising=False)
+    launches = []
+
+    def emulated(spec, launch_fn):
+        def run(*args):
+            launch = launch_fn(*args)
+            launches.append(spec.name)
+            return [mx.array(o).astype(d) for o, d in zip(emulate(spec, **launch), launch["output_dtypes"])]
+        return run
+
+    monkeypatch.setattr(kernels, "gated_delta_chunked_metal", emulated(CHUNKED, chunked_launch))
+    monkeypatch.setattr(kernels, "gated_delta_step_metal", emulated(STEP, step_launch))
+    monkeypatch.setattr(kernels, "fused_decode_step_metal", emulated(DECODE, decode_launch))
+    return launches
+
+
+def check_scan(y, state, inputs):
+    expected_y, expected_state = numpy_recurrence(*inputs)
+    assert rel(np.array(y), expected_y) <= 1e-5 and rel(np.array(state), expected_state) <= 1e-5
+
+
+def test_kernels_that_pass_the_check_are_used_and_checked_once_per_shape(metal):
+    prompt = random_inputs(1, 40, 2, 4, 32, seed=1, padded=True)
+    check_scan(*kernels.gated_delta_update(*to_mx(prompt)), prompt)
+    check_scan(*kernels.gated_delta_update(*to_mx(prompt)), prompt)
+    step = random_inputs(2, 1, 1, 2, 32, seed=2)
+    check_scan(*kernels.gated_delta_update(*to_mx(step)), step)
+    # the chunked kernel: its check, then two calls; the step kernel: its check, then one call
+    assert metal == [CHUNKED.name] * 3 + [STEP.name] * 2
+    decode = random_decode_inputs(2, 1, 2, 32, seed=3)
+    for got, want in zip(kernels.fused_decode_step(*to_mx(decode)), numpy_fused_decode(*decode)):
+        assert rel(np.array(got), want) <= 1e-5
+    assert metal[-2:] == [DECODE.name] * 2
+
+
+def wrong(result):
+    """A kernel that returns its reference's outputs with the first one 1% off."""
+    calls = []
+
+    def kernel(*args):
+        calls.append(1)
+        first, *rest = result(*args)
+        return (first * 1.01, *rest)
+    return kernel, calls
+
+
+def test_a_kernel_that_disagrees_is_replaced_by_the_mlx_ops_path(metal, monkeypatch):
+    kernel, calls = wrong(kernels.gated_delta_chunked)
+    monkeypatch.setattr(kernels, "gated_delta_chunked_metal", kernel)
+    prompt = random_inputs(1, 40, 1, 2, 32, seed=4)
+    with pytest.warns(RuntimeWarning, match="Metal chunked kernel failed its first-use check"):
+        check_scan(*kernels.gated_delta_update(*to_mx(prompt)), prompt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        check_scan(*kernels.gated_delta_update(*to_mx(prompt)), prompt)
+    assert len(calls) == 1  # only the check ran it
+    # the step kernel, which passes, takes the prompt instead
+    assert metal == [STEP.name] * 3
+
+    decoder, decode_calls = wrong(kernels.fused_decode_step_reference)
+    monkeypatch.setattr(kernels, "fused_decode_step_metal", decoder)
+    decode = random_decode_inputs(1, 1, 2, 32, seed=5)
+    with pytest.warns(RuntimeWarning, match="Metal fused decode kernel"):
+        outputs = kernels.fused_decode_step(*to_mx(decode))
+    for got, want in zip(outputs, numpy_fused_decode(*decode)):
+        assert rel(np.array(got), want) <= 1e-5
+    assert len(decode_calls) == 1
+
+
+def test_a_kernel_that_cannot_launch_is_replaced(metal, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("Unable to build metal library")
+
+    monkeypatch.setattr(kernels, "gated_delta_chunked_metal", broken)
+    monkeypatch.setattr(kernels, "gated_delta_step_metal", broken)
+    prompt = random_inputs(1, 20, 1, 1, 64, seed=6)
+    with pytest.warns(RuntimeWarning, match="Unable to build metal library"):
+        check_scan(*kernels.gated_delta_update(*to_mx(prompt)), prompt)
+
+
+def test_the_environment_switch_keeps_every_kernel_off(metal, monkeypatch):
+    monkeypatch.setenv("MLX_QWEN35_NO_DEVICE_KERNELS", "1")
+    prompt = random_inputs(1, 40, 1, 2, 32, seed=7)
+    check_scan(*kernels.gated_delta_update(*to_mx(prompt)), prompt)
+    decode = random_decode_inputs(1, 1, 2, 32, seed=8)
+    kernels.fused_decode_step(*to_mx(decode))
+    assert metal == [] and not kernels.fused_decode_enabled()
+
+
+def test_mismatch_names_what_differs():
+    a = mx.ones((2, 3))
+    assert self_check.mismatch((a,), (a,)) is None
+    assert "relative error" in self_check.mismatch((a * 1.01,), (a,))
+    assert "relative error" in self_check.mismatch((a * np.nan,), (a,))
+    assert "expected (2, 3)" in self_check.mismatch((a[:1],), (a,))
+    assert "bfloat16" in self_check.mismatch((a.astype(mx.bfloat16),), (a,))
