@@ -124,3 +124,19 @@ def test_mismatch_names_what_differs():
     assert "relative error" in self_check.mismatch((a * np.nan,), (a,))
     assert "expected (2, 3)" in self_check.mismatch((a[:1],), (a,))
     assert "bfloat16" in self_check.mismatch((a.astype(mx.bfloat16),), (a,))
+
+
+def test_gradients_through_a_device_kernel_are_the_mlx_ops_paths(metal):
+    """Custom kernels have no vjp: the dispatch gives them the MLX-ops path's, so training on a GPU works."""
+    q, k, v, g, beta, state, mask = to_mx(random_inputs(1, 40, 1, 2, 32, seed=9, padded=True))
+    weights = mx.random.normal((1, 40, 2, 32), key=mx.random.key(3))
+
+    def loss(scan, v, g, state):
+        y, final = scan(q, k, v, g, beta, state, mask)
+        return (y * weights).sum() + final.sum()
+
+    got = mx.grad(lambda *a: loss(kernels.gated_delta_update, *a), argnums=(0, 1, 2))(v, g, state)
+    want = mx.grad(lambda *a: loss(kernels.gated_delta_recurrent, *a), argnums=(0, 1, 2))(v, g, state)
+    assert metal == [CHUNKED.name] * 2  # the forward ran the (emulated) kernel
+    for a, b in zip(got, want):
+        assert rel(np.array(a), np.array(b)) <= 1e-5

@@ -39,15 +39,39 @@ def gated_delta_update(q, k, v, g, beta, state=None, mask=None):
     if mx.metal.is_available() and Dk % 32 == 0:
         if (METAL_CHUNKED_PREFILL and T >= CHUNKED_MIN_STEPS and Dk <= 256 and Dv in (32, 64, 128)
                 and _scan_passes("Metal chunked", gated_delta_chunked_metal, q, v, mask, steps=2 * CHUNK + 5)):
-            return gated_delta_chunked_metal(q, k, v, g, beta, state, mask)
+            return _with_ops_gradient(gated_delta_chunked_metal, q, k, v, g, beta, state, mask)
         if METAL_STEP and _scan_passes("Metal step", gated_delta_step_metal, q, v, mask, steps=5):
-            return gated_delta_step_metal(q, k, v, g, beta, state, mask)
+            return _with_ops_gradient(gated_delta_step_metal, q, k, v, g, beta, state, mask)
     if (CUDA_KERNELS and mx.cuda.is_available() and T < CHUNKED_MIN_STEPS and Dk % 32 == 0
             and _scan_passes("CUDA step", gated_delta_step_cuda, q, v, mask, steps=5)):
-        return gated_delta_step_cuda(q, k, v, g, beta, state, mask)
-    if T >= CHUNKED_MIN_STEPS:
+        return _with_ops_gradient(gated_delta_step_cuda, q, k, v, g, beta, state, mask)
+    return _ops_scan(q, k, v, g, beta, state, mask)
+
+
+def _ops_scan(q, k, v, g, beta, state=None, mask=None):
+    """The MLX-ops path (any device, differentiable): chunked from CHUNKED_MIN_STEPS steps, else per step."""
+    if q.shape[1] >= CHUNKED_MIN_STEPS:
         return gated_delta_chunked(q, k, v, g, beta, state, mask)
     return gated_delta_recurrent(q, k, v, g, beta, state, mask)
+
+
+def _with_ops_gradient(kernel, q, k, v, g, beta, state, mask):
+    """`kernel`'s outputs with the MLX-ops path's gradients (a custom kernel has no vjp of its own), so
+    training on a GPU runs the fast forward and still differentiates."""
+    arrays = [q, k, v, g, beta] + ([] if state is None else [state])
+
+    def call(scan, args):
+        return scan(*args[:5], args[5] if state is not None else None, mask)
+
+    @mx.custom_function
+    def scan(*args):
+        return call(kernel, args)
+
+    @scan.vjp
+    def scan_vjp(primals, cotangents, outputs):
+        return mx.vjp(lambda *args: call(_ops_scan, args), list(primals), list(cotangents))[1]
+
+    return scan(*arrays)
 
 
 def _scan_passes(name, kernel, q, v, mask, steps):
