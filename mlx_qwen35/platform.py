@@ -40,10 +40,13 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlx-qwen35"
 
 
-def _build_gemv_forward() -> Path:
-    """The shim's shared library, compiled on first use and kept under a name that hashes its source."""
-    digest = hashlib.sha256(GEMV_FORWARD_SOURCE.read_bytes()).hexdigest()[:16]
-    library = _cache_dir() / f"gemv_forward-{digest}.so"
+def build_library(source: Path, flags: tuple = ("-O2",), libraries: tuple = ()) -> Path:
+    """A C source compiled on first use into the user cache, under a name that hashes the source, the flags and
+    (for flags that tune to this CPU) the CPU's feature list."""
+    key = source.read_bytes() + " ".join(flags + libraries).encode()
+    if "-march=native" in flags:
+        key += _cpu_features()
+    library = _cache_dir() / f"{source.stem}-{hashlib.sha256(key).hexdigest()[:16]}.so"
     if library.exists():
         return library
     compiler = shutil.which(os.environ.get("CC") or "cc")
@@ -52,7 +55,7 @@ def _build_gemv_forward() -> Path:
     library.parent.mkdir(parents=True, exist_ok=True)
     partial = library.with_name(f"{library.name}.{os.getpid()}.partial")
     try:
-        subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", str(partial), str(GEMV_FORWARD_SOURCE), "-ldl"],
+        subprocess.run([compiler, *flags, "-shared", "-fPIC", "-o", str(partial), str(source), *libraries],
                        check=True, capture_output=True, timeout=120)
         os.replace(partial, library)
     except subprocess.CalledProcessError as error:
@@ -60,6 +63,14 @@ def _build_gemv_forward() -> Path:
     finally:
         partial.unlink(missing_ok=True)
     return library
+
+
+def _cpu_features() -> bytes:
+    try:
+        return next((line for line in Path("/proc/cpuinfo").read_bytes().splitlines() if line.startswith(b"flags")),
+                    b"")
+    except OSError:
+        return os.uname().machine.encode()
 
 
 def _preload_openblas() -> str:
@@ -95,7 +106,7 @@ def _load_gemv_forward():
         _gemv_forward_status = "off: disabled by MLX_QWEN35_NO_GEMV_FORWARD"
         return None
     try:
-        shim = ctypes.CDLL(str(_build_gemv_forward()), mode=ctypes.RTLD_GLOBAL)
+        shim = ctypes.CDLL(str(build_library(GEMV_FORWARD_SOURCE, libraries=("-ldl",))), mode=ctypes.RTLD_GLOBAL)
         shim.gemv_forward_calls.restype = ctypes.c_long
         return shim
     except (OSError, subprocess.SubprocessError) as error:

@@ -3,6 +3,7 @@ device and sequence length; each path sits beside a plain reference with the sam
 
 import mlx.core as mx
 
+from . import cpu_qmv
 from .chunked import gated_delta_chunked
 from .cuda import fused_decode_step_cuda, gated_delta_step_cuda
 from .metal import gated_delta_step_metal
@@ -107,6 +108,8 @@ def expert_matmul(x, weights, expert_indices, scales=None, biases=None, group_si
     -> [N, 1, out]; expert_indices must be sorted so each expert's weights are read once. With `scales`
     (and `biases`), `weights` are MLX-quantised [E, out, in*bits/32] and gather_qmm dequantises on the fly."""
     if scales is not None:
+        if cpu_qmv.applies(x, weights, scales, biases, group_size, bits, mode):
+            return _cpu_quantized_matvec(x, weights, scales, biases, expert_indices, group_size, bits)
         return mx.gather_qmm(x, weights, scales, biases, rhs_indices=expert_indices, transpose=True,
                              group_size=group_size, bits=bits, mode=mode, sorted_indices=True)
     w = weights.swapaxes(-1, -2)
@@ -115,3 +118,18 @@ def expert_matmul(x, weights, expert_indices, scales=None, biases=None, group_si
         return mx.gather_mm(x.astype(mx.float32), w.astype(mx.float32), rhs_indices=expert_indices,
                             sorted_indices=True).astype(x.dtype)
     return mx.gather_mm(x, w, rhs_indices=expert_indices, sorted_indices=True)
+
+
+def _cpu_quantized_matvec(x, weights, scales, biases, expert_indices, group_size, bits):
+    """cpu_qmv's product, differentiable in x through gather_qmm's gradient (the C code has none)."""
+
+    @mx.custom_function
+    def product(x):
+        return cpu_qmv.quantized_matvec(x, weights, scales, biases, expert_indices, group_size, bits)
+
+    @product.vjp
+    def product_vjp(x, cotangent, output):  # one input: MLX passes the arrays themselves, not tuples
+        return mx.vjp(lambda x: cpu_qmv.quantized_matvec_reference(x, weights, scales, biases, expert_indices,
+                                                                   group_size, bits), [x], [cotangent])[1][0]
+
+    return product(x)
