@@ -18,7 +18,7 @@ from .generation import generate_tokens
 
 # What a peer's user has: OpenBLAS loaded (the issue's setting for every engine), but neither of our two other
 # CPU settings (platform.py).
-PLAIN_CPU = {"MLX_QWEN35_NO_GEMV_FORWARD": "1", "MLX_QWEN35_NO_MALLOC_TUNING": "1"}
+PLAIN_CPU = {"MLX_QWEN35_NO_GEMV_FORWARD": "1", "MLX_QWEN35_NO_MALLOC_TUNING": "1", "MLX_QWEN35_NO_CPU_QMV": "1"}
 # --compare name -> (label, runner, environment); "mlx-qwen35" always runs.
 ENGINES = {
     "mlx-qwen35": ("mlx-qwen35", "ours", {}),
@@ -174,31 +174,45 @@ def cpu_probe(repeats=5):
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
+    from .kernels import expert_matmul
+
     weights = [mx.random.normal((6144, 1024), key=mx.random.key(i)) for i in range(47)]
     x = mx.random.normal((1, 1024))
     a, b = mx.random.normal((2048, 6144)), mx.random.normal((2048, 6144))
     mx.eval(weights, x, a, b)
     gigabytes = sum(w.nbytes for w in weights) / 1e9
+    # A decode step's routed experts: 10 of 16 4-bit experts at Qwen3.5-397B's gate_up shape [2048, 4096].
+    packed, scales, biases = mx.quantize(mx.random.normal((16, 2048, 4096)) * 0.02, group_size=64, bits=4)
+    rows, experts = mx.random.normal((10, 1, 4096)), mx.arange(10).astype(mx.uint32)
+    mx.eval(packed, scales, biases, rows)
+    experts_seconds = median_seconds(lambda: expert_matmul(rows, packed, experts, scales=scales, biases=biases,
+                                                           group_size=64, bits=4))
     print(json.dumps({"matvec_gb_s": gigabytes / median_seconds(lambda: [x @ w.T for w in weights]),
-                      "multiply_ms": 1000 * median_seconds(lambda: a * b), "cpu": platform.cpu_setup()}))
+                      "multiply_ms": 1000 * median_seconds(lambda: a * b),
+                      "experts_gb_s": 10 * packed[0].nbytes / 1e9 / experts_seconds, "cpu": platform.cpu_setup()}))
 
 
 def cpu_bench(repeats=5):
     """Our CPU settings one at a time (platform.py), each in a fresh process: what each is worth on its own."""
+    def alone(variable):
+        return {k: v for k, v in PLAIN_CPU.items() if k != variable}
+
     settings = {"OpenBLAS only (what the peers get)": PLAIN_CPU,
-                "+ matrix-vector forwarding": {"MLX_QWEN35_NO_MALLOC_TUNING": "1"},
-                "+ malloc keeps freed blocks": {"MLX_QWEN35_NO_GEMV_FORWARD": "1"},
-                "both (ours)": {}}
+                "+ matrix-vector forwarding": alone("MLX_QWEN35_NO_GEMV_FORWARD"),
+                "+ malloc keeps freed blocks": alone("MLX_QWEN35_NO_MALLOC_TUNING"),
+                "+ quantised matrix-vector": alone("MLX_QWEN35_NO_CPU_QMV"),
+                "all (ours)": {}}
     print(f"# CPU settings, median of {repeats}; matrix-vector: 47 float32 6144x1024 matrices (1.2 GB) times one "
-          f"row, cold; multiply: two [2048, 6144] float32 arrays")
+          f"row, cold; multiply: two [2048, 6144] float32 arrays; experts: 10 of 16 4-bit [2048, 4096] experts "
+          f"(group 64) times one row each, as expert_matmul runs them")
     for label, environment in settings.items():
         result = subprocess.run([sys.executable, "-m", "mlx_qwen35.bench", "cpu-probe", str(repeats)],
                                 env={**os.environ, **environment}, capture_output=True, text=True)
         if result.returncode:
             raise RuntimeError(f"{label} failed:\n{result.stderr[-2000:]}")
         record = json.loads(result.stdout.splitlines()[-1])
-        print(f"{label:36s} matrix-vector {record['matvec_gb_s']:5.1f} GB/s   multiply {record['multiply_ms']:6.1f} ms",
-              flush=True)
+        print(f"{label:36s} matrix-vector {record['matvec_gb_s']:5.1f} GB/s   multiply {record['multiply_ms']:6.1f} ms   "
+              f"experts {record['experts_gb_s']:5.2f} GB/s of packed weights", flush=True)
 
 
 def attention_memory(lengths=(4096, 8192, 16384), heads=8, kv_heads=2, head_dim=256):

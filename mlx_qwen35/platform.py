@@ -146,10 +146,13 @@ _malloc_status = _tune_malloc()
 
 
 def cpu_setup() -> str:
-    """One line for logs and benchmark headers: the BLAS and the two CPU settings in force."""
+    """One line for logs and benchmark headers: the BLAS and our CPU settings in force."""
     if sys.platform == "darwin":
         return "Accelerate"
-    return f"BLAS {blas_in_use()}; matrix-vector to sgemv: {gemv_forward_status()}; malloc keeps freed blocks: {_malloc_status}"
+    from .kernels import cpu_qmv
+
+    return (f"BLAS {blas_in_use()}; matrix-vector to sgemv: {gemv_forward_status()}; malloc keeps freed blocks: "
+            f"{_malloc_status}; quantised matrix-vector: {cpu_qmv.status()}")
 
 
 def blas_in_use() -> str:
