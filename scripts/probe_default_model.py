@@ -137,6 +137,14 @@ def fact_binding(rng, keys, values, fact, question, low=2, high=3):
                        f"{answers[asked]}.")
 
 
+def name_color_growing(rng, progress, ramp, hold=0):
+    """`name_color` whose names grow from the first 3 (for the first `hold` rows) to all of them over the next
+    `ramp` rows: whether binding learned on a few keys carries over as keys are added."""
+    grown = max(0.0, min(1.0, (progress[0] - hold) / ramp))
+    names = world.NAMES[:3 + int((len(world.NAMES) - 3) * grown)]
+    return fact_binding(rng, names, list(world.COLORS), "The {key} is {value}.", "What color is the {key}?")
+
+
 def mimetic_attention(model):
     """Mimetic initialisation (Trockman & Kolter 2023): each query head starts as a copy of its KV head's key
     projection, so attention starts by matching similar tokens."""
@@ -209,6 +217,21 @@ def main():
                                          fact="The {key} is {value}.", question="What color is the {key}?"),
                  name_color=partial(fact_binding, keys=world.NAMES, values=list(world.COLORS),
                                     fact="The {key} is {value}.", question="What color is the {key}?"),
+                 name_color3_copy=partial(fact_binding, keys=world.NAMES[:3], values=list(world.COLORS), low=1,
+                                          high=1, fact="The {key} is {value}.", question="What color is the {key}?"),
+                 name_color3=partial(fact_binding, keys=world.NAMES[:3], values=list(world.COLORS),
+                                     fact="The {key} is {value}.", question="What color is the {key}?"),
+                 name_color_growing=partial(name_color_growing, progress=progress, ramp=args.ramp),
+                 name_color_held=partial(name_color_growing, progress=progress, ramp=args.ramp, hold=4000),
+                 code_color3_copy=partial(fact_binding, keys=world.NAMES[:3], values=list(world.COLORS), low=1,
+                                          high=1, fact="The code for {key} is {value}.",
+                                          question="What is the code for {key}?"),
+                 code_color3=partial(fact_binding, keys=world.NAMES[:3], values=list(world.COLORS),
+                                     fact="The code for {key} is {value}.", question="What is the code for {key}?"),
+                 name_color8_copy=partial(fact_binding, keys=world.NAMES[:8], values=list(world.COLORS), low=1,
+                                          high=1, fact="The {key} is {value}.", question="What color is the {key}?"),
+                 name_color8=partial(fact_binding, keys=world.NAMES[:8], values=list(world.COLORS),
+                                     fact="The {key} is {value}.", question="What color is the {key}?"),
                  shape_digit_copy=partial(fact_binding, keys=world.SHAPES, values=list("0123456789"), low=1, high=1,
                                           fact="The code for the {key} is {value}.",
                                           question="What is the code for the {key}?"),
