@@ -49,6 +49,11 @@ def to_mx(x):
     return None if x is None else mx.array(x)
 
 
+def mx_inputs(inputs):
+    """A kernel's NumPy inputs as its arguments: arrays to MLX, scalars and None as they are."""
+    return [mx.array(x) if isinstance(x, np.ndarray) else x for x in inputs]
+
+
 def rel(a, b):
     return np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b)
 

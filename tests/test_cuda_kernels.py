@@ -6,9 +6,9 @@ through mx.fast.cuda_kernel when MLX's CUDA backend is present."""
 import mlx.core as mx
 import numpy as np
 import pytest
-from delta_reference import check_decode_step, check_step_kernel, random_decode_inputs, random_inputs, rel, to_mx
+from delta_reference import (check_decode_step, check_step_kernel, mx_inputs, random_decode_inputs, random_inputs,
+                             rel, to_mx)
 from test_metal_decode import deltanet, prefilled_twins
-from test_metal_decode import to_mx as decode_args
 
 from mlx_qwen35.kernels.cuda import (
     DECODE_CUDA,
@@ -55,12 +55,12 @@ def test_step_kernel_matches_float64(run, B, T, Hk, Hv, D, variant):
 
 
 def decode_emulated(inputs):
-    return emulate(DECODE_CUDA, dialect="cuda", **decode_launch(*decode_args(inputs)))
+    return emulate(DECODE_CUDA, dialect="cuda", **decode_launch(*mx_inputs(inputs)))
 
 
 def decode_cuda(inputs):
     with mx.stream(mx.gpu):
-        return [np.array(x) for x in fused_decode_step_cuda(*decode_args(inputs))]
+        return [np.array(x) for x in fused_decode_step_cuda(*mx_inputs(inputs))]
 
 
 DECODE_RUNNERS = [pytest.param(decode_emulated, id="emulated"),

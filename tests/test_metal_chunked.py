@@ -13,7 +13,7 @@ from mlx_qwen35.kernels.metal_chunked import (
     gated_delta_chunked_metal,
 )
 from mlx_qwen35.kernels.metal_emulation import emulate, f32_to_bf16, run_kernel
-from delta_reference import numpy_recurrence, random_inputs, rel, to_mx
+from delta_reference import check_step_kernel, numpy_recurrence, random_inputs, rel, to_mx
 
 needs_metal = pytest.mark.skipif(not mx.metal.is_available(), reason="no Metal device")
 
@@ -120,14 +120,7 @@ RUNNERS = [pytest.param(run_emulated, id="emulated"), pytest.param(run_metal, id
 @pytest.mark.parametrize("B,T,Hk,Hv,D", GRID)
 @pytest.mark.parametrize("variant", ["random-state", "zero-state", "padded"])
 def test_chunked_kernel_matches_float64(run, B, T, Hk, Hv, D, variant):
-    inputs = random_inputs(B, T, Hk, Hv, D, D, seed=7 * T + D + B, zero_state=variant == "zero-state",
-                           padded=variant == "padded")
-    expected_y, expected_state = numpy_recurrence(*inputs)
-    y, state = run(inputs)
-    assert y.shape == expected_y.shape and state.shape == expected_state.shape
-    assert y.dtype == np.float32 and state.dtype == np.float32
-    assert rel(y, expected_y) <= 1e-5
-    assert rel(state, expected_state) <= 1e-5
+    check_step_kernel(run, B, T, Hk, Hv, D, variant)
 
 
 @pytest.mark.parametrize("D,value_block", [(128, 128), (128, 32), (64, 64)])

@@ -5,7 +5,7 @@ a float64 NumPy decode step; and its MLX-ops reference against the model's own T
 import mlx.core as mx
 import numpy as np
 import pytest
-from delta_reference import check_decode_step, numpy_fused_decode, random_decode_inputs, rel
+from delta_reference import check_decode_step, mx_inputs, numpy_fused_decode, random_decode_inputs, rel
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_qwen35 import kernels
@@ -24,21 +24,17 @@ from mlx_qwen35.models.deltanet import GatedDeltaNet
 needs_metal = pytest.mark.skipif(not mx.metal.is_available(), reason="no Metal device")
 
 
-def to_mx(inputs):
-    return [mx.array(x) if isinstance(x, np.ndarray) else x for x in inputs]
-
-
 def run_emulated(inputs):
-    return emulate(DECODE, **decode_launch(*to_mx(inputs)))
+    return emulate(DECODE, **decode_launch(*mx_inputs(inputs)))
 
 
 def run_metal(inputs):
     with mx.stream(mx.gpu):
-        return [np.array(x) for x in fused_decode_step_metal(*to_mx(inputs))]
+        return [np.array(x) for x in fused_decode_step_metal(*mx_inputs(inputs))]
 
 
 def run_reference(inputs):
-    return [np.array(x) for x in fused_decode_step_reference(*to_mx(inputs))]
+    return [np.array(x) for x in fused_decode_step_reference(*mx_inputs(inputs))]
 
 
 RUNNERS = [pytest.param(run_emulated, id="emulated"), pytest.param(run_reference, id="mlx-reference"),
@@ -65,7 +61,7 @@ def test_decode_step_odd_sizes(run, Dk, Dv, K):
 
 
 def test_launch_shape():
-    launch = decode_launch(*to_mx(random_decode_inputs(3, 2, 4, 128, seed=0)))
+    launch = decode_launch(*mx_inputs(random_decode_inputs(3, 2, 4, 128, seed=0)))
     assert launch["grid"] == (512, 1, 12) and launch["threadgroup"] == (512, 1, 1)
     assert launch["template"] == [("Dk", 128), ("Dv", 128), ("OutT", mx.float32)]
 
@@ -75,7 +71,7 @@ def test_emulated_bf16_matches_float64_of_rounded_inputs():
     model's bfloat16 tensors are rounded, so the result is float64's within bfloat16 rounding; the new
     conv state is an exact copy."""
     inputs = random_decode_inputs(2, 2, 4, 64, seed=5)
-    bf16 = [mx.array(x).astype(mx.bfloat16) if i in (0, 1, 3, 4, 5) else x for i, x in enumerate(to_mx(inputs))]
+    bf16 = [mx.array(x).astype(mx.bfloat16) if i in (0, 1, 3, 4, 5) else x for i, x in enumerate(mx_inputs(inputs))]
     rounded = [np.array(x.astype(mx.float32)) if i in (0, 1, 3, 4, 5) else y
                for i, (x, y) in enumerate(zip(bf16, inputs))]
     launch = decode_launch(*bf16)
@@ -199,7 +195,7 @@ def test_metal_layer_decode_uses_kernel_and_matches_reference():
 
 
 def test_dispatch_off_metal_is_the_reference():
-    inputs = to_mx(random_decode_inputs(1, 1, 2, 16, seed=1))  # Dk 16: no kernel even on Metal
+    inputs = mx_inputs(random_decode_inputs(1, 1, 2, 16, seed=1))  # Dk 16: no kernel even on Metal
     for got, want in zip(kernels.fused_decode_step(*inputs), fused_decode_step_reference(*inputs)):
         np.testing.assert_array_equal(np.array(got), np.array(want))
 
@@ -219,7 +215,7 @@ def replaced(inputs, i, value):
     (lambda x: replaced(x, 0, x[0][:, None]), "qkv must be"),
 ])
 def test_bad_inputs_raise_before_launch(change, message):
-    inputs = change(to_mx(random_decode_inputs(1, 2, 4, 64, seed=2)))
+    inputs = change(mx_inputs(random_decode_inputs(1, 2, 4, 64, seed=2)))
     for fn in (decode_launch, fused_decode_step_reference, kernels.fused_decode_step):
         with pytest.raises(ValueError, match=message):
             fn(*inputs)
@@ -227,7 +223,7 @@ def test_bad_inputs_raise_before_launch(change, message):
 
 def test_kernel_rejects_dk_not_multiple_of_32():
     with pytest.raises(ValueError, match="multiple of 32"):
-        decode_launch(*to_mx(random_decode_inputs(1, 1, 2, 48, seed=3)))
+        decode_launch(*mx_inputs(random_decode_inputs(1, 1, 2, 48, seed=3)))
 
 
 def broken(old, new):
@@ -246,7 +242,7 @@ def broken(old, new):
 def test_emulator_is_not_vacuous(old, new):
     """Sources with a plausible slip fail the float64 comparison (or leave NaN in an output)."""
     inputs = random_decode_inputs(2, 2, 4, 64, seed=4)
-    outputs = emulate(broken(old, new), **decode_launch(*to_mx(inputs)))
+    outputs = emulate(broken(old, new), **decode_launch(*mx_inputs(inputs)))
     with pytest.raises(AssertionError):
         check_decode_step(outputs, inputs)
 
@@ -255,6 +251,6 @@ def test_emulator_catches_missing_barrier():
     inputs = random_decode_inputs(1, 1, 1, 64, seed=6)
     source = DECODE.source.replace("threadgroup_barrier(mem_flags::mem_threadgroup);", "", 1)
     outputs = emulate(DECODE._replace(name=DECODE.name + "_nobarrier", source=source),
-                      **decode_launch(*to_mx(inputs)))
+                      **decode_launch(*mx_inputs(inputs)))
     assert not np.isfinite(outputs[0]).all()
 

@@ -16,11 +16,7 @@ from mlx_qwen35.kernels.metal import STEP, step_launch
 from mlx_qwen35.kernels.metal_chunked import CHUNKED, chunked_launch
 from mlx_qwen35.kernels.metal_decode import DECODE, decode_launch
 from mlx_qwen35.kernels.metal_emulation import emulate
-from delta_reference import numpy_fused_decode, numpy_recurrence, random_decode_inputs, random_inputs, rel
-
-
-def to_mx(inputs):
-    return [mx.array(x) if isinstance(x, np.ndarray) else x for x in inputs]
+from delta_reference import check_decode_step, mx_inputs, numpy_recurrence, random_decode_inputs, random_inputs, rel
 
 
 @pytest.fixture
@@ -51,15 +47,14 @@ def check_scan(y, state, inputs):
 
 def test_kernels_that_pass_the_check_are_used_and_checked_once_per_shape(metal):
     prompt = random_inputs(1, 40, 2, 4, 32, seed=1, padded=True)
-    check_scan(*kernels.gated_delta_update(*to_mx(prompt)), prompt)
-    check_scan(*kernels.gated_delta_update(*to_mx(prompt)), prompt)
+    check_scan(*kernels.gated_delta_update(*mx_inputs(prompt)), prompt)
+    check_scan(*kernels.gated_delta_update(*mx_inputs(prompt)), prompt)
     step = random_inputs(2, 1, 1, 2, 32, seed=2)
-    check_scan(*kernels.gated_delta_update(*to_mx(step)), step)
+    check_scan(*kernels.gated_delta_update(*mx_inputs(step)), step)
     # the chunked kernel: its check, then two calls; the step kernel: its check, then one call
     assert metal == [CHUNKED.name] * 3 + [STEP.name] * 2
     decode = random_decode_inputs(2, 1, 2, 32, seed=3)
-    for got, want in zip(kernels.fused_decode_step(*to_mx(decode)), numpy_fused_decode(*decode)):
-        assert rel(np.array(got), want) <= 1e-5
+    check_decode_step([np.array(x) for x in kernels.fused_decode_step(*mx_inputs(decode))], decode)
     assert metal[-2:] == [DECODE.name] * 2
 
 
@@ -79,10 +74,10 @@ def test_a_kernel_that_disagrees_is_replaced_by_the_mlx_ops_path(metal, monkeypa
     monkeypatch.setattr(kernels, "gated_delta_chunked_metal", kernel)
     prompt = random_inputs(1, 40, 1, 2, 32, seed=4)
     with pytest.warns(RuntimeWarning, match="Metal chunked kernel failed its first-use check"):
-        check_scan(*kernels.gated_delta_update(*to_mx(prompt)), prompt)
+        check_scan(*kernels.gated_delta_update(*mx_inputs(prompt)), prompt)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once
-        check_scan(*kernels.gated_delta_update(*to_mx(prompt)), prompt)
+        check_scan(*kernels.gated_delta_update(*mx_inputs(prompt)), prompt)
     assert len(calls) == 1  # only the check ran it
     # the step kernel, which passes, takes the prompt instead
     assert metal == [STEP.name] * 3
@@ -91,9 +86,8 @@ def test_a_kernel_that_disagrees_is_replaced_by_the_mlx_ops_path(metal, monkeypa
     monkeypatch.setattr(kernels, "fused_decode_step_metal", decoder)
     decode = random_decode_inputs(1, 1, 2, 32, seed=5)
     with pytest.warns(RuntimeWarning, match="Metal fused decode kernel"):
-        outputs = kernels.fused_decode_step(*to_mx(decode))
-    for got, want in zip(outputs, numpy_fused_decode(*decode)):
-        assert rel(np.array(got), want) <= 1e-5
+        outputs = kernels.fused_decode_step(*mx_inputs(decode))
+    check_decode_step([np.array(x) for x in outputs], decode)
     assert len(decode_calls) == 1
 
 
@@ -105,15 +99,15 @@ def test_a_kernel_that_cannot_launch_is_replaced(metal, monkeypatch):
     monkeypatch.setattr(kernels, "gated_delta_step_metal", broken)
     prompt = random_inputs(1, 20, 1, 1, 64, seed=6)
     with pytest.warns(RuntimeWarning, match="Unable to build metal library"):
-        check_scan(*kernels.gated_delta_update(*to_mx(prompt)), prompt)
+        check_scan(*kernels.gated_delta_update(*mx_inputs(prompt)), prompt)
 
 
 def test_the_environment_switch_keeps_every_kernel_off(metal, monkeypatch):
     monkeypatch.setenv("MLX_QWEN35_NO_DEVICE_KERNELS", "1")
     prompt = random_inputs(1, 40, 1, 2, 32, seed=7)
-    check_scan(*kernels.gated_delta_update(*to_mx(prompt)), prompt)
+    check_scan(*kernels.gated_delta_update(*mx_inputs(prompt)), prompt)
     decode = random_decode_inputs(1, 1, 2, 32, seed=8)
-    kernels.fused_decode_step(*to_mx(decode))
+    kernels.fused_decode_step(*mx_inputs(decode))
     assert metal == [] and not kernels.fused_decode_enabled()
 
 
@@ -128,7 +122,7 @@ def test_mismatch_names_what_differs():
 
 def test_gradients_through_a_device_kernel_are_the_mlx_ops_paths(metal):
     """Custom kernels have no vjp: the dispatch gives them the MLX-ops path's, so training on a GPU works."""
-    q, k, v, g, beta, state, mask = to_mx(random_inputs(1, 40, 1, 2, 32, seed=9, padded=True))
+    q, k, v, g, beta, state, mask = mx_inputs(random_inputs(1, 40, 1, 2, 32, seed=9, padded=True))
     weights = mx.random.normal((1, 40, 2, 32), key=mx.random.key(3))
 
     def loss(scan, v, g, state):
