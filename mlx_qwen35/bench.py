@@ -16,8 +16,8 @@ import mlx.core as mx
 from . import platform
 from .generation import generate_tokens
 
-# What a peer's user has: OpenBLAS loaded (the setting for every engine), but neither of our two other
-# CPU settings (platform.py).
+# What a peer's user has: OpenBLAS loaded (the setting for every engine), but none of our other
+# CPU settings (platform.py, kernels/cpu_qmv.py).
 PLAIN_CPU = {"MLX_QWEN35_NO_GEMV_FORWARD": "1", "MLX_QWEN35_NO_MALLOC_TUNING": "1", "MLX_QWEN35_NO_CPU_QMV": "1"}
 # --compare name -> (label, runner, environment); "mlx-qwen35" always runs.
 ENGINES = {

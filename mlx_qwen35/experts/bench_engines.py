@@ -18,7 +18,7 @@ from .. import platform
 from . import traces
 
 ENGINES = ("ours", "ours-noprefetch", "lru", "mlx-vlm", "mlx-vlm-plain", "mmap")
-# Engines that are another engine run without our two CPU settings (bench.PLAIN_CPU), as that peer's users
+# Engines that are another engine run without our CPU settings (bench.PLAIN_CPU), as that peer's users
 # have their CPU: the cache comparison alone is "mlx-vlm", the peer as installed is "mlx-vlm-plain".
 PLAIN_CPU_ENGINES = {"mlx-vlm-plain": "mlx-vlm"}
 TRACES = ("realistic", "realistic-low", "uniform", "shuffled")
