@@ -85,3 +85,11 @@ def test_environment_switch(monkeypatch):
     packed, scales, biases = quantized(2, 32, 128, 64, 4, seed=3)
     assert not cpu_qmv.applies(mx.zeros((1, 1, 128)), packed, scales, biases, 64, 4, "affine")
     assert "MLX_QWEN35_NO_CPU_QMV" in cpu_qmv.status()
+
+
+def test_bad_expert_indices_are_refused_before_the_c_code_reads():
+    packed, scales, biases = quantized(3, 32, 128, 64, 4, seed=4)
+    x = mx.random.normal((2, 1, 128))
+    for experts in ([0, 3], [0]):
+        with pytest.raises(ValueError, match="expert indices"):
+            cpu_qmv.quantized_matvec(x, packed, scales, biases, mx.array(experts, dtype=mx.uint32), 64, 4)

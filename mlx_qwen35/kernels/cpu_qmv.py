@@ -60,6 +60,8 @@ def quantized_matvec(x, weights, scales, biases, expert_indices, group_size: int
     experts = np.array(expert_indices, copy=False).reshape(-1).astype(np.int64)
     N, inputs = rows.shape
     out = packed.shape[1]
+    if len(experts) != N or (N and not 0 <= experts.min() <= experts.max() < packed.shape[0]):
+        raise ValueError(f"expert indices {experts.tolist()} for {N} rows and {packed.shape[0]} experts")
     y = np.empty((N, out), np.float32)
 
     def pointers(array, kind):
@@ -72,7 +74,8 @@ def quantized_matvec(x, weights, scales, biases, expert_indices, group_size: int
                             pointers(bias, ctypes.c_float), bits, group_size,
                             y.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
     if code != 0:
-        raise ValueError(f"cpu_qmv does not take bits {bits}, group size {group_size}, {inputs} inputs")
+        raise ValueError(f"cpu_qmv refused bits {bits}, group size {group_size}, {inputs} inputs (an unsupported "
+                         f"layout, or no memory for {N} reordered rows)")
     return mx.array(y)[:, None, :]
 
 
