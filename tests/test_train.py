@@ -242,6 +242,26 @@ def test_training_rows_with_several_recall_questions_and_tool_uses():
         assert response["content"] in answer["content"]
 
 
+def test_evaluation_recall_is_one_code_and_several_codes_is_its_own_row():
+    """The issue's recall (`recall_1000`) hides one code in a 1,000-token passage; `recall_1000_several` hides
+    2-4, and the asked name's code is the answer in both."""
+    from mlx_qwen35.train.evaluate import TARGETS, cases
+
+    assert TARGETS["recall_1000"] == 0.90 and TARGETS["recall_1000_several"] is None
+    counts = {}
+    for kind in ("recall_1000", "recall_1000_several"):
+        rng = random.Random(11)
+        for _ in range(40):
+            case = cases(kind, rng)
+            passage = case.messages[-1]["content"]
+            facts = dict(re.findall(r"The code for (\w+) is (\d{4})\.", passage))
+            asked = re.search(r"What is the code for (\w+)\?$", passage)[1]
+            assert case.expected == facts[asked] + "."
+            assert 900 <= len(passage.split()) * 1.4 <= 1100
+            counts.setdefault(kind, set()).add(len(facts))
+    assert counts == {"recall_1000": {1}, "recall_1000_several": {2, 3, 4}}
+
+
 def test_curriculum_text_rows_copy_then_recall_growing_from_one_fact():
     """The first stage cycles large-shape colour rows, codes to repeat (answered with that code), sums and
     large-shape videos; the
