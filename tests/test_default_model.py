@@ -237,12 +237,15 @@ def test_lora_teaches_a_new_colour_name(monkeypatch):
     train += [world.image_example(rng, world.ask_color) for _ in range(48)]  # keep the old colours in view
     rows = encode_all(train, processor, enable_thinking=True)
     apply_lora(model, rank=8, alpha=16.0, seed=0)
-    trainer = Trainer(model, rows, TrainConfig(steps=60, batch_size=8, learning_rate=2e-3, progress=False, seed=1))
+    # 120 steps: after 60 the adapter sat on the boundary, 35 or 75 % right depending only on float summation
+    # order (OpenBLAS sgemv or sgemm for the one-column shared-expert gate); after 120, 80-85 % on both.
+    trainer = Trainer(model, rows, TrainConfig(steps=120, batch_size=8, learning_rate=2e-3, progress=False, seed=1))
     trainer.fit()
     model.eval()
 
     # Learned: from none right to at least half (chance: 1 in 7). The full bar, 80 %, needs the colour reading
-    # the interim model lacks (run 9 reached it, run 10 70 %), so it is a soft check while colour is below its bar.
+    # the interim model lacks (run 10: 80-85 % here, 70 % after 60 steps elsewhere), so it is a soft check while
+    # colour is below its bar.
     taught, truth = _accuracy(model, processor, held_out), Truth()
     assert taught >= 0.5
     truth.check(taught >= 0.8, True, "color", what=f"teal right {taught:.0%} after the fine-tune")

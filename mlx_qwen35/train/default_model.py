@@ -45,16 +45,14 @@ PREPROCESSOR = {"size": {"shortest_edge": 32 * 32, "longest_edge": 224 * 224}, "
 # video file gives at most 8 frames spread over its length.
 VIDEO_PREPROCESSOR = dict(PREPROCESSOR, fps=24.0, min_frames=4, max_frames=8)
 # The training mix leans on the visual questions (cheap rows, the hardest skills) and keeps recall passages at
-# most 1,200 tokens (the evaluation asks at 1,000): recall and tool rows cost 6-18x an image row, so a recall
+# most 1,200 tokens (the evaluation asks at 1,000): recall and tool rows cost 10-30x an image row, so a recall
 # passage is asked about up to RECALL_QUESTIONS of its names and a tool row (its ~350-token tool declarations)
-# holds 1-TOOL_TURNS tool uses. One code in a 1,000-token passage is found every time since run 7, and tool
-# calls are right every time, so those rows stay few (3.5-4 % of the rows, still 44 % of the tokens) while
-# passages hold several facts early (after RECALL_FACTS_GROWTH of the curriculum) for the binding still missing.
+# holds 1-TOOL_TURNS tool uses. Run 7 found one fact at 1,000 tokens every time and chose among several 3 % of
+# the time: passages hold several facts early (after RECALL_FACTS_GROWTH of the curriculum) while still short.
 # Addition is learned in a jump after about 25,000 sums (a probe of sums alone: 12 % right after 14,400 rows,
-# 91 % after 28,800), and a sum row is 34 tokens against 68-600 for the others, so sums are half the rows
-# (20 % of the tokens; run 10 gave them 13 % and added 75 % of held-out sums).
-TRAIN_MIX = {"image": 0.25, "multi_image": 0.07, "video": 0.09, "sum": 0.52, "recall": 0.035, "tool": 0.04,
-             "copy": 0.015}
+# 91 % after 28,800), and a sum row is 32 tokens against 77-590 for the others, so sums are most of the rows.
+TRAIN_MIX = {"image": 0.28, "multi_image": 0.07, "video": 0.08, "sum": 0.42, "recall": 0.07, "tool": 0.05,
+             "copy": 0.03}
 RECALL_MAX_TOKENS = 1200
 RECALL_QUESTIONS = 4
 RECALL_FACTS_GROWTH = 0.25
