@@ -260,6 +260,9 @@ def test_evaluation_recall_is_one_code_and_several_codes_is_its_own_row():
             assert 900 <= len(passage.split()) * 1.4 <= 1100
             counts.setdefault(kind, set()).add(len(facts))
     assert counts == {"recall_1000": {1}, "recall_1000_several": {2, 3, 4}}
+    for least, most in ((3, 2), (0, 2), (1, len(world.NAMES) + 1)):
+        with pytest.raises(ValueError, match="least_facts"):
+            world.recall_example(random.Random(0), facts=most, least_facts=least)
 
 
 def test_curriculum_text_rows_copy_then_recall_growing_from_one_fact():

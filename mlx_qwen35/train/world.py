@@ -306,12 +306,15 @@ def sum_example(rng: random.Random, thinking: bool | None = None) -> dict:
 
 def recall_example(rng: random.Random, min_tokens: int = 100, max_tokens: int = 2000, questions: int = 1,
                    facts: int = 4, least_facts: int = 1) -> dict:
-    """Filler sentences with `least_facts`-`facts` "The code for NAME is DDDD." facts hidden among them, then a question
-    about one; with `questions` > 1, follow-up turns ask about more of the passage's names (a training row that
-    reads the passage once for several answers). Length is measured in words x 1.4 (about the BPE token count
-    of this text)."""
+    """Filler sentences with `least_facts`-`facts` "The code for NAME is DDDD." facts hidden among them, then a
+    question about one; with `questions` > 1, follow-up turns ask about more of the passage's names (a training
+    row that reads the passage once for several answers). Length is measured in words x 1.4 (about the BPE token
+    count of this text)."""
+    if not 1 <= least_facts <= facts <= len(NAMES):
+        raise ValueError(f"recall_example needs 1 <= least_facts <= facts <= {len(NAMES)} (the names); got "
+                         f"least_facts={least_facts}, facts={facts}")
     target_words = int(rng.randint(min_tokens, max_tokens) / 1.4)
-    names = rng.sample(NAMES, rng.randint(min(least_facts, facts), facts))
+    names = rng.sample(NAMES, rng.randint(least_facts, facts))
     codes = {n: f"{rng.randint(0, 9999):04d}" for n in names}
     sentences = [rng.choice(FILLER) for _ in range(max(1, target_words // 6))]
     for name in names:
