@@ -71,6 +71,14 @@ def recall_growing(rng, progress, ramp, questions=1):
                                 facts=1 + round(3 * grown))
 
 
+def sum_growing(rng, progress, ramp):
+    """"What is {a} + {b}?" with a and b in 0..m, m growing from 9 to 99 over `ramp` rows: the one-digit table
+    first, then carries into the tens and hundreds (thinking off)."""
+    top = 9 + round(90 * min(1.0, progress[0] / ramp))
+    a, b = rng.randint(0, top), rng.randint(0, top)
+    return world._chat({"role": "user", "content": f"What is {a} + {b}?"}, f"{a + b}.")
+
+
 def recall_bind(rng, low=30, high=150, questions=4, facts=4):
     """A short passage with 2-4 facts asked about up to `questions` of them: choosing the asked name's code
     among several, without the length."""
@@ -190,6 +198,7 @@ def main():
     parser.add_argument("--then-steps", type=int, default=150)
     parser.add_argument("--every", type=int, default=50)
     parser.add_argument("--held-out", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0, help="the model's initialisation and the training rows")
     args = parser.parse_args()
 
     progress = [0]
@@ -258,7 +267,8 @@ def main():
                  recall_bind_names3_1=partial(recall_bind_names, names=3, questions=1), video=lambda rng: world.video_example(rng),
                  recall_bind1=partial(recall_bind, questions=1),
                  recall_bind_300=partial(recall_bind, low=300, high=300, questions=1), text_copy=partial(text_binding, low=1, high=1), tool=world.tool_example, recall_short=partial(world.recall_example, max_tokens=300),
-                 sum=partial(world.sum_example, thinking=False))
+                 sum=partial(world.sum_example, thinking=False),
+                 sum_growing=partial(sum_growing, progress=progress, ramp=args.ramp))
     # left/right needs two shapes: growth 0.34 draws one or two, a little smaller
     tasks.update({f"big_{name}": partial(world.image_example, question=ask, growth=0.34 if name == "left_right" else 0.0)
                   for name, ask in world.SCENE_QUESTIONS.items()})
@@ -267,7 +277,7 @@ def main():
     dm.TEXT_CONFIG["rope_parameters"] = dict(dm.TEXT_CONFIG["rope_parameters"], rope_theta=args.rope_theta)
     skeleton = Path(f"/tmp/probe-default-model-{args.layers}-{args.attention_interval}-{args.rope_theta:g}")
     _, processor = dm.write_skeleton(skeleton, seed=0)
-    model = dm.build_model(skeleton, seed=0)
+    model = dm.build_model(skeleton, seed=args.seed)
     if args.mimetic:
         mimetic_attention(model)
     if args.pretrain_vision:
@@ -297,10 +307,10 @@ def main():
         held_out[name] = [next(stream) for _ in range(args.held_out)]
     progress[0] = 0
     total = args.steps + (args.then_steps if args.then else 0)
-    first = rows(tasks[args.task], seed=0)
+    first = rows(tasks[args.task], seed=args.seed)
 
     def mixed():
-        second = rows(tasks[args.then], seed=1)
+        second = rows(tasks[args.then], seed=args.seed + 1)
         while True:
             yield next(first)
             yield next(second)
@@ -324,7 +334,7 @@ def main():
             [lambda path, _: path.startswith("model.visual")])
 
     start, tokens, seen, losses = time.perf_counter(), 0, 0, []
-    batches = dm.length_batches(first, args.tokens_per_batch, seed=0)
+    batches = dm.length_batches(first, args.tokens_per_batch, seed=args.seed)
     for step in range(1, total + 1):
         if step == args.steps + 1:
             batches = dm.length_batches(mixed(), args.tokens_per_batch, seed=1)
