@@ -74,9 +74,7 @@ def recall_growing(rng, progress, ramp, questions=1):
 def sum_growing(rng, progress, ramp):
     """"What is {a} + {b}?" with a and b in 0..m, m growing from 9 to 99 over `ramp` rows: the one-digit table
     first, then carries into the tens and hundreds (thinking off)."""
-    top = 9 + round(90 * min(1.0, progress[0] / ramp))
-    a, b = rng.randint(0, top), rng.randint(0, top)
-    return world._chat({"role": "user", "content": f"What is {a} + {b}?"}, f"{a + b}.")
+    return world.sum_example(rng, thinking=False, largest=9 + round(90 * min(1.0, progress[0] / ramp)))
 
 
 def recall_bind(rng, low=30, high=150, questions=4, facts=4):
@@ -337,7 +335,7 @@ def main():
     batches = dm.length_batches(first, args.tokens_per_batch, seed=args.seed)
     for step in range(1, total + 1):
         if step == args.steps + 1:
-            batches = dm.length_batches(mixed(), args.tokens_per_batch, seed=1)
+            batches = dm.length_batches(mixed(), args.tokens_per_batch, seed=args.seed + 1)
         batch = next(batches)
         seen += len(batch)
         record = trainer.train_step(collate(batch, pad_id=0))

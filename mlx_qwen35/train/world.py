@@ -293,8 +293,9 @@ def video_example(rng: random.Random, growth: float = 1.0) -> dict:
     return example
 
 
-def sum_example(rng: random.Random, thinking: bool | None = None) -> dict:
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
+def sum_example(rng: random.Random, thinking: bool | None = None, largest: int = 99) -> dict:
+    """"What is {a} + {b}?" with a and b in 0..`largest` (the world's: 99), with or without a thinking block."""
+    a, b = rng.randint(0, largest), rng.randint(0, largest)
     thinking = rng.random() < 0.5 if thinking is None else thinking
     answer = f"{a + b}."
     if thinking:
