@@ -147,7 +147,7 @@ def test_curriculum_scenes_start_with_one_large_shape_and_end_as_the_world():
         assert example["messages"][0]["content"][-1]["text"] == f"What color is the {kind}?"
         assert example["messages"][1]["content"] == f"{color}."
     late = 0
-    for drawn, example in enumerate(training_examples(seed=3, first_stage=10, curriculum=20)):
+    for drawn, example in enumerate(training_examples(seed=3, first_stage=10, curriculum=20, sum_stage=0)):
         if drawn >= 200:
             break
         if drawn < 30 or not (example.get("scenes") and "?" in example["messages"][0]["content"][-1]["text"]):
@@ -276,7 +276,7 @@ def test_curriculum_text_rows_copy_then_recall_growing_from_one_fact():
     code = re.fullmatch(r"Repeat: (\d{4})", copy["messages"][0]["content"])[1]
     assert copy["messages"][1]["content"] == f"{code}."
     def recalls(curriculum):
-        rows = list(itertools.islice(training_examples(seed=5, first_stage=6, curriculum=curriculum), 1000))
+        rows = list(itertools.islice(training_examples(seed=5, first_stage=6, curriculum=curriculum, sum_stage=0), 1000))
         return rows, [r for r in rows[6:] if isinstance(r["messages"][0]["content"], str) and passage_facts(r)]
 
     rows, early = recalls(curriculum=10**9)
@@ -294,6 +294,32 @@ def test_curriculum_text_rows_copy_then_recall_growing_from_one_fact():
     assert all(passage_facts(r) == 1 and len(r["messages"][0]["content"].split()) < 150 / 1.4 + 25 for r in early)
     assert max(passage_facts(r) for r in late) >= 3
     assert max(len(r["messages"][0]["content"].split()) for r in late) > 300
+
+
+def test_curriculum_sum_stage_comes_alone_after_the_first_stage():
+    """After the first stage come `sum_stage` sums and nothing else, each answer the true sum; then the mix,
+    whose scenes start at growth 0 (the curriculum counts from the mix's first row, not from the sum stage)."""
+    from mlx_qwen35.train.default_model import training_examples
+
+    stage = 20_000
+    rows = list(itertools.islice(training_examples(seed=7, first_stage=4, curriculum=stage, sum_stage=stage),
+                                 4 + stage + 350))
+    for row in rows[4:4 + stage]:
+        a, b = map(int, re.fullmatch(r"What is (\d+) \+ (\d+)\?", row["messages"][0]["content"]).groups())
+        assert row["messages"][1]["content"].endswith(f"{a + b}.")
+    mix = rows[4 + stage:]
+    questions = [r["messages"][0]["content"] for r in mix]
+    assert sum(isinstance(q, str) and q.startswith("What is ") and "+" in q for q in questions) < len(mix) / 2
+    single_image = [r for r in mix if r.get("scenes") and len(r["scenes"]) == 1
+                    and not any(part["type"] == "video" for part in r["messages"][0]["content"])]
+    scenes = [r["scenes"][0] for r in single_image]
+    assert len(scenes) > 20
+    for scene in scenes:
+        # growth near 0: one shape wider than the world's largest (2 x side/6 + 1 px)
+        (*_, x0, x1), = components(world.draw(scene))
+        assert x1 - x0 > min(scene.width, scene.height) / 3 + 2
+    with pytest.raises(ValueError, match="largest=-1"):
+        world.sum_example(random.Random(0), largest=-1)
 
 
 def passage_facts(row) -> int:

@@ -49,10 +49,13 @@ VIDEO_PREPROCESSOR = dict(PREPROCESSOR, fps=24.0, min_frames=4, max_frames=8)
 # passage is asked about up to RECALL_QUESTIONS of its names and a tool row (its ~350-token tool declarations)
 # holds 1-TOOL_TURNS tool uses. Run 7 found one fact at 1,000 tokens every time and chose among several 3 % of
 # the time: passages hold several facts early (after RECALL_FACTS_GROWTH of the curriculum) while still short.
-# Addition is learned in a jump after about 25,000 sums (a probe of sums alone: 12 % right after 14,400 rows,
-# 91 % after 28,800), and a sum row is 32 tokens against 77-590 for the others, so sums are most of the rows.
+# Addition is learned in a jump after about 20,000-25,000 sums (probes of sums alone: 56-59 % right after
+# 19,200, 89-95 % after 25,600), and a sum row is 32 tokens against 77-590 for the others, so sums are most of
+# the rows. `sum_stage` sums alone after the first stage start it surely (run 13: 20,000 of them, the mix's sums
+# cut to 20 %: sums 85/73 % against 75/76, but tool calls 78 % against 100); the shipped recipe has none.
 TRAIN_MIX = {"image": 0.28, "multi_image": 0.07, "video": 0.08, "sum": 0.42, "recall": 0.07, "tool": 0.05,
              "copy": 0.03}
+SUM_STAGE = 0
 RECALL_MAX_TOKENS = 1200
 RECALL_QUESTIONS = 4
 RECALL_FACTS_GROWTH = 0.25
@@ -171,12 +174,13 @@ def encode_example(example, processor, rng: random.Random):
     return encode({k: v for k, v in example.items() if k != "thinking"}, processor, enable_thinking=thinking)
 
 
-def training_examples(seed: int, first_stage: int = FIRST_STAGE, curriculum: int = CURRICULUM_EXAMPLES):
+def training_examples(seed: int, first_stage: int = FIRST_STAGE, curriculum: int = CURRICULUM_EXAMPLES,
+                      sum_stage: int = SUM_STAGE):
     """The training curriculum: `first_stage` rows that cycle through "What color is the {shape}?" about one
-    large shape, a code to repeat, a sum and the direction of one large shape crossing a video; then the
-    world's examples drawn with TRAIN_MIX, image rows as 1-IMAGE_TURNS question conversations whose scenes
-    (and videos) grow to the world's (growth 0 to 1) over the next `curriculum` rows, as recall passages grow
-    from one fact to 1-4 and to RECALL_MAX_TOKENS."""
+    large shape, a code to repeat, a sum and the direction of one large shape crossing a video; then
+    `sum_stage` sums alone; then the world's examples drawn with TRAIN_MIX, image rows as 1-IMAGE_TURNS question
+    conversations whose scenes (and videos) grow to the world's (growth 0 to 1) over the next `curriculum` mixed
+    rows, as recall passages grow from one fact to 1-4 and to RECALL_MAX_TOKENS."""
 
     from . import world
 
@@ -186,12 +190,13 @@ def training_examples(seed: int, first_stage: int = FIRST_STAGE, curriculum: int
     first = [partial(world.image_example, question=world.ask_color, growth=0.0), copy_example, world.sum_example,
              partial(world.video_example, growth=0.0)]
     kinds, weights = list(TRAIN_MIX), list(TRAIN_MIX.values())
+    for drawn in range(first_stage):
+        yield first[drawn % len(first)](rng)
+    for _ in range(sum_stage):
+        yield world.sum_example(rng)
     for drawn in itertools.count():
-        if drawn < first_stage:
-            yield first[drawn % len(first)](rng)
-            continue
         kind = rng.choices(kinds, weights)[0]
-        growth = min(1.0, (drawn - first_stage) / curriculum) if curriculum else 1.0
+        growth = min(1.0, drawn / curriculum) if curriculum else 1.0
         if kind == "image":
             yield world.image_conversation(rng, turns=rng.randint(1, IMAGE_TURNS), growth=growth)
         elif kind == "video":

@@ -295,6 +295,8 @@ def video_example(rng: random.Random, growth: float = 1.0) -> dict:
 
 def sum_example(rng: random.Random, thinking: bool | None = None, largest: int = 99) -> dict:
     """"What is {a} + {b}?" with a and b in 0..`largest` (the world's: 99), with or without a thinking block."""
+    if largest < 0:
+        raise ValueError(f"sum_example needs largest >= 0 (the operands are 0..largest); got largest={largest}")
     a, b = rng.randint(0, largest), rng.randint(0, largest)
     thinking = rng.random() < 0.5 if thinking is None else thinking
     answer = f"{a + b}."
