@@ -50,12 +50,13 @@ VIDEO_PREPROCESSOR = dict(PREPROCESSOR, fps=24.0, min_frames=4, max_frames=8)
 # holds 1-TOOL_TURNS tool uses. Run 7 found one fact at 1,000 tokens every time and chose among several 3 % of
 # the time: passages hold several facts early (after RECALL_FACTS_GROWTH of the curriculum) while still short.
 # Addition is learned in a jump after about 20,000-25,000 sums (probes of sums alone: 56-59 % right after
-# 19,200, 89-95 % after 25,600), and a sum row is 32 tokens against 77-590 for the others, so sums are most of
-# the rows. `sum_stage` sums alone after the first stage start it surely (run 13: 20,000 of them, the mix's sums
-# cut to 20 %: sums 85/73 % against 75/76, but tool calls 78 % against 100); the shipped recipe has none.
-TRAIN_MIX = {"image": 0.28, "multi_image": 0.07, "video": 0.08, "sum": 0.42, "recall": 0.07, "tool": 0.05,
+# 19,200, 89-95 % after 25,600); spread through the mix (42 % of the rows, runs 7-12) the jump came late or not
+# at all. So SUM_STAGE sums alone follow the first stage and start it, and the mix only keeps addition (20 % of
+# the rows). The stage's ~300 steps come on top of run 10's 2,800 (run 13 took them from the mix, and its tool
+# calls fell to 78 %), and tools get 10 % of the rows: run 14, shipped, sums 94/93 % against run 10's 75/76.
+TRAIN_MIX = {"image": 0.40, "multi_image": 0.10, "video": 0.10, "sum": 0.20, "recall": 0.07, "tool": 0.10,
              "copy": 0.03}
-SUM_STAGE = 0
+SUM_STAGE = 20_000
 RECALL_MAX_TOKENS = 1200
 RECALL_QUESTIONS = 4
 RECALL_FACTS_GROWTH = 0.25
@@ -73,7 +74,7 @@ THINKING_OFF = 0.3
 FIRST_STAGE = 12_000
 CURRICULUM_EXAMPLES = 30_000
 IMAGE_TURNS = 4
-STEPS = 2800
+STEPS = 3100
 # The vision tower first learns the world's shapes on its own (train/vision_pretrain.py), then trains with the
 # decoder at a tenth of the learning rate so the decoder's first, noisy gradients do not wash that out.
 VISION_PRETRAIN_STEPS = 3000

@@ -28,8 +28,8 @@ IGNORE = -1
 # Colour is read off the centre token at once (95 % after 300 steps); kind needs the shape's outline, gathered
 # from neighbouring patches, and is what the picture questions lack. Weighting its loss 3x gave 57 % kind at
 # shape centres after 600 steps against 52 %, and 79 % against 68 % at the end of run 11's pretraining (docs/
-# default-model.md); 1 is the shipped model's recipe, which run 11 (3x and another mix) did not replace.
-KIND_WEIGHT = 1.0
+# default-model.md; runs 11-14).
+KIND_WEIGHT = 3.0
 
 
 def token_labels(scenes, grid) -> dict:
