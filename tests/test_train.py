@@ -296,18 +296,26 @@ def test_curriculum_text_rows_copy_then_recall_growing_from_one_fact():
     assert max(len(r["messages"][0]["content"].split()) for r in late) > 300
 
 
-def test_curriculum_sum_stage_comes_alone_after_the_first_stage():
-    """After the first stage come `sum_stage` sums and nothing else, each answer the true sum; then the mix,
-    whose scenes start at growth 0 (the curriculum counts from the mix's first row, not from the sum stage)."""
+def test_curriculum_starts_with_the_sum_stage_alone():
+    """The curriculum opens with `sum_stage` sums and nothing else, each answer the true sum; then the first
+    stage's rows in their cycle (a large shape's colour, a code to repeat, a sum, a large shape crossing a
+    video); then the mix, whose scenes start at growth 0 (the curriculum counts from the mix's first row)."""
     from mlx_qwen35.train.default_model import training_examples
 
     stage = 20_000
-    rows = list(itertools.islice(training_examples(seed=7, first_stage=4, curriculum=stage, sum_stage=stage),
-                                 4 + stage + 350))
-    for row in rows[4:4 + stage]:
+    rows = list(itertools.islice(training_examples(seed=7, first_stage=8, curriculum=stage, sum_stage=stage),
+                                 stage + 8 + 350))
+    for row in rows[:stage]:
         a, b = map(int, re.fullmatch(r"What is (\d+) \+ (\d+)\?", row["messages"][0]["content"]).groups())
         assert row["messages"][1]["content"].endswith(f"{a + b}.")
-    mix = rows[4 + stage:]
+    first = rows[stage:stage + 8]
+    for cycle in (first[:4], first[4:]):
+        colour, repeat, add, video = (r["messages"][0]["content"] for r in cycle)
+        assert any(part.get("text", "").startswith("What color is the") for part in colour)
+        assert repeat.startswith("Repeat: ")
+        assert re.fullmatch(r"What is \d+ \+ \d+\?", add)
+        assert any(part["type"] == "video" for part in video)
+    mix = rows[stage + 8:]
     questions = [r["messages"][0]["content"] for r in mix]
     assert sum(isinstance(q, str) and q.startswith("What is ") and "+" in q for q in questions) < len(mix) / 2
     single_image = [r for r in mix if r.get("scenes") and len(r["scenes"]) == 1

@@ -49,11 +49,13 @@ VIDEO_PREPROCESSOR = dict(PREPROCESSOR, fps=24.0, min_frames=4, max_frames=8)
 # passage is asked about up to RECALL_QUESTIONS of its names and a tool row (its ~350-token tool declarations)
 # holds 1-TOOL_TURNS tool uses. Run 7 found one fact at 1,000 tokens every time and chose among several 3 % of
 # the time: passages hold several facts early (after RECALL_FACTS_GROWTH of the curriculum) while still short.
-# Addition is learned in a jump after about 20,000-25,000 sums (probes of sums alone: 56-59 % right after
-# 19,200, 89-95 % after 25,600); spread through the mix (42 % of the rows, runs 7-12) the jump came late or not
-# at all. So SUM_STAGE sums alone follow the first stage and start it, and the mix only keeps addition (20 % of
-# the rows). The stage's ~300 steps come on top of run 10's 2,800 (run 13 took them from the mix, and its tool
-# calls fell to 78 %), and tools get 10 % of the rows: run 14, shipped, sums 94/93 % against run 10's 75/76.
+# Addition is learned in a jump after about 20,000-25,000 sums (probes of sums alone: 56-59 % right after 19,200,
+# 89-95 % after 25,600); spread through the mix (42 % of the rows, runs 7-12) the jump came late or not at all. So
+# SUM_STAGE sums come alone in a stage of their own (about 625 steps), and the mix keeps addition at 20 % of the
+# rows. Run 13 took the stage's steps from the mix and its tool calls fell to 78 %; run 14 added 300 steps (3,100)
+# and gave tools 10 % of the rows: sums 94/93 % against run 10's 75/76. Runs 13-14 placed the stage after the
+# first stage, and held-out video fell to 0 in it and ended at 62 % (run 10: 72); run 15 opens the curriculum
+# with it: video 69 %, sums 95/98 % (docs/default-model.md).
 TRAIN_MIX = {"image": 0.40, "multi_image": 0.10, "video": 0.10, "sum": 0.20, "recall": 0.07, "tool": 0.10,
              "copy": 0.03}
 SUM_STAGE = 20_000
@@ -177,9 +179,9 @@ def encode_example(example, processor, rng: random.Random):
 
 def training_examples(seed: int, first_stage: int = FIRST_STAGE, curriculum: int = CURRICULUM_EXAMPLES,
                       sum_stage: int = SUM_STAGE):
-    """The training curriculum: `first_stage` rows that cycle through "What color is the {shape}?" about one
-    large shape, a code to repeat, a sum and the direction of one large shape crossing a video; then
-    `sum_stage` sums alone; then the world's examples drawn with TRAIN_MIX, image rows as 1-IMAGE_TURNS question
+    """The training curriculum: `sum_stage` sums alone; then `first_stage` rows that cycle through "What color
+    is the {shape}?" about one large shape, a code to repeat, a sum and the direction of one large shape
+    crossing a video; then the world's examples drawn with TRAIN_MIX, image rows as 1-IMAGE_TURNS question
     conversations whose scenes (and videos) grow to the world's (growth 0 to 1) over the next `curriculum` mixed
     rows, as recall passages grow from one fact to 1-4 and to RECALL_MAX_TOKENS."""
 
@@ -191,10 +193,10 @@ def training_examples(seed: int, first_stage: int = FIRST_STAGE, curriculum: int
     first = [partial(world.image_example, question=world.ask_color, growth=0.0), copy_example, world.sum_example,
              partial(world.video_example, growth=0.0)]
     kinds, weights = list(TRAIN_MIX), list(TRAIN_MIX.values())
-    for drawn in range(first_stage):
-        yield first[drawn % len(first)](rng)
     for _ in range(sum_stage):
         yield world.sum_example(rng)
+    for drawn in range(first_stage):
+        yield first[drawn % len(first)](rng)
     for drawn in itertools.count():
         kind = rng.choices(kinds, weights)[0]
         growth = min(1.0, drawn / curriculum) if curriculum else 1.0
