@@ -9,6 +9,38 @@ from .demo import DEFAULT_PATH, ensure_random_checkpoint
 DIM, RESET = "\033[2m", "\033[0m"
 
 
+def print_stream(responses, thinking: bool):
+    """Print streamed responses as they come; with `thinking` (the prompt ends in the template's open
+    `<think>`), the reasoning first, dimmed on a terminal, then the answer on a line of its own, without the
+    `</think>` marker or the blank lines around it. Returns the last response."""
+    dim, reset = (DIM, RESET) if sys.stdout.isatty() else ("", "")
+    last, pending, thought, answering = None, "", "", not thinking
+    print(dim if thinking else "", end="")
+    for last in responses:
+        text = last.text
+        if thinking:
+            pending += text
+            if "</think>" not in pending:
+                if len(pending) > 8:  # hold back what could be the start of "</think>"
+                    thought += pending[:-8]
+                    print(pending[:-8], end="", flush=True)
+                    pending = pending[-8:]
+                continue
+            before, text = pending.split("</think>", 1)
+            thought += before
+            print(before.rstrip("\n") + reset, end="")
+            thinking, pending = False, ""
+        if not answering:
+            text = text.lstrip("\n")
+            if not text:
+                continue
+            print("\n" if thought.strip() else "", end="")
+            answering = True
+        print(text, end="", flush=True)
+    print((pending + reset) if thinking else "")
+    return last
+
+
 def _model_path(args):
     """--model, else the trained default model when it is built, else a tiny random checkpoint (said so)."""
     from .loading import default_model_path
@@ -103,12 +135,10 @@ def cmd_generate(args):
     if not args.raw:
         prompt = [{"role": "user", "content": media + [{"type": "text", "text": args.prompt}] if media
                    else args.prompt}]
-    last = None
-    for last in stream_generate(model, processor, prompt, max_tokens=args.max_tokens, stop=args.stop,
+    responses = stream_generate(model, processor, prompt, max_tokens=args.max_tokens, stop=args.stop,
                                 enable_thinking=not args.no_thinking, speculative=args.speculative,
-                                **_sampling(args)):
-        print(last.text, end="", flush=True)
-    print()
+                                **_sampling(args))
+    last = print_stream(responses, thinking=not args.raw and not args.no_thinking)
     print(_stats(last), file=sys.stderr)
     if args.stats and args.speculative:
         print(f"speculative decoding: {last.accepted} of {last.drafted} drafted tokens accepted "
@@ -137,23 +167,7 @@ def cmd_chat(args):
             continue
         if not line.strip():
             continue
-        thinking = chat.enable_thinking
-        print(DIM if thinking else "", end="")
-        pending = ""
-        for response in chat.stream(line):
-            if not thinking:
-                print(response.text, end="", flush=True)
-                continue
-            pending += response.text
-            if "</think>" in pending:
-                before, after = pending.split("</think>", 1)
-                print(before + RESET, end="")
-                print(after.lstrip("\n"), end="", flush=True)
-                thinking, pending = False, ""
-            elif len(pending) > 8:
-                print(pending[:-8], end="", flush=True)
-                pending = pending[-8:]
-        print((pending + RESET) if thinking else "")
+        print_stream(chat.stream(line), thinking=chat.enable_thinking)
         print(_stats(chat.last_response), file=sys.stderr)
         if args.stats and _expert_stats(model):
             print(_expert_stats(model), file=sys.stderr)

@@ -102,3 +102,22 @@ def test_generate_with_expert_cache_prints_its_stats(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out == resident  # the cache changes speed, never tokens
     assert "expert cache: hit rate" in captured.err
+
+
+@pytest.mark.parametrize("chunks, thinking, expected", [
+    # reasoning, then the answer on its own line; "</think>" split across chunks never shows
+    (["12 plus 3", "4 is 46.\n</", "think>\n\n", "46."], True, "12 plus 34 is 46.\n46.\n"),
+    # an empty thinking block (what the default model writes for a picture question): the answer alone
+    (["</think>", "\n\n", "green", "."], True, "green.\n"),
+    # cut off while thinking: what was thought is still shown
+    (["12 plus", " 34 is"], True, "12 plus 34 is\n"),
+    # thinking off (or a raw prompt): every chunk as it came
+    (["\n46", "."], False, "\n46.\n"),
+])
+def test_generate_prints_the_thinking_apart_from_the_answer(capsys, chunks, thinking, expected):
+    from types import SimpleNamespace
+
+    from mlx_qwen35.cli import print_stream
+
+    last = print_stream((SimpleNamespace(text=chunk) for chunk in chunks), thinking=thinking)
+    assert capsys.readouterr().out == expected and last.text == chunks[-1]
