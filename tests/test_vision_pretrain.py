@@ -5,6 +5,7 @@ import random
 
 import mlx.core as mx
 import numpy as np
+import pytest
 from mlx.utils import tree_flatten
 
 from mlx_qwen35.processing.processor import Processor
@@ -27,13 +28,14 @@ def holds_colour(token, rgb):
     return bool((np.abs(token - np.array(rgb)).max(-1) <= 2).any())
 
 
-def test_picture_labels_point_at_the_tokens_that_hold_each_shape():
+@pytest.mark.parametrize("max_shapes", [4, 8])
+def test_picture_labels_point_at_the_tokens_that_hold_each_shape(max_shapes):
     """Each labelled centre token holds pixels of its shape's colour; a token's label names the colour of
     the one shape whose centre lies in it; nothing is labelled where no shape is."""
     rng = random.Random(11)
     centres = 0
     for _ in range(60):
-        pixels, grid, labels = vp.picture_item(rng, PROCESSOR)
+        pixels, grid, labels = vp.picture_item(rng, PROCESSOR, max_shapes)
         tokens = token_pixels(pixels)
         assert len(tokens) == len(labels["colour"]) == grid[1] * grid[2] // 4
         for i in np.nonzero(labels["has_centre"])[0]:
@@ -46,6 +48,23 @@ def test_picture_labels_point_at_the_tokens_that_hold_each_shape():
             centres += 1
         assert (labels["kind"][labels["colour"] == 0] == 0).all()
     assert centres > 60
+
+
+def test_denser_pictures_hold_more_shapes_and_more_labelled_centres():
+    """max_shapes 8: world-size shapes, up to 8 but at most one per 3,000 px² (small pictures stay sparse),
+    never overlapping; more labelled centres than the world's own 1-4 over the same number of pictures."""
+    rng = random.Random(5)
+    scenes = [vp.dense_scene(rng, 8, growth=1.0) for _ in range(200)]
+    assert max(len(s.shapes) for s in scenes) == 8
+    assert all(1 <= len(s.shapes) <= max(1, s.width * s.height // 3000) for s in scenes)
+    for scene in scenes:
+        boxes = [shape.box for shape in scene.shapes]
+        for i, (ax0, ay0, ax1, ay1) in enumerate(boxes):
+            for bx0, by0, bx1, by1 in boxes[i + 1:]:
+                assert ax1 < bx0 or bx1 < ax0 or ay1 < by0 or by1 < ay0
+    centres = {n: sum(int(vp.picture_item(random.Random(7 + k), PROCESSOR, n)[2]["has_centre"].sum())
+                      for k in range(40)) for n in (4, 8)}
+    assert centres[8] > 1.2 * centres[4]
 
 
 def test_video_labels_follow_the_moving_shape_frame_pair_by_frame_pair():
