@@ -14,7 +14,7 @@ def print_stream(responses, thinking: bool):
     `<think>`), the reasoning first, dimmed on a terminal, then the answer on a line of its own, without the
     `</think>` marker or the blank lines around it. Returns the last response."""
     dim, reset = (DIM, RESET) if sys.stdout.isatty() else ("", "")
-    last, pending, thought, answering = None, "", "", not thinking
+    last, pending, thought_shown, answering = None, "", False, not thinking
     print(dim if thinking else "", end="")
     for last in responses:
         text = last.text
@@ -22,19 +22,19 @@ def print_stream(responses, thinking: bool):
             pending += text
             if "</think>" not in pending:
                 if len(pending) > 8:  # hold back what could be the start of "</think>"
-                    thought += pending[:-8]
+                    thought_shown = thought_shown or bool(pending[:-8].strip())
                     print(pending[:-8], end="", flush=True)
                     pending = pending[-8:]
                 continue
             before, text = pending.split("</think>", 1)
-            thought += before
+            thought_shown = thought_shown or bool(before.strip())
             print(before.rstrip("\n") + reset, end="")
             thinking, pending = False, ""
         if not answering:
             text = text.lstrip("\n")
             if not text:
                 continue
-            print("\n" if thought.strip() else "", end="")
+            print("\n" if thought_shown else "", end="")
             answering = True
         print(text, end="", flush=True)
     print((pending + reset) if thinking else "")

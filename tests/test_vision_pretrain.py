@@ -102,3 +102,5 @@ def test_pretraining_changes_the_tower_and_nothing_else():
     assert set(after) == set(before)  # the label head is not left on the tower
     assert any(not np.array_equal(before[k], np.array(v)) for k, v in after.items())
     assert all(np.isfinite(v) for v in scores.values()) and 0 <= scores["colour"] <= 1
+    with pytest.raises(ValueError, match="max_shapes=0"):
+        vp.pretrain_vision(tower, PROCESSOR, steps=1, max_shapes=0, log=lambda line: None)

@@ -54,13 +54,13 @@ def token_labels(scenes, grid) -> dict:
             "has_centre": (colour > 0).reshape(n)}
 
 
-def picture_item(rng: random.Random, processor, max_shapes: int = 4):
+def picture_item(rng: random.Random, processor, max_shapes: int = world.MAX_SHAPES):
     """A world scene (a quarter of the time with the curriculum's larger shapes) -> (pixels, grid, labels).
-    `max_shapes` above the world's 4 puts up to that many world-size shapes in a picture (at most one per
+    `max_shapes` above the world's MAX_SHAPES puts up to that many world-size shapes in a picture (at most one per
     3,000 px²), more labelled centres for the same tokens: 82 % kind at 3,000 steps with 8 against 79 %
-    (docs/default-model.md); 4 draws the world's own scenes, the stream the shipped tower was trained on."""
+    (docs/default-model.md); the world's own count draws its own scenes, the stream the shipped tower was trained on."""
     growth = 1.0 if rng.random() < 0.75 else rng.random()
-    if max_shapes <= 4:
+    if max_shapes <= world.MAX_SHAPES:
         scene = world.random_scene(rng, growth=growth)
     else:
         scene = dense_scene(rng, max_shapes, growth)
@@ -70,7 +70,7 @@ def picture_item(rng: random.Random, processor, max_shapes: int = 4):
 
 
 def dense_scene(rng: random.Random, max_shapes: int, growth: float) -> world.Scene:
-    count = rng.randint(1, max_shapes if growth == 1.0 else 1 + int(3 * growth))
+    count = rng.randint(1, max_shapes if growth == 1.0 else 1 + int((world.MAX_SHAPES - 1) * growth))
     width, height = rng.randint(world.MIN_SIDE, world.MAX_SIDE), rng.randint(world.MIN_SIDE, world.MAX_SIDE)
     count = max(1, min(count, width * height // 3000))
     while True:
@@ -87,7 +87,7 @@ def video_item(rng: random.Random, processor):
     return pixels, grid, token_labels(scenes[::2][:grid[0]], grid)
 
 
-def batch(rng: random.Random, processor, pictures: int, videos: int, max_shapes: int = 4) -> dict:
+def batch(rng: random.Random, processor, pictures: int, videos: int, max_shapes: int = world.MAX_SHAPES) -> dict:
     # (Pictures of one size sent as one (count, h, w) grid were no faster here: the time is in the blocks.)
     items = ([picture_item(rng, processor, max_shapes) for _ in range(pictures)]
              + [video_item(rng, processor) for _ in range(videos)])
@@ -140,10 +140,13 @@ def accuracy(probe, b) -> dict:
 
 def pretrain_vision(visual, processor, steps: int, seed: int = 0,
                     pictures: int = 24, videos: int = 4, learning_rate: float = 1e-3, log=print,
-                    log_every: int = 100, kind_weight: float = KIND_WEIGHT, max_shapes: int = 4) -> dict:
+                    log_every: int = 100, kind_weight: float = KIND_WEIGHT,
+                    max_shapes: int = world.MAX_SHAPES) -> dict:
     """Train `visual` in place on the world's labels for `steps` AdamW steps, pictures (of up to `max_shapes`
     shapes) and clips prepared by `processor` (the model's); returns the last held-out accuracy (`accuracy` on
     96 fresh pictures of the world and 16 clips)."""
+    if max_shapes < 1:
+        raise ValueError(f"max_shapes={max_shapes}: a picture holds at least one shape")
     rng = random.Random(seed + 5_000_011)
     probe = Probe(visual)
     probe.head.weight = 0.02 * mx.random.normal(probe.head.weight.shape, key=mx.random.key(seed))

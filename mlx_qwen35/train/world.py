@@ -12,6 +12,7 @@ COLORS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "
 SHAPES = ("circle", "square", "triangle")
 BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "grey": (128, 128, 128)}
 MIN_SIDE, MAX_SIDE = 64, 224
+MAX_SHAPES = 4
 # Shapes keep this many pixels apart, and "left of" needs this horizontal gap between bounding boxes.
 SPACING, CLEAR_GAP = 3, 4
 DIRECTIONS = ("left", "right", "up", "down")
@@ -91,7 +92,7 @@ def random_scene(rng: random.Random, count: int | None = None, width: int | None
     growth = min(max(growth, 0.0), 1.0)
     width = width or rng.randint(MIN_SIDE, MAX_SIDE)
     height = height or rng.randint(MIN_SIDE, MAX_SIDE)
-    count = count if count is not None else rng.randint(1, 1 + int(3 * growth))
+    count = count if count is not None else rng.randint(1, 1 + int((MAX_SHAPES - 1) * growth))
     pairs = list(fixed or []) + [(rng.choice(SHAPES), rng.choice(list(COLORS))) for _ in range(count)]
     pairs = pairs[:max(count, len(fixed or []))]
     for attempt in range(100):
