@@ -81,8 +81,9 @@ STEPS = 3100
 # decoder at a tenth of the learning rate so the decoder's first, noisy gradients do not wash that out.
 VISION_PRETRAIN_STEPS = 3000
 VISION_LR_SCALE = 0.1
-# Pictures of up to 8 shapes gave the tower 82 % kind against 79 % with the world's 1-4 (a probe; not yet in a
-# run): vision_pretrain.picture_item's `max_shapes`.
+# Pictures of up to 8 shapes (vision_pretrain.picture_item's `max_shapes`) gave the tower 82 % kind against 79 %
+# with the world's 1-4; run 16 took them, answered the shape question better and lost its tool calls (67 %), so
+# the shipped run 15 keeps 4 (docs/default-model.md).
 VISION_MAX_SHAPES = 4
 # AdamW's second-moment decay: 0.95 (GPT-3's, nanoGPT's) instead of 0.999 let the decoder learn in-context
 # binding ("The circle is red. ... What color is the circle?") in 4,000 rows instead of never (docs).
