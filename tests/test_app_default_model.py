@@ -218,8 +218,13 @@ def test_browser_end_to_end(served):
             box.wait_for()
             page.locator("input[type=file]").first.set_input_files(str(IMAGE))
             playwright.expect(page.locator("img[src*='shapes.png']").first).to_be_visible()
+            # Greedy, so what is checked is the model's answer and not one draw at the default temperature 0.7
+            # (the default model, thinking on: the UI's other defaults).
+            temperature = page.get_by_label("number input for Temperature")  # the Settings accordion starts open
+            temperature.fill("0")
+            temperature.press("Tab")
             box.fill(question)
-            box.press("Enter")  # the UI's default settings: default model, thinking on, temperature 0.7
+            box.press("Enter")
             playwright.expect(page.get_by_text("TTFT").first).to_be_visible(timeout=120000)
             playwright.expect(page.get_by_role("button", name="Stop", exact=True)).to_be_hidden()
             page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)  # kept, right or wrong
