@@ -67,6 +67,18 @@ def test_denser_pictures_hold_more_shapes_and_more_labelled_centres():
     assert centres[8] > 1.2 * centres[4]
 
 
+def test_fewer_shapes_than_the_world_keeps_to_that_many():
+    """max_shapes below the world's 4 is a bound too: no picture has more labelled centres than that, at any
+    growth (labels count the centres: a token with two says nothing, so it is counted through the ignored mark)."""
+    rng = random.Random(9)
+    counts = []
+    for _ in range(60):
+        labels = vp.picture_item(rng, PROCESSOR, 2)[2]
+        counts.append(int(labels["has_centre"].sum()) + 2 * int((labels["kind"] == vp.IGNORE).sum()))
+    assert max(counts) == 2 and min(counts) >= 1
+    assert all(1 <= len(vp.dense_scene(rng, 2, growth=g / 10).shapes) <= 2 for g in range(11) for _ in range(5))
+
+
 def test_video_labels_follow_the_moving_shape_frame_pair_by_frame_pair():
     rng = random.Random(5)
     for _ in range(10):

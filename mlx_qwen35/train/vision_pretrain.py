@@ -30,6 +30,8 @@ IGNORE = -1
 # shape centres after 600 steps against 52 %, and 79 % against 68 % at the end of run 11's pretraining (docs/
 # default-model.md; runs 11-14).
 KIND_WEIGHT = 3.0
+# Denser pictures (picture_item's max_shapes) keep at most one shape per this many pixels: small pictures stay sparse.
+DENSE_AREA_PER_SHAPE = 3000
 
 
 def token_labels(scenes, grid) -> dict:
@@ -56,11 +58,12 @@ def token_labels(scenes, grid) -> dict:
 
 def picture_item(rng: random.Random, processor, max_shapes: int = world.MAX_SHAPES):
     """A world scene (a quarter of the time with the curriculum's larger shapes) -> (pixels, grid, labels).
-    `max_shapes` above the world's MAX_SHAPES puts up to that many world-size shapes in a picture (at most one per
-    3,000 px²), more labelled centres for the same tokens: 82 % kind at 3,000 steps with 8 against 79 %
-    (docs/default-model.md); the world's own count draws its own scenes, the stream the shipped tower was trained on."""
+    Any other `max_shapes` than the world's MAX_SHAPES puts up to that many world-size shapes in a picture (at
+    most one per DENSE_AREA_PER_SHAPE px²); 8 gives more labelled centres for the same tokens: 82 % kind at 3,000
+    steps against 79 % (docs/default-model.md). The world's own count draws its own scenes, the stream the
+    shipped tower was trained on."""
     growth = 1.0 if rng.random() < 0.75 else rng.random()
-    if max_shapes <= world.MAX_SHAPES:
+    if max_shapes == world.MAX_SHAPES:
         scene = world.random_scene(rng, growth=growth)
     else:
         scene = dense_scene(rng, max_shapes, growth)
@@ -70,9 +73,11 @@ def picture_item(rng: random.Random, processor, max_shapes: int = world.MAX_SHAP
 
 
 def dense_scene(rng: random.Random, max_shapes: int, growth: float) -> world.Scene:
-    count = rng.randint(1, max_shapes if growth == 1.0 else 1 + int((world.MAX_SHAPES - 1) * growth))
+    """A scene of 1 to `max_shapes` shapes, as many as fit one per DENSE_AREA_PER_SHAPE px²; the curriculum's
+    larger shapes (growth below 1) come as few as in the world's own scenes."""
+    count = world.shape_count(rng, growth, max_shapes if growth == 1.0 else min(max_shapes, world.MAX_SHAPES))
     width, height = rng.randint(world.MIN_SIDE, world.MAX_SIDE), rng.randint(world.MIN_SIDE, world.MAX_SIDE)
-    count = max(1, min(count, width * height // 3000))
+    count = max(1, min(count, width * height // DENSE_AREA_PER_SHAPE))
     while True:
         try:
             return world.random_scene(rng, count=count, width=width, height=height, growth=growth)

@@ -92,7 +92,7 @@ def random_scene(rng: random.Random, count: int | None = None, width: int | None
     growth = min(max(growth, 0.0), 1.0)
     width = width or rng.randint(MIN_SIDE, MAX_SIDE)
     height = height or rng.randint(MIN_SIDE, MAX_SIDE)
-    count = count if count is not None else rng.randint(1, 1 + int((MAX_SHAPES - 1) * growth))
+    count = count if count is not None else shape_count(rng, growth)
     pairs = list(fixed or []) + [(rng.choice(SHAPES), rng.choice(list(COLORS))) for _ in range(count)]
     pairs = pairs[:max(count, len(fixed or []))]
     for attempt in range(100):
@@ -107,6 +107,11 @@ def random_scene(rng: random.Random, count: int | None = None, width: int | None
         else:
             return scene
     raise RuntimeError(f"could not place {len(pairs)} shapes in {width}x{height}")
+
+
+def shape_count(rng: random.Random, growth: float, most: int = MAX_SHAPES) -> int:
+    """1 to `most` shapes at growth 1; the curriculum's smaller scenes (growth below 1) hold fewer."""
+    return rng.randint(1, 1 + int((most - 1) * growth))
 
 
 def radius_range(side: int, growth: float = 1.0) -> tuple[float, float]:
