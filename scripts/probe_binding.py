@@ -4,7 +4,8 @@ pictures alone, with the vision tower's output replaced or altered by --features
 questions answered greedily through `evaluate.ask`, split by how many shapes the picture holds. Exploratory:
 one run is one noisy measurement.
 
-    --features oracle          the word embeddings of each shape-centre token's colour and kind, zeros elsewhere
+    --features oracle          the word embeddings (the fresh decoder's first, kept fixed) of each shape-centre
+                               token's colour and kind, summed; zeros elsewhere
                spread          oracle, with the colour word also on every other token the shape's disc reaches
                spread-all      the colour and kind words on every token the shape's disc reaches
                tower           the shipped model's tower, or --tower's (trained on at a tenth of the decoder's
@@ -12,6 +13,7 @@ one run is one noisy measurement.
                tower:S         the tower's output times S
                kind+tower:S    the tower's output times S, plus the kind word at shape centres
     --only-centres             zeros on every token that holds no shape's centre
+    --tower-lr-scale F         the tower's learning rate as a share of the decoder's (0: frozen)
     --aux-kind W               also train each shape-centre token's logits toward its kind's word, weight W
 
     .venv/bin/python scripts/probe_binding.py --features oracle --steps 600
