@@ -61,7 +61,7 @@ class Features:
         kinds = np.where(centre, self.kind_words[np.maximum(labels["kind"], 0)], -1)
         colours = np.where(centre, self.colour_words[np.maximum(labels["colour"], 0)], -1)
         if self.kind in ("spread", "spread-all"):
-            _, rows, cols = grid[0], grid[1] // 2, grid[2] // 2
+            rows, cols = grid[1] // 2, grid[2] // 2
             height, width = scene.height / rows, scene.width / cols
             for i in np.flatnonzero(~centre):
                 r, c = divmod(int(i), cols)
@@ -75,8 +75,7 @@ class Features:
         return kinds, colours
 
     def embed(self, ids: np.ndarray) -> mx.array:
-        present = mx.array((ids >= 0)[:, None].astype(np.float32))
-        return self.table[mx.array(np.maximum(ids, 0))] * present
+        return self.table[mx.array(np.maximum(ids, 0))] * present(ids)
 
     def __call__(self, tower, pixels, grid):
         kinds, colours = self.current
@@ -86,7 +85,12 @@ class Features:
             name, _, scale = self.kind.partition(":")
             out = tower(pixels, grid) * float(scale or 1.0)
             out = out + self.embed(kinds) if name == "kind+tower" else out
-        return out * mx.array((kinds >= 0)[:, None].astype(np.float32)) if self.only_centres else out
+        return out * present(kinds) if self.only_centres else out
+
+
+def present(ids: np.ndarray) -> mx.array:
+    """[tokens, 1]: 1 where a word id is given, 0 where it is -1."""
+    return mx.array((ids >= 0)[:, None].astype(np.float32))
 
 
 def main():
@@ -104,8 +108,16 @@ def main():
     parser.add_argument("--held-out", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if args.features.partition(":")[0] not in ("oracle", "spread", "spread-all", "tower", "kind+tower"):
+    name, _, scale = args.features.partition(":")
+    if name not in ("oracle", "spread", "spread-all", "tower", "kind+tower") or (scale and name not in (
+            "tower", "kind+tower")):
         parser.error(f"--features {args.features!r}: choose oracle, spread, spread-all, tower[:S] or kind+tower:S")
+    try:
+        float(scale or 1.0)
+    except ValueError:
+        parser.error(f"--features {args.features!r}: the scale after ':' must be a number")
+    if args.tower and not args.tower.is_file():
+        parser.error(f"--tower {args.tower}: no such file")
 
     skeleton = Path("/tmp/probe-binding-skeleton")
     _, processor = dm.write_skeleton(skeleton, seed=args.seed)

@@ -57,3 +57,11 @@ def test_a_short_oracle_run_trains_and_answers():
     assert run.returncode == 0, run.stderr[-2000:]
     line = [l for l in run.stdout.splitlines() if "held-out colour right" in l][-1]
     assert line.endswith("/3") and "step 2" in line
+
+
+def test_bad_arguments_are_named_before_anything_runs():
+    for args, named in ((["--features", "kind+tower:abc"], "kind+tower:abc"), (["--features", "spread:2"], "spread:2"),
+                        (["--tower", "/no/such/tower.safetensors"], "/no/such/tower.safetensors")):
+        run = subprocess.run([sys.executable, str(ROOT / "scripts" / "probe_binding.py"), *args],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and named in run.stderr and not run.stdout
