@@ -12,9 +12,16 @@ one run is one noisy measurement.
                                learning rate)
                tower:S         the tower's output times S
                kind+tower:S    the tower's output times S, plus the kind word at shape centres
+               colour+tower:S  the tower's output times S, plus the colour word at shape centres
+               oracle+tower:S  the tower's output times S, plus both words at shape centres
+               oracle+noise:S  oracle, plus fresh Gaussian noise of standard deviation S on every token
+               means[:S]       the tower's own mean output at shape centres plus its kind's and colour's offsets
+                               from it (over 400 world pictures; times S), on centre tokens, zeros elsewhere:
+                               the oracle in the tower's directions
     --only-centres             zeros on every token that holds no shape's centre
     --tower-lr-scale F         the tower's learning rate as a share of the decoder's (0: frozen)
     --aux-kind W               also train each shape-centre token's logits toward its kind's word, weight W
+    --switch-at N --switch-to F  from step N on, the features F instead (a scaffold: bind on one, go on with another)
 
     .venv/bin/python scripts/probe_binding.py --features oracle --steps 600
 """
@@ -46,21 +53,64 @@ def word_ids(tokenizer, names) -> np.ndarray:
     return np.array([0] + [tokenizer.encode(" " + name, add_special_tokens=False)[0] for name in names])
 
 
+WORD_MODES = ("oracle", "spread", "spread-all", "oracle+noise")
+MEANS = "means"
+TOWER_MODES = {"tower": (), "kind+tower": ("kind",), "colour+tower": ("colour",), "oracle+tower": ("kind", "colour")}
+
+
+def parse_features(text: str) -> tuple[str, float | None]:
+    """--features (or --switch-to) -> (mode, scale); ValueError naming what is wrong."""
+    name, _, scale = text.partition(":")
+    if name not in WORD_MODES + tuple(TOWER_MODES) + (MEANS,):
+        raise ValueError(f"{text!r}: choose oracle, spread, spread-all, oracle+noise:S, tower[:S], kind+tower:S, "
+                         "colour+tower:S, oracle+tower:S or means[:S]")
+    if (scale and name in WORD_MODES[:3]) or (name == "oracle+noise" and not scale):
+        raise ValueError(f"{text!r}: only oracle+noise (which needs it) and the tower modes take a scale")
+    try:
+        return name, float(scale) if scale else None
+    except ValueError:
+        raise ValueError(f"{text!r}: the scale after ':' must be a number") from None
+
+
 class Features:
     """What the decoder reads at each merged image token, per --features, from the row's scenes."""
 
     def __init__(self, kind: str, tokenizer, embeddings, only_centres: bool = False):
         # the words' embeddings as the fresh decoder starts: fixed keys, whatever training does to the table
-        self.kind, self.table, self.only_centres = kind, mx.array(embeddings.weight), only_centres
+        self.mode, self.table, self.only_centres = parse_features(kind), mx.array(embeddings.weight), only_centres
         self.kind_words, self.colour_words = word_ids(tokenizer, world.SHAPES), word_ids(tokenizer, world.COLORS)
         self.current = None  # (kind word ids, colour word ids) of the images being encoded, -1: none
+        self.means = None  # (mean, kind offsets by word id, colour offsets by word id): fit_means
+
+    def fit_means(self, tower, processor, pictures: int = 400, seed: int = 11):
+        """The tower's mean output over shape-centre tokens of `pictures` world pictures, and each kind's and
+        colour's mean offset from it, as tables indexed by the word ids `words` gives."""
+        rng, outs, kinds, colours = random.Random(seed), [], [], []
+        for _ in range(pictures):
+            scene = world.random_scene(rng)
+            [(pixels, grid)] = processor.prepare(images=[world.draw(scene)])["image"]
+            grid = tuple(int(v) for v in grid)
+            labels = token_labels([scene], grid)
+            centre = labels["kind"] > 0
+            outs.append(np.array(tower(mx.array(pixels), [grid]), np.float64)[centre])
+            kinds.append(labels["kind"][centre])
+            colours.append(labels["colour"][centre])
+        outs, kinds, colours = np.concatenate(outs), np.concatenate(kinds), np.concatenate(colours)
+        mean = outs.mean(0)
+        tables = []
+        for labels, word_of in ((kinds, self.kind_words), (colours, self.colour_words)):
+            table = np.zeros((self.table.shape[0], outs.shape[1]))
+            for label in range(1, len(word_of)):
+                table[word_of[label]] = outs[labels == label].mean(0) - mean
+            tables.append(mx.array(table, dtype=mx.float32))
+        self.means = (mx.array(mean, dtype=mx.float32), *tables)
 
     def words(self, scene, grid) -> tuple[np.ndarray, np.ndarray]:
         labels = token_labels([scene], grid)
         centre = labels["kind"] > 0
         kinds = np.where(centre, self.kind_words[np.maximum(labels["kind"], 0)], -1)
         colours = np.where(centre, self.colour_words[np.maximum(labels["colour"], 0)], -1)
-        if self.kind in ("spread", "spread-all"):
+        if self.mode[0] in ("spread", "spread-all"):
             rows, cols = grid[1] // 2, grid[2] // 2
             height, width = scene.height / rows, scene.width / cols
             for i in np.flatnonzero(~centre):
@@ -70,7 +120,7 @@ class Features:
                     dy = max(r * height - shape.cy, 0, shape.cy - (r + 1) * height)
                     if dx * dx + dy * dy < shape.r * shape.r:
                         colours[i] = self.colour_words[COLOR_IDS[shape.color]]
-                        if self.kind == "spread-all":
+                        if self.mode[0] == "spread-all":
                             kinds[i] = self.kind_words[KIND_IDS[shape.kind]]
         return kinds, colours
 
@@ -79,12 +129,20 @@ class Features:
 
     def __call__(self, tower, pixels, grid):
         kinds, colours = self.current
-        if self.kind in ("oracle", "spread", "spread-all"):
-            out = self.embed(kinds) + self.embed(colours)
+        words = {"kind": self.embed(kinds), "colour": self.embed(colours)}
+        name, scale = self.mode
+        if name == MEANS:
+            mean, kind_offsets, colour_offsets = self.means
+            out = (mean + kind_offsets[mx.array(np.maximum(kinds, 0))] + colour_offsets[
+                mx.array(np.maximum(colours, 0))]) * present(kinds) * (1.0 if scale is None else scale)
+        elif name in TOWER_MODES:
+            out = tower(pixels, grid) * (1.0 if scale is None else scale)
+            for word in TOWER_MODES[name]:
+                out = out + words[word]
         else:
-            name, _, scale = self.kind.partition(":")
-            out = tower(pixels, grid) * float(scale or 1.0)
-            out = out + self.embed(kinds) if name == "kind+tower" else out
+            out = words["kind"] + words["colour"]
+            if name == "oracle+noise":  # fresh each call: nothing in it to learn
+                out = out + scale * mx.random.normal(out.shape)
         return out * present(kinds) if self.only_centres else out
 
 
@@ -101,6 +159,8 @@ def main():
                         help="the tower's learning rate as a share of the decoder's; 0 freezes it")
     parser.add_argument("--only-centres", action="store_true")
     parser.add_argument("--aux-kind", type=float, default=0.0)
+    parser.add_argument("--switch-at", type=int, default=0)
+    parser.add_argument("--switch-to", default=None)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--tokens-per-batch", type=int, default=1024)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
@@ -108,14 +168,14 @@ def main():
     parser.add_argument("--held-out", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    name, _, scale = args.features.partition(":")
-    if name not in ("oracle", "spread", "spread-all", "tower", "kind+tower") or (scale and name not in (
-            "tower", "kind+tower")):
-        parser.error(f"--features {args.features!r}: choose oracle, spread, spread-all, tower[:S] or kind+tower:S")
-    try:
-        float(scale or 1.0)
-    except ValueError:
-        parser.error(f"--features {args.features!r}: the scale after ':' must be a number")
+    modes = []
+    for flag, text in (("--features", args.features), ("--switch-to", args.switch_to)):
+        try:
+            modes.append(parse_features(text)[0] if text else None)
+        except ValueError as error:
+            parser.error(f"{flag} {error}")
+    if bool(args.switch_to) != bool(args.switch_at):
+        parser.error("--switch-at and --switch-to go together")
     if args.tower and not args.tower.is_file():
         parser.error(f"--tower {args.tower}: no such file")
 
@@ -124,13 +184,15 @@ def main():
     model = dm.build_model(skeleton, seed=args.seed)
     if args.tower:
         model.model.visual.load_weights(str(args.tower))
-    elif args.features.startswith(("tower", "kind+tower")):
+    elif any(mode in TOWER_MODES or mode == MEANS for mode in modes):
         shipped, _ = mlx_qwen35.load()
         model.model.visual.load_weights(list(tree_flatten(shipped.model.visual.parameters())))
         del shipped
     features = Features(args.features, processor.tokenizer, model.model.language_model.embed_tokens,
                         args.only_centres)
     tower = model.model.visual.__call__
+    if MEANS in modes:
+        features.fit_means(tower, processor)
     visual_class = type(model.model.visual)
     model.model.visual.__class__ = type(visual_class.__name__, (visual_class,),
                                         {"__call__": lambda self, pixels, grid: features(tower, pixels, grid)})
@@ -207,6 +269,9 @@ def main():
     for step in range(1, args.steps + 1):
         batch_rows = next(batches)
         seen += len(batch_rows)
+        if args.switch_to and step == args.switch_at:
+            features.mode = parse_features(args.switch_to)
+            print(f"step {step}  features now {args.switch_to}", flush=True)
         record = trainer.train_step(with_aux(batch_rows))
         if step % args.every == 0 or step == args.steps:
             print(f"step {step}  rows {seen}  loss {record['loss']:.3f}  {time.perf_counter() - start:.0f} s",

@@ -50,6 +50,31 @@ def test_oracle_words_sit_on_the_centre_token_and_spread_on_every_token_the_disc
     assert (kinds >= 0).sum() == 1 and (colours == np.where(reached.ravel(), blue, -1)).all()
 
 
+def test_tower_modes_add_the_named_words_at_centres_and_noise_has_its_scale(tmp_path):
+    _, processor = dm.write_skeleton(tmp_path, seed=0)
+    table = mx.random.normal((1024, 8), key=mx.random.key(1))
+    embeddings = type("Table", (), {"weight": table})()
+    scene = world.Scene(64, 64, (255, 255, 255), [world.Shape("circle", "red", 20, 20, 10)])
+    circle = processor.tokenizer.encode(" circle", add_special_tokens=False)[0]
+    red = processor.tokenizer.encode(" red", add_special_tokens=False)[0]
+    tower_out = mx.full((4, 8), 0.5)  # 2x2 tokens of 32 px; the centre (20, 20) is in the first
+    expected = {"tower:2": 0, "kind+tower": table[circle], "colour+tower": table[red],
+                "oracle+tower": table[circle] + table[red]}
+    for mode, words in expected.items():
+        features = probe.Features(mode, processor.tokenizer, embeddings)
+        features.current = features.words(scene, (1, 4, 4))
+        out = np.array(features(lambda pixels, grid: tower_out, None, None))
+        base = 1.0 if mode == "tower:2" else 0.5
+        assert np.allclose(out[0], np.array(words + base), atol=1e-6), mode
+        assert np.allclose(out[1:], base), mode
+    noisy = probe.Features("oracle+noise:0.3", processor.tokenizer, embeddings)
+    noisy.current = noisy.words(scene, (1, 8, 8))
+    clean = probe.Features("oracle", processor.tokenizer, embeddings)
+    clean.current = noisy.current
+    noise = np.array(mx.concatenate([noisy(None, None, None) - clean(None, None, None) for _ in range(200)]))
+    assert abs(noise.std() - 0.3) < 0.02 and abs(noise.mean()) < 0.02
+
+
 def test_a_short_oracle_run_trains_and_answers():
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "probe_binding.py"), "--features", "oracle",
                           "--steps", "2", "--every", "2", "--held-out", "3", "--aux-kind", "1", "--only-centres"],
@@ -61,7 +86,32 @@ def test_a_short_oracle_run_trains_and_answers():
 
 def test_bad_arguments_are_named_before_anything_runs():
     for args, named in ((["--features", "kind+tower:abc"], "kind+tower:abc"), (["--features", "spread:2"], "spread:2"),
-                        (["--tower", "/no/such/tower.safetensors"], "/no/such/tower.safetensors")):
+                        (["--tower", "/no/such/tower.safetensors"], "/no/such/tower.safetensors"),
+                        (["--features", "oracle+noise"], "oracle+noise"), (["--switch-to", "towr"], "towr"),
+                        (["--switch-to", "tower"], "--switch-at")):
         run = subprocess.run([sys.executable, str(ROOT / "scripts" / "probe_binding.py"), *args],
                              capture_output=True, text=True, timeout=120)
         assert run.returncode == 2 and named in run.stderr and not run.stdout
+
+
+def test_means_are_the_towers_centre_outputs_by_kind_and_colour(tmp_path):
+    """A stand-in tower whose output at a merged token is the mean RGB of its pixels: the red offset is the
+    reddest, the blue the bluest, and a centre token reads the mean plus its shape's two offsets."""
+    _, processor = dm.write_skeleton(tmp_path, seed=0)
+    embeddings = type("Table", (), {"weight": mx.zeros((1024, 3))})()
+
+    def rgb_tower(pixels, grid):
+        return pixels.reshape(pixels.shape[0], 3, -1).mean(-1).reshape(-1, 4, 3).mean(1)
+
+    features = probe.Features("means:2", processor.tokenizer, embeddings)
+    features.fit_means(rgb_tower, processor, pictures=60)
+    mean, kinds, colours = (np.array(t) for t in features.means)
+    red, blue = (processor.tokenizer.encode(" " + c, add_special_tokens=False)[0] for c in ("red", "blue"))
+    assert colours[red][0] > colours[blue][0] and colours[blue][2] > colours[red][2]
+    assert colours[red][0] == colours[:, 0].max()
+    scene = world.Scene(64, 64, (255, 255, 255), [world.Shape("circle", "red", 20, 20, 10)])
+    features.current = features.words(scene, (1, 4, 4))
+    circle = processor.tokenizer.encode(" circle", add_special_tokens=False)[0]
+    out = np.array(features(None, None, None))
+    assert np.allclose(out[0], 2 * (mean + kinds[circle] + colours[red]), atol=1e-5)
+    assert not out[1:].any()
