@@ -43,7 +43,7 @@ from mlx_qwen35.train import default_model as dm
 from mlx_qwen35.train import evaluate, world
 from mlx_qwen35.train import trainer as training
 from mlx_qwen35.train.data import collate
-from mlx_qwen35.train.vision_pretrain import COLOR_IDS, KIND_IDS, token_labels
+from mlx_qwen35.train.vision_pretrain import COLOR_IDS, KIND_IDS, class_means, token_labels
 
 HELD_OUT_SEED = 7_000_003  # the questions of docs/default-model.md's "Picking the shape" tables
 
@@ -83,27 +83,15 @@ class Features:
         self.means = None  # (mean, kind offsets by word id, colour offsets by word id): fit_means
 
     def fit_means(self, tower, processor, pictures: int = 400, seed: int = 11):
-        """The tower's mean output over shape-centre tokens of `pictures` world pictures, and each kind's and
-        colour's mean offset from it, as tables indexed by the word ids `words` gives."""
-        rng, outs, kinds, colours = random.Random(seed), [], [], []
-        for _ in range(pictures):
-            scene = world.random_scene(rng)
-            [(pixels, grid)] = processor.prepare(images=[world.draw(scene)])["image"]
-            grid = tuple(int(v) for v in grid)
-            labels = token_labels([scene], grid)
-            centre = labels["kind"] > 0
-            outs.append(np.array(tower(mx.array(pixels), [grid]), np.float64)[centre])
-            kinds.append(labels["kind"][centre])
-            colours.append(labels["colour"][centre])
-        outs, kinds, colours = np.concatenate(outs), np.concatenate(kinds), np.concatenate(colours)
-        mean = outs.mean(0)
+        """`class_means` of the tower over `pictures` world pictures, as tables indexed by the word ids `words`
+        gives."""
+        means = class_means(tower, processor, pictures, seed)
         tables = []
-        for labels, word_of in ((kinds, self.kind_words), (colours, self.colour_words)):
-            table = np.zeros((self.table.shape[0], outs.shape[1]))
-            for label in range(1, len(word_of)):
-                table[word_of[label]] = outs[labels == label].mean(0) - mean
-            tables.append(mx.array(table, dtype=mx.float32))
-        self.means = (mx.array(mean, dtype=mx.float32), *tables)
+        for name, word_of in (("kind", self.kind_words), ("colour", self.colour_words)):
+            table = np.zeros((self.table.shape[0], means["mean"].shape[0]), np.float32)
+            table[word_of] = means[name]
+            tables.append(mx.array(table))
+        self.means = (mx.array(means["mean"]), *tables)
 
     def words(self, scene, grid) -> tuple[np.ndarray, np.ndarray]:
         labels = token_labels([scene], grid)

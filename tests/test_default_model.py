@@ -294,10 +294,11 @@ def test_train_default_writes_weights_and_a_log_with_held_out_checks(tmp_path):
     from mlx_qwen35.train.default_model import train_default
 
     output = train_default(tmp_path / "model", steps=2, tokens_per_batch=512, warmup=1, log_every=1,
-                           probe_every=2, progress=False, vision_steps=2)
+                           probe_every=2, progress=False, vision_steps=2, scaffold_rows=100)
     assert not (tmp_path / "model.partial").exists()
     log = (output / "training_log.txt").read_text()
     assert "vision step    2" in log and "step     2" in log and "held-out answers right: color" in log
+    assert "binding scaffold" in log
     model, processor = load(output)
     assert processor.tokenizer.encode("red") and model.config.text_config.num_experts == 8
 
@@ -356,3 +357,25 @@ def test_speculative_bench_refuses_draft_counts_below_one():
 
     with pytest.raises(ValueError, match=r"draft counts of at least 1; got \[1, 0\]"):
         speculative_bench(None, drafts=(1, 0))
+
+
+def test_scaffold_rows_are_the_first_picture_rows_of_the_mixed_stage(tmp_path):
+    """With the tower's class means, picture rows (single and several pictures) in the first `scaffold_rows`
+    rows after the sum and first stages carry one scaffold vector per image token, non-zero exactly on the
+    tokens that hold a shape's centre; no other row does."""
+    from mlx_qwen35.train.default_model import world_rows, write_skeleton
+    config, processor = write_skeleton(tmp_path, seed=0)
+    means = {"mean": np.ones(192, np.float32), "kind": np.arange(4 * 192, dtype=np.float32).reshape(4, 192),
+             "colour": np.zeros((7, 192), np.float32)}
+    stream = world_rows(0, processor, means, scaffold_rows=40, sum_stage=3, first_stage=4)
+    rows = [next(stream) for _ in range(3 + 4 + 60)]
+    scaffolded = [i for i, row in enumerate(rows) if row.image_features is not None]
+    pictures = [i for i, row in enumerate(rows) if row.image_grid_thw is not None and row.pixel_values_videos is None]
+    assert scaffolded == [i for i in pictures if 7 <= i < 47] and len(scaffolded) >= 10
+    assert any(len(rows[i].image_grid_thw) > 1 for i in scaffolded)  # several-picture rows too
+    for i in scaffolded:
+        row = rows[i]
+        image_tokens = int((row.input_ids == config["image_token_id"]).sum())
+        assert row.image_features.shape == (image_tokens, 192)
+        assert 1 <= (np.abs(row.image_features).sum(1) > 0).sum() <= 4 * len(row.image_grid_thw)
+    assert all(rows[i].image_features is None for i in range(len(rows)) if i not in scaffolded)

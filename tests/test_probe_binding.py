@@ -12,6 +12,7 @@ import numpy as np
 
 from mlx_qwen35.train import default_model as dm
 from mlx_qwen35.train import world
+from mlx_qwen35.train.vision_pretrain import class_means, scaffold_features
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = importlib.util.spec_from_file_location("probe_binding", ROOT / "scripts" / "probe_binding.py")
@@ -94,9 +95,9 @@ def test_bad_arguments_are_named_before_anything_runs():
         assert run.returncode == 2 and named in run.stderr and not run.stdout
 
 
-def test_means_are_the_towers_centre_outputs_by_kind_and_colour(tmp_path):
-    """A stand-in tower whose output at a merged token is the mean RGB of its pixels: the red offset is the
-    reddest, the blue the bluest, and a centre token reads the mean plus its shape's two offsets."""
+def test_means_mode_is_the_scaffold_of_the_towers_class_means(tmp_path):
+    """`--features means:2` reads twice `vision_pretrain.scaffold_features` of the picture (a stand-in tower:
+    each merged token's mean RGB)."""
     _, processor = dm.write_skeleton(tmp_path, seed=0)
     embeddings = type("Table", (), {"weight": mx.zeros((1024, 3))})()
 
@@ -104,14 +105,10 @@ def test_means_are_the_towers_centre_outputs_by_kind_and_colour(tmp_path):
         return pixels.reshape(pixels.shape[0], 3, -1).mean(-1).reshape(-1, 4, 3).mean(1)
 
     features = probe.Features("means:2", processor.tokenizer, embeddings)
-    features.fit_means(rgb_tower, processor, pictures=60)
-    mean, kinds, colours = (np.array(t) for t in features.means)
-    red, blue = (processor.tokenizer.encode(" " + c, add_special_tokens=False)[0] for c in ("red", "blue"))
-    assert colours[red][0] > colours[blue][0] and colours[blue][2] > colours[red][2]
-    assert colours[red][0] == colours[:, 0].max()
-    scene = world.Scene(64, 64, (255, 255, 255), [world.Shape("circle", "red", 20, 20, 10)])
-    features.current = features.words(scene, (1, 4, 4))
-    circle = processor.tokenizer.encode(" circle", add_special_tokens=False)[0]
-    out = np.array(features(None, None, None))
-    assert np.allclose(out[0], 2 * (mean + kinds[circle] + colours[red]), atol=1e-5)
-    assert not out[1:].any()
+    features.fit_means(rgb_tower, processor, pictures=40)
+    scene = world.Scene(96, 64, (255, 255, 255), [world.Shape("circle", "red", 20, 20, 10),
+                                                  world.Shape("square", "blue", 70, 40, 10)])
+    features.current = features.words(scene, (1, 4, 6))
+    expected = 2 * scaffold_features(class_means(rgb_tower, processor, pictures=40, seed=11), scene, (1, 4, 6))
+    np.testing.assert_allclose(np.array(features(None, None, None)), expected, rtol=1e-5, atol=1e-6)
+    assert (np.abs(expected).sum(1) > 0).sum() == 2

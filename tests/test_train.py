@@ -595,3 +595,33 @@ def test_lora_seed_fixes_the_adapters_starting_weights():
         starts.append({k: np.array(v) for k, v in tree_flatten(model.trainable_parameters()) if k.endswith("lora_a")})
     assert starts[0] and all(np.array_equal(starts[0][k], starts[1][k]) for k in starts[0])
     assert not all(np.array_equal(starts[0][k], starts[2][k]) for k in starts[0])
+
+
+def test_given_image_features_replace_the_towers_output_only_in_their_rows(processor):
+    """A batch where one picture row gives its image features (the default model's binding scaffold) and
+    another does not: each row's hidden states equal that row's alone, the first with the tower replaced by
+    the given features, the second through the tower."""
+    rng = random.Random(5)
+    rows = [encode(world.image_conversation(rng, turns=1), processor) for _ in range(2)]
+    rows.append(encode(world.sum_example(rng, thinking=False), processor))
+    tokens = int(np.prod(rows[0].image_grid_thw, axis=1).sum()) // 4
+    given = np.random.default_rng(0).normal(size=(tokens, VISION["out_hidden_size"])).astype(np.float32)
+    rows[0].image_features = given
+    model = tiny_model()
+    batch = collate(rows, pad_id=258)
+    assert batch["image_features"].shape[0] == int((np.array(batch["input_ids"]) == 300).sum())
+    together = np.array(hidden_states(model, batch))
+    for i, row in enumerate(rows):
+        alone = collate([row], pad_id=258)
+        ids = alone["input_ids"]
+        if row.image_grid_thw is None:
+            expected = hidden_states(model, alone)
+        else:
+            encode_with = (lambda pixels, grid: mx.array(given)) if i == 0 else None
+            embeddings, positions, _ = model.embed_multimodal(ids, alone["pixel_values"], alone["image_grid_thw"],
+                                                              encode=encode_with)
+            expected = model.model.language_model(None, None, embeddings, positions)
+        np.testing.assert_allclose(together[i, :len(row)], np.array(expected)[0], atol=2e-5)
+    first = collate([rows[0]])
+    towered = np.array(model.model.visual(first["pixel_values"], first["image_grid_thw"]))
+    assert np.abs(towered - given).max() > 0.1  # what the first row reads did change

@@ -116,3 +116,27 @@ def test_pretraining_changes_the_tower_and_nothing_else():
     assert all(np.isfinite(v) for v in scores.values()) and 0 <= scores["colour"] <= 1
     with pytest.raises(ValueError, match="max_shapes=0"):
         vp.pretrain_vision(tower, PROCESSOR, steps=1, max_shapes=0, log=lambda line: None)
+
+
+def test_class_means_and_the_scaffold_built_from_them():
+    """A stand-in tower whose output at a merged token is its mean RGB: the colour offsets follow the colours
+    (red's has the most red over green, blue's the most blue over red; orange and yellow are redder than red
+    on the red channel alone), and the scaffold puts the mean plus the shape's two offsets on
+    its centre token and zeros on every other."""
+
+    def rgb_tower(pixels, grid):
+        return pixels.reshape(pixels.shape[0], 3, -1).mean(-1).reshape(-1, 4, 3).mean(1)
+
+    means = vp.class_means(rgb_tower, PROCESSOR, pictures=60)
+    red, blue = vp.COLOR_IDS["red"], vp.COLOR_IDS["blue"]
+    offsets = means["colour"][1:]
+    assert np.argmax(offsets[:, 0] - offsets[:, 1]) + 1 == red and np.argmax(offsets[:, 2] - offsets[:, 0]) + 1 == blue
+    assert not means["kind"][0].any() and not means["colour"][0].any()
+    scene = world.Scene(128, 64, (255, 255, 255), [world.Shape("triangle", "red", 80, 40, 12)])
+    [(pixels, grid)] = PROCESSOR.prepare(images=[world.draw(scene)])["image"]
+    features = vp.scaffold_features(means, scene, tuple(int(v) for v in grid))
+    centre = 1 * 4 + 2  # 2x4 tokens of 32 px; (80, 40) lies in row 1, column 2
+    assert features.shape == (8, 3)
+    np.testing.assert_allclose(features[centre], means["mean"] + means["kind"][vp.KIND_IDS["triangle"]]
+                               + means["colour"][red], rtol=1e-6)
+    assert not np.delete(features, centre, axis=0).any()

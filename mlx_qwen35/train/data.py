@@ -33,6 +33,9 @@ class Row:
     image_grid_thw: np.ndarray | None = None
     pixel_values_videos: np.ndarray | None = None
     video_grid_thw: np.ndarray | None = None
+    # [image tokens, hidden]: what the decoder reads at this row's image tokens instead of the tower's output
+    # (the default model's binding scaffold, default_model.scaffold_rows)
+    image_features: np.ndarray | None = None
 
     def __len__(self):
         return len(self.input_ids)
@@ -168,11 +171,12 @@ def encode_all(examples, processor, enable_thinking: bool = True, max_tokens: in
     return rows
 
 
-def collate(rows: list[Row], pad_id: int = 0) -> dict:
+def collate(rows: list[Row], pad_id: int = 0, spatial_merge: int = 2) -> dict:
     """Right-padded batch (the pad id only needs to be in the vocabulary: padding follows every real token and
     carries no loss): input_ids [B, L], mask [B, L] (False on padding), prompt [B, L] (the rows' prompt text
     tokens, False on padding), plus the concatenated pixel values and grids in row order (the order the model's
-    placeholder replacement expects)."""
+    placeholder replacement expects); where a row gives image_features, those and a mask of which image tokens
+    they cover (`spatial_merge`: the tower's merge, which turns a grid into its token count)."""
     width = max(len(r) for r in rows)
     ids = np.full((len(rows), width), pad_id, np.int32)
     mask = np.zeros((len(rows), width), bool)
@@ -186,4 +190,14 @@ def collate(rows: list[Row], pad_id: int = 0) -> dict:
         parts = [getattr(r, key) for r in rows if getattr(r, key) is not None]
         if parts:
             batch[key] = mx.array(np.concatenate(parts))
+    if any(r.image_features is not None for r in rows):
+        # image_features [image tokens, hidden] in row order, and which of them replace the tower's output
+        with_images = [r for r in rows if r.image_grid_thw is not None]
+        counts = [int(np.prod(r.image_grid_thw, axis=1).sum()) // spatial_merge**2 for r in with_images]
+        width = next(r.image_features.shape[1] for r in rows if r.image_features is not None)
+        batch["image_features"] = mx.array(np.concatenate(
+            [r.image_features if r.image_features is not None else np.zeros((n, width), np.float32)
+             for r, n in zip(with_images, counts)]))
+        batch["image_features_mask"] = mx.array(np.concatenate(
+            [np.full((n, 1), r.image_features is not None, np.float32) for r, n in zip(with_images, counts)]))
     return batch

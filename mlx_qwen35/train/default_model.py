@@ -85,6 +85,13 @@ VISION_LR_SCALE = 0.1
 # with the world's 1-4; run 16 took them, answered the shape question better and lost its tool calls (67 %), so
 # the shipped run 15 keeps 4 (docs/default-model.md).
 VISION_MAX_SHAPES = 4
+# The binding scaffold (docs/default-model.md, "Forming the binding"): a decoder does not form choosing one of
+# several shapes by kind on the tower's output (84-94/150 colour questions in probes, whatever was tried), forms
+# it on clean keys (the tower's class means at the shapes' centres, zeros elsewhere: 146/150 after 4,800 rows)
+# and keeps it on the tower's output (128/150). For the first `scaffold_rows` rows of the mixed stage picture
+# rows read `vision_pretrain.scaffold_features` instead of the tower. 0 (off) until a run with it ships: run 15
+# had none.
+SCAFFOLD_ROWS = 0
 # AdamW's second-moment decay: 0.95 (GPT-3's, nanoGPT's) instead of 0.999 let the decoder learn in-context
 # binding ("The circle is red. ... What color is the circle?") in 4,000 rows instead of never (docs).
 ADAM_BETAS = [0.9, 0.95]
@@ -225,11 +232,22 @@ def copy_example(rng: random.Random) -> dict:
     return world._chat({"role": "user", "content": f"Repeat: {code}"}, f"{code}.")
 
 
-def world_rows(seed: int, processor):
-    """Endless training rows drawn from the world with `seed`."""
+def world_rows(seed: int, processor, means: dict | None = None, scaffold_rows: int = 0, sum_stage: int = SUM_STAGE,
+               first_stage: int = FIRST_STAGE):
+    """Endless training rows drawn from the world with `seed` (`training_examples`); with the tower's `means`
+    (`vision_pretrain.class_means`), picture rows among the first `scaffold_rows` of the mixed stage carry the
+    binding scaffold's image features."""
+    from .vision_pretrain import scaffold_features
+
     rng = random.Random(seed + 1)
-    for example in training_examples(seed):
-        yield encode_example(example, processor, rng)
+    mixed_from = sum_stage + first_stage
+    for index, example in enumerate(training_examples(seed, first_stage=first_stage, sum_stage=sum_stage)):
+        row = encode_example(example, processor, rng)
+        if (means is not None and mixed_from <= index < mixed_from + scaffold_rows and row.image_grid_thw is not None
+                and row.pixel_values_videos is None and example.get("scenes")):
+            row.image_features = np.concatenate([scaffold_features(means, scene, tuple(int(v) for v in grid))
+                                                 for scene, grid in zip(example["scenes"], row.image_grid_thw)])
+        yield row
 
 
 def length_batches(rows, tokens_per_batch: int, pool: int = 64, seed: int = 0):
@@ -281,18 +299,19 @@ def answer_accuracy(logits_fn, rows, batch_size: int = 16) -> float:
 @exact_activations()  # the logged accuracies, like the weights, must not depend on the inference activations
 def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_batch: int = 2048,
                   vision_steps: int = VISION_PRETRAIN_STEPS, vision_weights: Path | None = None,
-                  learning_rate: float = 2e-3, warmup: int = 100, log_every: int = 25, probe_every: int = 100,
+                  scaffold_rows: int = SCAFFOLD_ROWS, learning_rate: float = 2e-3, warmup: int = 100, log_every: int = 25, probe_every: int = 100,
                   progress: bool = True) -> Path:
     """Train the default model into `output` (written atomically: weights, configs, tokenizer, training_log.txt).
     At logging steps that are multiples of `probe_every` (0: never) the log also gets held-out per-skill
     answer accuracy (`answer_accuracy` on `probe_rows`). `vision_weights`: a tower that `pretrain_vision`
-    already trained (with this seed and `vision_steps`) to start from instead of pretraining again."""
+    already trained (with this seed and `vision_steps`) to start from instead of pretraining again.
+    `scaffold_rows`: the binding scaffold's length (SCAFFOLD_ROWS)."""
     import mlx.optimizers as optim
 
     from ..platform import cpu_setup
     from .data import collate
     from .trainer import TrainConfig, Trainer, hidden_states, warmup_cosine
-    from .vision_pretrain import pretrain_vision
+    from .vision_pretrain import class_means, pretrain_vision
 
     if vision_weights and not Path(vision_weights).is_file():
         raise FileNotFoundError(f"--vision-weights: no such file {vision_weights}")
@@ -335,12 +354,17 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
         [optim.AdamW(learning_rate=schedule_for(learning_rate * VISION_LR_SCALE), betas=ADAM_BETAS, weight_decay=0.01),
          optim.AdamW(learning_rate=schedule, betas=ADAM_BETAS, weight_decay=0.01)],
         [lambda path, _: path.startswith("model.visual")])
-    batches = length_batches(world_rows(seed, processor), tokens_per_batch, seed=seed)
+    means = None
+    if scaffold_rows:
+        means = class_means(model.model.visual, processor, seed=seed + 5_000_101)
+        log(f"# binding scaffold: picture rows read the tower's class means for the first {scaffold_rows} rows of "
+            "the mixed stage")
+    batches = length_batches(world_rows(seed, processor, means, scaffold_rows), tokens_per_batch, seed=seed)
     probes = probe_rows(seed, processor) if probe_every else {}
     bar = _bar(steps, progress)
     start, tokens, window = time.perf_counter(), 0, []
     for step in range(1, steps + 1):
-        batch = collate(next(batches), pad_id=0)
+        batch = collate(next(batches), pad_id=0, spatial_merge=VISION_CONFIG["spatial_merge_size"])
         record = trainer.train_step(batch)
         tokens += record["tokens"]
         window.append(record)
@@ -407,14 +431,18 @@ def main(argv=None) -> int:
                         help="steps of vision tower pretraining on the world's labels before the decoder trains")
     parser.add_argument("--vision-weights", help="start from this pretrained tower (safetensors) instead of "
                         "pretraining it again")
+    parser.add_argument("--scaffold-rows", type=int, default=SCAFFOLD_ROWS,
+                        help="rows of the mixed stage whose pictures read the binding scaffold (0: none)")
     args = parser.parse_args(argv)
+    if args.scaffold_rows < 0:
+        parser.error(f"--scaffold-rows {args.scaffold_rows}: a number of rows, 0 or more")
     if args.vision_weights and not Path(args.vision_weights).is_file():
         parser.error(f"--vision-weights: no such file {args.vision_weights}")
     from .. import platform  # noqa: F401  (OpenBLAS before MLX runs anything)
 
     train_default(Path(args.output), seed=args.seed, steps=args.steps, tokens_per_batch=args.tokens_per_batch,
                   learning_rate=args.learning_rate, vision_steps=args.vision_steps,
-                  vision_weights=args.vision_weights)
+                  vision_weights=args.vision_weights, scaffold_rows=args.scaffold_rows)
     print(f"wrote {args.output}")
     return 0
 

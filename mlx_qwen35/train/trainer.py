@@ -133,9 +133,19 @@ def hidden_states(model, batch):
     """Final-normed hidden states [B, L, H] of the batch (images and videos merged into the embeddings)."""
     ids = batch["input_ids"]
     if "pixel_values" in batch or "pixel_values_videos" in batch:
+        encode = None
+        if "image_features" in batch:  # given features replace the tower's output where the mask says
+
+            def encode(pixels, grid):
+                towered = model.model.visual(pixels, grid)
+                if pixels is not batch.get("pixel_values"):
+                    return towered
+                keep = batch["image_features_mask"]
+                return keep * batch["image_features"] + (1 - keep) * towered
+
         embeddings, positions, _ = model.embed_multimodal(
             ids, batch.get("pixel_values"), batch.get("image_grid_thw"), batch.get("pixel_values_videos"),
-            batch.get("video_grid_thw"))
+            batch.get("video_grid_thw"), encode=encode)
         return model.model.language_model(None, None, embeddings, positions)
     return model.model.language_model(ids)
 

@@ -173,3 +173,38 @@ def pretrain_vision(visual, processor, steps: int, seed: int = 0,
                 f"{scores['colour']:.1%}  kind {scores['kind']:.1%}  centre error {scores['centre_error']:.3f}  "
                 f"{time.perf_counter() - start:.0f} s")
     return scores
+
+
+def class_means(visual, processor, pictures: int = 400, seed: int = 5_000_101) -> dict:
+    """The tower's mean output over the shape-centre tokens of `pictures` fresh world pictures, and each kind's
+    and each colour's mean offset from it (row 0, "no shape", zero): the oracle of the binding scaffold in the
+    tower's own directions (`scaffold_features`; docs/default-model.md, "Forming the binding")."""
+    rng, outs, kinds, colours = random.Random(seed), [], [], []
+    for _ in range(pictures):
+        scene = world.random_scene(rng)
+        [(pixels, grid)] = processor.prepare(images=[world.draw(scene)])["image"]
+        grid = tuple(int(v) for v in grid)
+        labels = token_labels([scene], grid)
+        centre = labels["kind"] > 0
+        outs.append(np.array(visual(mx.array(pixels), [grid]), np.float64)[centre])
+        kinds.append(labels["kind"][centre])
+        colours.append(labels["colour"][centre])
+    outs, kinds, colours = np.concatenate(outs), np.concatenate(kinds), np.concatenate(colours)
+    mean = outs.mean(0)
+    offsets = {}
+    for name, labels, count in (("kind", kinds, len(KIND_IDS)), ("colour", colours, len(COLOR_IDS))):
+        offsets[name] = np.zeros((count + 1, outs.shape[1]))
+        for label in range(1, count + 1):
+            offsets[name][label] = outs[labels == label].mean(0) - mean
+    return {"mean": mean.astype(np.float32), "kind": offsets["kind"].astype(np.float32),
+            "colour": offsets["colour"].astype(np.float32)}
+
+
+def scaffold_features(means: dict, scene, grid) -> np.ndarray:
+    """[tokens, out_hidden] for one picture's merged tokens: at each shape's centre token the tower's mean plus
+    that shape's kind and colour offsets (`class_means`), zeros on every other token: clean keys on which the
+    decoder forms choosing a shape by kind or colour, which it then keeps on the tower's own output."""
+    labels = token_labels([scene], grid)
+    centre = (labels["kind"] > 0)[:, None]
+    kinds, colours = np.maximum(labels["kind"], 0), np.maximum(labels["colour"], 0)
+    return np.where(centre, means["mean"] + means["kind"][kinds] + means["colour"][colours], 0).astype(np.float32)
