@@ -34,7 +34,7 @@ class Row:
     pixel_values_videos: np.ndarray | None = None
     video_grid_thw: np.ndarray | None = None
     # [image tokens, hidden]: what the decoder reads at this row's image tokens instead of the tower's output
-    # (the default model's binding scaffold, default_model.scaffold_rows)
+    # (the default model's binding scaffold: train-default --scaffold-rows)
     image_features: np.ndarray | None = None
 
     def __len__(self):

@@ -299,8 +299,8 @@ def answer_accuracy(logits_fn, rows, batch_size: int = 16) -> float:
 @exact_activations()  # the logged accuracies, like the weights, must not depend on the inference activations
 def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_batch: int = 2048,
                   vision_steps: int = VISION_PRETRAIN_STEPS, vision_weights: Path | None = None,
-                  scaffold_rows: int = SCAFFOLD_ROWS, learning_rate: float = 2e-3, warmup: int = 100, log_every: int = 25, probe_every: int = 100,
-                  progress: bool = True) -> Path:
+                  scaffold_rows: int = SCAFFOLD_ROWS, learning_rate: float = 2e-3, warmup: int = 100,
+                  log_every: int = 25, probe_every: int = 100, progress: bool = True) -> Path:
     """Train the default model into `output` (written atomically: weights, configs, tokenizer, training_log.txt).
     At logging steps that are multiples of `probe_every` (0: never) the log also gets held-out per-skill
     answer accuracy (`answer_accuracy` on `probe_rows`). `vision_weights`: a tower that `pretrain_vision`

@@ -138,7 +138,7 @@ def hidden_states(model, batch):
 
             def encode(pixels, grid):
                 towered = model.model.visual(pixels, grid)
-                if pixels is not batch.get("pixel_values"):
+                if pixels is not batch.get("pixel_values"):  # embed_multimodal encodes the videos apart
                     return towered
                 keep = batch["image_features_mask"]
                 return keep * batch["image_features"] + (1 - keep) * towered
