@@ -238,8 +238,10 @@ def test_lora_teaches_a_new_colour_name(monkeypatch):
     rows = encode_all(train, processor, enable_thinking=True)
     apply_lora(model, rank=8, alpha=16.0, seed=0)
     # 120 steps: after 60 the adapter sat on the boundary, 35 or 75 % right depending only on float summation
-    # order (OpenBLAS sgemv or sgemm for the one-column shared-expert gate); after 120, 80-85 % on both.
-    trainer = Trainer(model, rows, TrainConfig(steps=120, batch_size=8, learning_rate=2e-3, progress=False, seed=1))
+    # order (OpenBLAS sgemv or sgemm for the one-column shared-expert gate); after 120, 80-85 % on both. At 2e-3
+    # (a constant rate) the loss did not settle on an AVX-512 machine (0.5-0.6 over the last 20 steps, teal 0 %
+    # right; 0.44-0.58 after 240 steps); at 1e-3 it falls to 0.17 by step 100 there.
+    trainer = Trainer(model, rows, TrainConfig(steps=120, batch_size=8, learning_rate=1e-3, progress=False, seed=1))
     trainer.fit()
     model.eval()
 
