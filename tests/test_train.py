@@ -623,5 +623,7 @@ def test_given_image_features_replace_the_towers_output_only_in_their_rows(proce
             expected = model.model.language_model(None, None, embeddings, positions)
         np.testing.assert_allclose(together[i, :len(row)], np.array(expected)[0], atol=2e-5)
     first = collate([rows[0]])
+    only_given = np.array(hidden_states(model, first))  # every picture of the batch given
+    np.testing.assert_allclose(only_given[0], together[0, :len(rows[0])], atol=2e-5)
     towered = np.array(model.model.visual(first["pixel_values"], first["image_grid_thw"]))
     assert np.abs(towered - given).max() > 0.1  # what the first row reads did change

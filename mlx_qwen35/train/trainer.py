@@ -137,11 +137,12 @@ def hidden_states(model, batch):
         if "image_features" in batch:  # given features replace the tower's output where the mask says
 
             def encode(pixels, grid):
-                towered = model.model.visual(pixels, grid)
                 if pixels is not batch.get("pixel_values"):  # embed_multimodal encodes the videos apart
-                    return towered
+                    return model.model.visual(pixels, grid)
                 keep = batch["image_features_mask"]
-                return keep * batch["image_features"] + (1 - keep) * towered
+                if bool(keep.min() == 1):  # every picture given: the tower's output would be thrown away
+                    return batch["image_features"]
+                return keep * batch["image_features"] + (1 - keep) * model.model.visual(pixels, grid)
 
         embeddings, positions, _ = model.embed_multimodal(
             ids, batch.get("pixel_values"), batch.get("image_grid_thw"), batch.get("pixel_values_videos"),
