@@ -89,8 +89,8 @@ VISION_MAX_SHAPES = 4
 # several shapes by kind on the tower's output (84-94/150 colour questions in probes, whatever was tried), forms
 # it on clean keys (the tower's class means at the shapes' centres, zeros elsewhere: 146/150 after 4,800 rows)
 # and keeps it on the tower's output (128/150). For the first `scaffold_rows` rows of the mixed stage picture
-# rows read `vision_pretrain.scaffold_features` instead of the tower. 0 (off) until a run with it ships: run 15
-# had none.
+# rows read `vision_pretrain.scaffold_features` instead of the tower. Off: in the full recipe (run 18, 10,000
+# rows) it helped the shape question by 7 points, not colour, and that run lost its tool calls; run 15 had none.
 SCAFFOLD_ROWS = 0
 # AdamW's second-moment decay: 0.95 (GPT-3's, nanoGPT's) instead of 0.999 let the decoder learn in-context
 # binding ("The circle is red. ... What color is the circle?") in 4,000 rows instead of never (docs).
