@@ -296,30 +296,6 @@ def test_curriculum_text_rows_copy_then_recall_growing_from_one_fact():
     assert max(len(r["messages"][0]["content"].split()) for r in late) > 300
 
 
-def test_city_copies_repeat_tool_cities_in_about_half_the_copy_rows():
-    """With city_copies the copy rows of the first stage and the mix repeat a tool city (answered with that city)
-    about half the time and a four-digit code otherwise; without it they are codes only."""
-    from mlx_qwen35.train import world
-    from mlx_qwen35.train.default_model import training_examples
-
-    def copied(city_copies):
-        rows = itertools.islice(training_examples(seed=9, first_stage=400, curriculum=10, sum_stage=0,
-                                                  city_copies=city_copies), 2000)
-        items = []
-        for row in rows:
-            content = row["messages"][0]["content"]
-            if isinstance(content, str) and content.startswith("Repeat: "):
-                items.append(content[len("Repeat: "):])
-                assert row["messages"][1]["content"] == items[-1] + "."
-        return items
-
-    plain, with_cities = copied(False), copied(True)
-    assert len(plain) >= 100 and all(re.fullmatch(r"\d{4}", item) for item in plain)
-    cities = [item for item in with_cities if item in world.CITIES]
-    assert all(item in world.CITIES or re.fullmatch(r"\d{4}", item) for item in with_cities)
-    assert 0.35 < len(cities) / len(with_cities) < 0.65 and set(cities) == set(world.CITIES)
-
-
 def test_curriculum_starts_with_the_sum_stage_alone():
     """The curriculum opens with `sum_stage` sums and nothing else, each answer the true sum; then the first
     stage's rows in their cycle (a large shape's colour, a code to repeat, a sum, a large shape crossing a

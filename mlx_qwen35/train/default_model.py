@@ -92,12 +92,6 @@ VISION_MAX_SHAPES = 4
 # rows read `vision_pretrain.scaffold_features` instead of the tower. Off: in the full recipe (run 18, 10,000
 # rows) it helped the shape question by 7 points, not colour, and that run lost its tool calls; run 15 had none.
 SCAFFOLD_ROWS = 0
-# A tool call copies the asked city into its argument, and the world tokenizer splits " Lima" (the question's word)
-# and "Lima" (the call's "<parameter=city>\nLima\n") into different tokens, so the copy is a learned translation
-# per city, unlike add()'s digits, which are the same tokens in both. Runs 16 and 18 never learned it (every wrong
-# call names "Paris" or "Oslo"; add() 100 %); run 15 did. With CITY_COPIES half the copy rows repeat a city
-# ("Repeat: Lima" -> "Lima."), that same translation. Off until a run with it ships: run 15 had none.
-CITY_COPIES = False
 # AdamW's second-moment decay: 0.95 (GPT-3's, nanoGPT's) instead of 0.999 let the decoder learn in-context
 # binding ("The circle is red. ... What color is the circle?") in 4,000 rows instead of never (docs).
 ADAM_BETAS = [0.9, 0.95]
@@ -195,20 +189,19 @@ def encode_example(example, processor, rng: random.Random):
 
 
 def training_examples(seed: int, first_stage: int = FIRST_STAGE, curriculum: int = CURRICULUM_EXAMPLES,
-                      sum_stage: int = SUM_STAGE, city_copies: bool = CITY_COPIES):
+                      sum_stage: int = SUM_STAGE):
     """The training curriculum: `sum_stage` sums alone; then `first_stage` rows that cycle through "What color
     is the {shape}?" about one large shape, a code to repeat, a sum and the direction of one large shape
     crossing a video; then the world's examples drawn with TRAIN_MIX, image rows as 1-IMAGE_TURNS question
     conversations whose scenes (and videos) grow to the world's (growth 0 to 1) over the next `curriculum` mixed
-    rows, as recall passages grow from one fact to 1-4 and to RECALL_MAX_TOKENS. `city_copies`: CITY_COPIES."""
+    rows, as recall passages grow from one fact to 1-4 and to RECALL_MAX_TOKENS."""
 
     from . import world
 
     rng = random.Random(seed)
-    copy_example_ = partial(copy_example, cities=city_copies)
-    generators = dict(world.GENERATORS, copy=copy_example_,
+    generators = dict(world.GENERATORS, copy=copy_example,
                       tool=lambda rng: world.tool_example(rng, turns=rng.randint(1, TOOL_TURNS)))
-    first = [partial(world.image_example, question=world.ask_color, growth=0.0), copy_example_, world.sum_example,
+    first = [partial(world.image_example, question=world.ask_color, growth=0.0), copy_example, world.sum_example,
              partial(world.video_example, growth=0.0)]
     kinds, weights = list(TRAIN_MIX), list(TRAIN_MIX.values())
     for _ in range(sum_stage):
@@ -230,30 +223,25 @@ def training_examples(seed: int, first_stage: int = FIRST_STAGE, curriculum: int
             yield generators[kind](rng)
 
 
-def copy_example(rng: random.Random, cities: bool = False) -> dict:
+def copy_example(rng: random.Random) -> dict:
     """"Repeat: DDDD" -> "DDDD.": a curriculum row, not a world question. Copying a code is what recall
-    answers with; learned alone it is what lets recall start (docs/default-model.md). With `cities`, half the
-    rows repeat a tool city instead ("Repeat: Lima" -> "Lima.", CITY_COPIES)."""
+    answers with; learned alone it is what lets recall start (docs/default-model.md)."""
     from . import world
 
-    if cities and rng.random() < 0.5:
-        item = rng.choice(list(world.CITIES))
-    else:
-        item = f"{rng.randint(0, 9999):04d}"
-    return world._chat({"role": "user", "content": f"Repeat: {item}"}, f"{item}.")
+    code = f"{rng.randint(0, 9999):04d}"
+    return world._chat({"role": "user", "content": f"Repeat: {code}"}, f"{code}.")
 
 
 def world_rows(seed: int, processor, means: dict | None = None, scaffold_rows: int = 0, sum_stage: int = SUM_STAGE,
-               first_stage: int = FIRST_STAGE, city_copies: bool = CITY_COPIES):
+               first_stage: int = FIRST_STAGE):
     """Endless training rows drawn from the world with `seed` (`training_examples`); with the tower's `means`
     (`vision_pretrain.class_means`), picture rows among the first `scaffold_rows` of the mixed stage carry the
-    binding scaffold's image features; `city_copies`: CITY_COPIES."""
+    binding scaffold's image features."""
     from .vision_pretrain import scaffold_features
 
     rng = random.Random(seed + 1)
     mixed_from = sum_stage + first_stage
-    for index, example in enumerate(training_examples(seed, first_stage=first_stage, sum_stage=sum_stage,
-                                                                   city_copies=city_copies)):
+    for index, example in enumerate(training_examples(seed, first_stage=first_stage, sum_stage=sum_stage)):
         row = encode_example(example, processor, rng)
         if (means is not None and mixed_from <= index < mixed_from + scaffold_rows and row.image_grid_thw is not None
                 and row.pixel_values_videos is None and example.get("scenes")):
@@ -311,14 +299,13 @@ def answer_accuracy(logits_fn, rows, batch_size: int = 16) -> float:
 @exact_activations()  # the logged accuracies, like the weights, must not depend on the inference activations
 def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_batch: int = 2048,
                   vision_steps: int = VISION_PRETRAIN_STEPS, vision_weights: Path | None = None,
-                  scaffold_rows: int = SCAFFOLD_ROWS, city_copies: bool = CITY_COPIES, learning_rate: float = 2e-3,
-                  warmup: int = 100,
+                  scaffold_rows: int = SCAFFOLD_ROWS, learning_rate: float = 2e-3, warmup: int = 100,
                   log_every: int = 25, probe_every: int = 100, progress: bool = True) -> Path:
     """Train the default model into `output` (written atomically: weights, configs, tokenizer, training_log.txt).
     At logging steps that are multiples of `probe_every` (0: never) the log also gets held-out per-skill
     answer accuracy (`answer_accuracy` on `probe_rows`). `vision_weights`: a tower that `pretrain_vision`
     already trained (with this seed and `vision_steps`) to start from instead of pretraining again.
-    `scaffold_rows`: the binding scaffold's length (SCAFFOLD_ROWS); `city_copies`: CITY_COPIES."""
+    `scaffold_rows`: the binding scaffold's length (SCAFFOLD_ROWS)."""
     import mlx.optimizers as optim
 
     from ..platform import cpu_setup
@@ -372,10 +359,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
         means = class_means(model.model.visual, processor, seed=seed + 5_000_101)
         log(f"# binding scaffold: picture rows read the tower's class means for the first {scaffold_rows} rows of "
             "the mixed stage")
-    if city_copies:
-        log("# city copies: half the copy rows repeat a tool city")
-    batches = length_batches(world_rows(seed, processor, means, scaffold_rows, city_copies=city_copies),
-                             tokens_per_batch, seed=seed)
+    batches = length_batches(world_rows(seed, processor, means, scaffold_rows), tokens_per_batch, seed=seed)
     probes = probe_rows(seed, processor) if probe_every else {}
     bar = _bar(steps, progress)
     start, tokens, window = time.perf_counter(), 0, []
@@ -449,8 +433,6 @@ def main(argv=None) -> int:
                         "pretraining it again")
     parser.add_argument("--scaffold-rows", type=int, default=SCAFFOLD_ROWS,
                         help="rows of the mixed stage whose pictures read the binding scaffold (0: none)")
-    parser.add_argument("--city-copies", action=argparse.BooleanOptionalAction, default=CITY_COPIES,
-                        help="half the copy rows repeat a tool city (the call's token translation)")
     args = parser.parse_args(argv)
     if args.scaffold_rows < 0:
         parser.error(f"--scaffold-rows {args.scaffold_rows}: a number of rows, 0 or more")
@@ -460,8 +442,7 @@ def main(argv=None) -> int:
 
     train_default(Path(args.output), seed=args.seed, steps=args.steps, tokens_per_batch=args.tokens_per_batch,
                   learning_rate=args.learning_rate, vision_steps=args.vision_steps,
-                  vision_weights=args.vision_weights, scaffold_rows=args.scaffold_rows,
-                  city_copies=args.city_copies)
+                  vision_weights=args.vision_weights, scaffold_rows=args.scaffold_rows)
     print(f"wrote {args.output}")
     return 0
 
