@@ -197,6 +197,7 @@ def main():
     parser.add_argument("--every", type=int, default=50)
     parser.add_argument("--held-out", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0, help="the model's initialisation and the training rows")
+    parser.add_argument("--city-words", action="store_true", help="the world tokenizer splits cities off their space")
     args = parser.parse_args()
 
     progress = [0]
@@ -273,8 +274,9 @@ def main():
 
     dm.TEXT_CONFIG.update(num_hidden_layers=args.layers, full_attention_interval=args.attention_interval)
     dm.TEXT_CONFIG["rope_parameters"] = dict(dm.TEXT_CONFIG["rope_parameters"], rope_theta=args.rope_theta)
-    skeleton = Path(f"/tmp/probe-default-model-{args.layers}-{args.attention_interval}-{args.rope_theta:g}")
-    _, processor = dm.write_skeleton(skeleton, seed=0)
+    skeleton = Path(f"/tmp/probe-default-model-{args.layers}-{args.attention_interval}-{args.rope_theta:g}"
+                    + "-cities" * args.city_words)
+    _, processor = dm.write_skeleton(skeleton, seed=0, city_words=args.city_words)
     model = dm.build_model(skeleton, seed=args.seed)
     if args.mimetic:
         mimetic_attention(model)

@@ -63,6 +63,23 @@ def test_world_tokenizer_round_trips_chat_text_and_splits_digits(world_tokenizer
     assert tokenizer.decode(tokenizer.encode("Grüße, 東京!", add_special_tokens=False)) == "Grüße, 東京!"  # bytes
 
 
+@pytest.mark.parametrize("whole_words", [False, True])
+def test_world_tokenizer_city_in_question_and_tool_call(whole_words):
+    """Qwen's regex gives a city after a space (the question) other tokens than after a newline (the call's
+    argument); with the cities as whole words both are the same tokens, and text still round-trips."""
+    from mlx_qwen35.train.world_tokenizer import train_world_tokenizer
+
+    tokenizer, _ = train_world_tokenizer(count=500, whole_words=tuple(world.CITIES) if whole_words else ())
+    for city in world.CITIES:
+        question = tokenizer.encode(f"What is the weather in {city}?").ids
+        call = tokenizer.encode(f"<parameter=city>\n{city}\n</parameter>").ids
+        alone = tokenizer.encode(city).ids
+        inside = [any(ids[i:i + len(alone)] == alone for i in range(len(ids))) for ids in (question, call)]
+        assert inside == [whole_words, True], city
+        text = f"The weather in {city} is {world.CITIES[city]}."
+        assert tokenizer.decode(tokenizer.encode(text).ids) == text
+
+
 def test_special_ids_of_the_full_qwen_tokenizer(tmp_path):
     tokenizer = load_tokenizer(write_tokenizer_files(tmp_path))
     ids = dict((text, token_id) for token_id, text in QWEN3_5_SPECIAL_TOKENS)

@@ -92,19 +92,27 @@ VISION_MAX_SHAPES = 4
 # rows read `vision_pretrain.scaffold_features` instead of the tower. Off: in the full recipe (run 18, 10,000
 # rows) it helped the shape question by 7 points, not colour, and that run lost its tool calls; run 15 had none.
 SCAFFOLD_ROWS = 0
+# The tool call writes its city after a newline ("<parameter=city>\nLima"), the question after a space (" Lima"):
+# two tokens of Qwen's pre-tokenisation, so a call must translate each city while add()'s digits are the same
+# tokens in both places (calls 98/98 in every run). Runs 16 and 18 never learned the translation (a call for
+# "Paris" whatever was asked), run 15 did; our reading: attending to the city earns nothing until the
+# translation exists, and the reverse, so it forms by chance. With CITY_WORDS the world tokenizer splits the
+# world's cities off their leading space, so the call copies the question's own token (docs/default-model.md).
+CITY_WORDS = False
 # AdamW's second-moment decay: 0.95 (GPT-3's, nanoGPT's) instead of 0.999 let the decoder learn in-context
 # binding ("The circle is red. ... What color is the circle?") in 4,000 rows instead of never (docs).
 ADAM_BETAS = [0.9, 0.95]
 
 
-def write_skeleton(directory: Path, seed: int) -> tuple[dict, object]:
-    """config.json, preprocessor configs and the world tokenizer in `directory`; returns (config dict,
-    processor)."""
+def write_skeleton(directory: Path, seed: int, city_words: bool = CITY_WORDS) -> tuple[dict, object]:
+    """config.json, preprocessor configs and the world tokenizer (`city_words`: CITY_WORDS) in `directory`;
+    returns (config dict, processor)."""
     from ..loading import load_processor
     from ..tokenizer import write_tokenizer_files
+    from . import world
     from .world_tokenizer import train_world_tokenizer
 
-    tokenizer, added = train_world_tokenizer(seed=seed)
+    tokenizer, added = train_world_tokenizer(seed=seed, whole_words=tuple(world.CITIES) if city_words else ())
     ids = {text: token_id for token_id, text, _ in added}
     text_config = dict(TEXT_CONFIG, eos_token_id=ids["<|im_end|>"])
     if tokenizer.get_vocab_size() > text_config["vocab_size"]:
@@ -299,13 +307,13 @@ def answer_accuracy(logits_fn, rows, batch_size: int = 16) -> float:
 @exact_activations()  # the logged accuracies, like the weights, must not depend on the inference activations
 def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_batch: int = 2048,
                   vision_steps: int = VISION_PRETRAIN_STEPS, vision_weights: Path | None = None,
-                  scaffold_rows: int = SCAFFOLD_ROWS, learning_rate: float = 2e-3, warmup: int = 100,
-                  log_every: int = 25, probe_every: int = 100, progress: bool = True) -> Path:
+                  scaffold_rows: int = SCAFFOLD_ROWS, city_words: bool = CITY_WORDS, learning_rate: float = 2e-3,
+                  warmup: int = 100, log_every: int = 25, probe_every: int = 100, progress: bool = True) -> Path:
     """Train the default model into `output` (written atomically: weights, configs, tokenizer, training_log.txt).
     At logging steps that are multiples of `probe_every` (0: never) the log also gets held-out per-skill
     answer accuracy (`answer_accuracy` on `probe_rows`). `vision_weights`: a tower that `pretrain_vision`
     already trained (with this seed and `vision_steps`) to start from instead of pretraining again.
-    `scaffold_rows`: the binding scaffold's length (SCAFFOLD_ROWS)."""
+    `scaffold_rows`: the binding scaffold's length (SCAFFOLD_ROWS); `city_words`: CITY_WORDS."""
     import mlx.optimizers as optim
 
     from ..platform import cpu_setup
@@ -319,12 +327,12 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     output = Path(output)
     partial = output.with_name(output.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    config, processor = write_skeleton(partial, seed)
+    config, processor = write_skeleton(partial, seed, city_words)
     model = build_model(partial, seed)
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     log_lines = [f"# mlx-qwen35 train-default: seed {seed}, {vision_steps} vision pretraining steps, {steps} steps "
                  f"of ~{tokens_per_batch} tokens, peak lr {learning_rate}, {n_params / 1e6:.2f}M parameters, "
-                 f"{cpu_setup()}"]
+                 f"{cpu_setup()}" + (", cities as words of their own in the tokenizer" if city_words else "")]
     print(log_lines[0], file=sys.stderr)
 
     def log(line):
@@ -433,6 +441,8 @@ def main(argv=None) -> int:
                         "pretraining it again")
     parser.add_argument("--scaffold-rows", type=int, default=SCAFFOLD_ROWS,
                         help="rows of the mixed stage whose pictures read the binding scaffold (0: none)")
+    parser.add_argument("--city-words", action=argparse.BooleanOptionalAction, default=CITY_WORDS,
+                        help="the world tokenizer splits city names off their leading space (CITY_WORDS)")
     args = parser.parse_args(argv)
     if args.scaffold_rows < 0:
         parser.error(f"--scaffold-rows {args.scaffold_rows}: a number of rows, 0 or more")
@@ -442,7 +452,8 @@ def main(argv=None) -> int:
 
     train_default(Path(args.output), seed=args.seed, steps=args.steps, tokens_per_batch=args.tokens_per_batch,
                   learning_rate=args.learning_rate, vision_steps=args.vision_steps,
-                  vision_weights=args.vision_weights, scaffold_rows=args.scaffold_rows)
+                  vision_weights=args.vision_weights, scaffold_rows=args.scaffold_rows,
+                  city_words=args.city_words)
     print(f"wrote {args.output}")
     return 0
 

