@@ -66,18 +66,21 @@ def test_world_tokenizer_round_trips_chat_text_and_splits_digits(world_tokenizer
 @pytest.mark.parametrize("whole_words", [False, True])
 def test_world_tokenizer_city_in_question_and_tool_call(whole_words):
     """Qwen's regex gives a city after a space (the question) other tokens than after a newline (the call's
-    argument); with the cities as whole words both are the same tokens, and text still round-trips."""
+    argument, as the chat template renders it); with the cities as whole words both are the same tokens, and
+    the text still round-trips."""
     from mlx_qwen35.train.world_tokenizer import train_world_tokenizer
 
     tokenizer, _ = train_world_tokenizer(count=500, whole_words=tuple(world.CITIES) if whole_words else ())
     for city in world.CITIES:
-        question = tokenizer.encode(f"What is the weather in {city}?").ids
-        call = tokenizer.encode(f"<parameter=city>\n{city}\n</parameter>").ids
-        alone = tokenizer.encode(city).ids
-        inside = [any(ids[i:i + len(alone)] == alone for i in range(len(ids))) for ids in (question, call)]
-        assert inside == [whole_words, True], city
-        text = f"The weather in {city} is {world.CITIES[city]}."
-        assert tokenizer.decode(tokenizer.encode(text).ids) == text
+        call = {"name": "get_weather", "arguments": {"city": city}}
+        turns = [{"role": "user", "content": f"What is the weather in {city}?"},
+                 {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": call}]}]
+        text = render_chat(turns, tools=world.TOOLS, add_generation_prompt=False)
+        assert f"<parameter=city>\n{city}\n" in text
+        ids, alone = tokenizer.encode(text).ids, tokenizer.encode(city).ids
+        places = sum(ids[i:i + len(alone)] == alone for i in range(len(ids)))
+        assert places == (2 if whole_words else 1), city  # the question's and the call's, or the call's alone
+        assert tokenizer.decode(ids, skip_special_tokens=False) == text
 
 
 def test_special_ids_of_the_full_qwen_tokenizer(tmp_path):
