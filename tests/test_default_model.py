@@ -316,11 +316,11 @@ def test_train_default_writes_weights_and_a_log_with_held_out_checks(tmp_path):
     from mlx_qwen35.train.default_model import train_default
 
     output = train_default(tmp_path / "model", steps=2, tokens_per_batch=512, warmup=1, log_every=1,
-                           probe_every=2, progress=False, vision_steps=2, scaffold_rows=100)
+                           probe_every=2, progress=False, vision_steps=2, scaffold_rows=100, tool_tail=1)
     assert not (tmp_path / "model.partial").exists()
     log = (output / "training_log.txt").read_text()
     assert "vision step    2" in log and "step     2" in log and "held-out answers right: color" in log
-    assert "binding scaffold" in log
+    assert "binding scaffold" in log and "the last 1 steps tool-heavy" in log
     model, processor = load(output)
     assert processor.tokenizer.encode("red") and model.config.text_config.num_experts == 8
 
@@ -351,6 +351,11 @@ def test_train_default_refuses_a_missing_vision_tower_before_writing(tmp_path, c
     with pytest.raises(SystemExit):
         main(["--output", str(tmp_path / "model"), "--vision-weights", str(tmp_path / "nope.safetensors")])
     assert "--vision-weights: no such file" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"tool_tail 5: a number of steps from 0 to steps \(4\)"):
+        train_default(tmp_path / "model", steps=4, tool_tail=5)
+    with pytest.raises(SystemExit):
+        main(["--output", str(tmp_path / "model"), "--steps", "4", "--tool-tail", "-1"])
+    assert "--tool-tail -1: a number of steps from 0 to --steps (4)" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
     import mlx.core as mx
 

@@ -627,3 +627,28 @@ def test_given_image_features_replace_the_towers_output_only_in_their_rows(proce
     np.testing.assert_allclose(only_given[0], together[0, :len(rows[0])], atol=2e-5)
     towered = np.array(model.model.visual(first["pixel_values"], first["image_grid_thw"]))
     assert np.abs(towered - given).max() > 0.1  # what the first row reads did change
+
+
+def test_the_tool_heavy_tail_draws_tool_rows_at_its_share_from_full_grown_scenes():
+    """`mix` sets the mixed stage's kinds: with TOOL_TAIL_MIX (no stages, curriculum 0, as the tail draws it)
+    about 0.4/1.3 of the rows are tool conversations with the tools declared, where TRAIN_MIX gives about
+    0.1; picture rows are the world's full-size scenes from the first row."""
+    from mlx_qwen35.train.default_model import TOOL_TAIL_MIX, TRAIN_MIX, training_examples
+
+    def tool_share(mix):
+        rows = list(itertools.islice(training_examples(seed=9, first_stage=0, curriculum=0, sum_stage=0, mix=mix),
+                                     1500))
+        tools = [r for r in rows if r.get("tools")]
+        assert all(any(m.get("tool_calls") for m in r["messages"]) for r in tools)
+        return len(tools) / len(rows), rows
+
+    tail, rows = tool_share(TOOL_TAIL_MIX)
+    plain, _ = tool_share(TRAIN_MIX)
+    expected = TOOL_TAIL_MIX["tool"] / sum(TOOL_TAIL_MIX.values())
+    assert abs(tail - expected) < 4 * (expected * (1 - expected) / 1500) ** 0.5  # four standard deviations
+    assert abs(plain - TRAIN_MIX["tool"]) < 0.04
+    for row in rows[:40]:
+        for scene in row.get("scenes") or []:
+            side = min(scene.width, scene.height)
+            for *_, x0, x1 in components(world.draw(scene)):
+                assert x1 - x0 <= 2 * max(6, round(side / 6)) + 1

@@ -100,6 +100,13 @@ SCAFFOLD_ROWS = 0
 # world's cities off their leading space, so the call copies the question's own token. Off: run 19 with it
 # called seven cities right and London never (93 %); more tool rows mended that in a continuation (docs).
 CITY_WORDS = False
+# A tool-heavy tail: the last `tool_tail` steps draw a fresh full-growth stream (world seed + TOOL_TAIL_SEED) with
+# TOOL_TAIL_MIX, tools about 31 % of the rows instead of 9 %. Run 19's weather calls were still improving at its
+# end (held-out tool lines 75-81 %), and 200 such steps after it called London, its one failing city, 13/13
+# (a continuation, docs). Off: no full run with it yet.
+TOOL_TAIL_STEPS = 0
+TOOL_TAIL_MIX = dict(TRAIN_MIX, tool=0.40)
+TOOL_TAIL_SEED = 99
 # AdamW's second-moment decay: 0.95 (GPT-3's, nanoGPT's) instead of 0.999 let the decoder learn in-context
 # binding ("The circle is red. ... What color is the circle?") in 4,000 rows instead of never (docs).
 ADAM_BETAS = [0.9, 0.95]
@@ -198,10 +205,10 @@ def encode_example(example, processor, rng: random.Random):
 
 
 def training_examples(seed: int, first_stage: int = FIRST_STAGE, curriculum: int = CURRICULUM_EXAMPLES,
-                      sum_stage: int = SUM_STAGE):
+                      sum_stage: int = SUM_STAGE, mix: dict = TRAIN_MIX):
     """The training curriculum: `sum_stage` sums alone; then `first_stage` rows that cycle through "What color
     is the {shape}?" about one large shape, a code to repeat, a sum and the direction of one large shape
-    crossing a video; then the world's examples drawn with TRAIN_MIX, image rows as 1-IMAGE_TURNS question
+    crossing a video; then the world's examples drawn with `mix` (TRAIN_MIX), image rows as 1-IMAGE_TURNS question
     conversations whose scenes (and videos) grow to the world's (growth 0 to 1) over the next `curriculum` mixed
     rows, as recall passages grow from one fact to 1-4 and to RECALL_MAX_TOKENS."""
 
@@ -212,7 +219,7 @@ def training_examples(seed: int, first_stage: int = FIRST_STAGE, curriculum: int
                       tool=lambda rng: world.tool_example(rng, turns=rng.randint(1, TOOL_TURNS)))
     first = [partial(world.image_example, question=world.ask_color, growth=0.0), copy_example, world.sum_example,
              partial(world.video_example, growth=0.0)]
-    kinds, weights = list(TRAIN_MIX), list(TRAIN_MIX.values())
+    kinds, weights = list(mix), list(mix.values())
     for _ in range(sum_stage):
         yield world.sum_example(rng)
     for drawn in range(first_stage):
@@ -242,7 +249,7 @@ def copy_example(rng: random.Random) -> dict:
 
 
 def world_rows(seed: int, processor, means: dict | None = None, scaffold_rows: int = 0, sum_stage: int = SUM_STAGE,
-               first_stage: int = FIRST_STAGE):
+               first_stage: int = FIRST_STAGE, curriculum: int = CURRICULUM_EXAMPLES, mix: dict = TRAIN_MIX):
     """Endless training rows drawn from the world with `seed` (`training_examples`); with the tower's `means`
     (`vision_pretrain.class_means`), picture rows among the first `scaffold_rows` of the mixed stage carry the
     binding scaffold's image features."""
@@ -250,7 +257,8 @@ def world_rows(seed: int, processor, means: dict | None = None, scaffold_rows: i
 
     rng = random.Random(seed + 1)
     mixed_from = sum_stage + first_stage
-    for index, example in enumerate(training_examples(seed, first_stage=first_stage, sum_stage=sum_stage)):
+    examples = training_examples(seed, first_stage=first_stage, curriculum=curriculum, sum_stage=sum_stage, mix=mix)
+    for index, example in enumerate(examples):
         row = encode_example(example, processor, rng)
         if (means is not None and mixed_from <= index < mixed_from + scaffold_rows and row.image_grid_thw is not None
                 and row.pixel_values_videos is None and example.get("scenes")):
@@ -308,13 +316,15 @@ def answer_accuracy(logits_fn, rows, batch_size: int = 16) -> float:
 @exact_activations()  # the logged accuracies, like the weights, must not depend on the inference activations
 def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_batch: int = 2048,
                   vision_steps: int = VISION_PRETRAIN_STEPS, vision_weights: Path | None = None,
-                  scaffold_rows: int = SCAFFOLD_ROWS, city_words: bool = CITY_WORDS, learning_rate: float = 2e-3,
+                  scaffold_rows: int = SCAFFOLD_ROWS, city_words: bool = CITY_WORDS,
+                  tool_tail: int = TOOL_TAIL_STEPS, learning_rate: float = 2e-3,
                   warmup: int = 100, log_every: int = 25, probe_every: int = 100, progress: bool = True) -> Path:
     """Train the default model into `output` (written atomically: weights, configs, tokenizer, training_log.txt).
     At logging steps that are multiples of `probe_every` (0: never) the log also gets held-out per-skill
     answer accuracy (`answer_accuracy` on `probe_rows`). `vision_weights`: a tower that `pretrain_vision`
     already trained (with this seed and `vision_steps`) to start from instead of pretraining again.
-    `scaffold_rows`: the binding scaffold's length (SCAFFOLD_ROWS); `city_words`: CITY_WORDS."""
+    `scaffold_rows`: the binding scaffold's length (SCAFFOLD_ROWS); `city_words`: CITY_WORDS; `tool_tail`: the
+    tool-heavy tail's steps (TOOL_TAIL_STEPS), taken from `steps`."""
     import mlx.optimizers as optim
 
     from ..platform import cpu_setup
@@ -324,6 +334,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
 
     if vision_weights and not Path(vision_weights).is_file():
         raise FileNotFoundError(f"--vision-weights: no such file {vision_weights}")
+    if not 0 <= tool_tail <= steps:
+        raise ValueError(f"tool_tail {tool_tail}: a number of steps from 0 to steps ({steps})")
     run_start = time.perf_counter()
     output = Path(output)
     partial = output.with_name(output.name + ".partial")
@@ -333,7 +345,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     log_lines = [f"# mlx-qwen35 train-default: seed {seed}, {vision_steps} vision pretraining steps, {steps} steps "
                  f"of ~{tokens_per_batch} tokens, peak lr {learning_rate}, {n_params / 1e6:.2f}M parameters, "
-                 f"{cpu_setup()}" + (", cities as words of their own in the tokenizer" if city_words else "")]
+                 f"{cpu_setup()}" + (", cities as words of their own in the tokenizer" if city_words else "")
+                 + (f", the last {tool_tail} steps tool-heavy (TOOL_TAIL_MIX)" if tool_tail else "")]
     print(log_lines[0], file=sys.stderr)
 
     def log(line):
@@ -373,6 +386,9 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     bar = _bar(steps, progress)
     start, tokens, window = time.perf_counter(), 0, []
     for step in range(1, steps + 1):
+        if step == steps - tool_tail + 1:
+            batches = length_batches(world_rows(seed + TOOL_TAIL_SEED, processor, sum_stage=0, first_stage=0,
+                                                curriculum=0, mix=TOOL_TAIL_MIX), tokens_per_batch, seed=seed)
         batch = collate(next(batches), pad_id=0, spatial_merge=VISION_CONFIG["spatial_merge_size"])
         record = trainer.train_step(batch)
         tokens += record["tokens"]
@@ -444,9 +460,13 @@ def main(argv=None) -> int:
                         help="rows of the mixed stage whose pictures read the binding scaffold (0: none)")
     parser.add_argument("--city-words", action=argparse.BooleanOptionalAction, default=CITY_WORDS,
                         help="the world tokenizer splits city names off their leading space (CITY_WORDS)")
+    parser.add_argument("--tool-tail", type=int, default=TOOL_TAIL_STEPS,
+                        help="the last steps draw a tool-heavy mix (TOOL_TAIL_MIX; 0: none)")
     args = parser.parse_args(argv)
     if args.scaffold_rows < 0:
         parser.error(f"--scaffold-rows {args.scaffold_rows}: a number of rows, 0 or more")
+    if not 0 <= args.tool_tail <= args.steps:
+        parser.error(f"--tool-tail {args.tool_tail}: a number of steps from 0 to --steps ({args.steps})")
     if args.vision_weights and not Path(args.vision_weights).is_file():
         parser.error(f"--vision-weights: no such file {args.vision_weights}")
     from .. import platform  # noqa: F401  (OpenBLAS before MLX runs anything)
@@ -454,7 +474,7 @@ def main(argv=None) -> int:
     train_default(Path(args.output), seed=args.seed, steps=args.steps, tokens_per_batch=args.tokens_per_batch,
                   learning_rate=args.learning_rate, vision_steps=args.vision_steps,
                   vision_weights=args.vision_weights, scaffold_rows=args.scaffold_rows,
-                  city_words=args.city_words)
+                  city_words=args.city_words, tool_tail=args.tool_tail)
     print(f"wrote {args.output}")
     return 0
 
