@@ -83,28 +83,29 @@ VISION_PRETRAIN_STEPS = 3000
 VISION_LR_SCALE = 0.1
 # Pictures of up to 8 shapes (vision_pretrain.picture_item's `max_shapes`) gave the tower 82 % kind against 79 %
 # with the world's 1-4; run 16 took them, answered the shape question better and lost its tool calls (67 %), so
-# the shipped run 15 keeps 4 (docs/default-model.md).
+# the shipped runs (15, then 20) keep 4 (docs/default-model.md).
 VISION_MAX_SHAPES = 4
 # The binding scaffold (docs/default-model.md, "Forming the binding"): a decoder does not form choosing one of
 # several shapes by kind on the tower's output (84-94/150 colour questions in probes, whatever was tried), forms
 # it on clean keys (the tower's class means at the shapes' centres, zeros elsewhere: 146/150 after 4,800 rows)
 # and keeps it on the tower's output (128/150). For the first `scaffold_rows` rows of the mixed stage picture
 # rows read `vision_pretrain.scaffold_features` instead of the tower. Off: in the full recipe (run 18, 10,000
-# rows) it helped the shape question by 7 points, not colour, and that run lost its tool calls; run 15 had none.
+# rows) it helped the shape question by 7 points, not colour, and that run lost its tool calls; runs 15 and 20
+# had none.
 SCAFFOLD_ROWS = 0
 # The tool call writes its city after a newline ("<parameter=city>\nLima"), the question after a space (" Lima"):
 # two tokens of Qwen's pre-tokenisation, so a call must translate each city while add()'s digits are the same
 # tokens in both places (calls 98/98 in every run). Runs 16 and 18 never learned the translation (a call for
 # "Paris" whatever was asked), run 15 did; our reading: attending to the city earns nothing until the
 # translation exists, and the reverse, so it forms by chance. With CITY_WORDS the world tokenizer splits the
-# world's cities off their leading space, so the call copies the question's own token. Off: run 19 with it
-# called seven cities right and London never (93 %); more tool rows mended that in a continuation (docs).
-CITY_WORDS = False
+# world's cities off their leading space, so the call copies the question's own token. Alone (run 19) it
+# called seven cities right and London never (93 %); with the tool-heavy tail below (run 20) all eight (docs).
+CITY_WORDS = True
 # A tool-heavy tail: the last `tool_tail` steps draw a fresh full-growth stream (world seed + TOOL_TAIL_SEED) with
 # TOOL_TAIL_MIX, tools about 31 % of the rows instead of 9 %. Run 19's weather calls were still improving at its
 # end (held-out tool lines 75-81 %), and 200 such steps after it called London, its one failing city, 13/13
-# (a continuation, docs). Off: no full run with it yet.
-TOOL_TAIL_STEPS = 0
+# (a continuation, docs). Run 20, the shipped model, took its last 300 steps so: 300 of 300 held-out calls.
+TOOL_TAIL_STEPS = 300
 TOOL_TAIL_MIX = dict(TRAIN_MIX, tool=0.40)
 TOOL_TAIL_SEED = 99
 # AdamW's second-moment decay: 0.95 (GPT-3's, nanoGPT's) instead of 0.999 let the decoder learn in-context
@@ -317,14 +318,14 @@ def answer_accuracy(logits_fn, rows, batch_size: int = 16) -> float:
 def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_batch: int = 2048,
                   vision_steps: int = VISION_PRETRAIN_STEPS, vision_weights: Path | None = None,
                   scaffold_rows: int = SCAFFOLD_ROWS, city_words: bool = CITY_WORDS,
-                  tool_tail: int = TOOL_TAIL_STEPS, learning_rate: float = 2e-3,
+                  tool_tail: int | None = None, learning_rate: float = 2e-3,
                   warmup: int = 100, log_every: int = 25, probe_every: int = 100, progress: bool = True) -> Path:
     """Train the default model into `output` (written atomically: weights, configs, tokenizer, training_log.txt).
     At logging steps that are multiples of `probe_every` (0: never) the log also gets held-out per-skill
     answer accuracy (`answer_accuracy` on `probe_rows`). `vision_weights`: a tower that `pretrain_vision`
     already trained (with this seed and `vision_steps`) to start from instead of pretraining again.
     `scaffold_rows`: the binding scaffold's length (SCAFFOLD_ROWS); `city_words`: CITY_WORDS; `tool_tail`: the
-    tool-heavy tail's steps (TOOL_TAIL_STEPS), taken from `steps`."""
+    tool-heavy tail's steps, taken from `steps` (None: the recipe's TOOL_TAIL_STEPS of STEPS, in proportion)."""
     import mlx.optimizers as optim
 
     from ..platform import cpu_setup
@@ -334,6 +335,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
 
     if vision_weights and not Path(vision_weights).is_file():
         raise FileNotFoundError(f"--vision-weights: no such file {vision_weights}")
+    if tool_tail is None:
+        tool_tail = round(TOOL_TAIL_STEPS * steps / STEPS)
     if not 0 <= tool_tail <= steps:
         raise ValueError(f"tool_tail {tool_tail}: a number of steps from 0 to steps ({steps})")
     run_start = time.perf_counter()
@@ -460,12 +463,12 @@ def main(argv=None) -> int:
                         help="rows of the mixed stage whose pictures read the binding scaffold (0: none)")
     parser.add_argument("--city-words", action=argparse.BooleanOptionalAction, default=CITY_WORDS,
                         help="the world tokenizer splits city names off their leading space (CITY_WORDS)")
-    parser.add_argument("--tool-tail", type=int, default=TOOL_TAIL_STEPS,
-                        help="the last steps draw a tool-heavy mix (TOOL_TAIL_MIX; 0: none)")
+    parser.add_argument("--tool-tail", type=int, help="the last steps draw a tool-heavy mix (TOOL_TAIL_MIX; 0: none; "
+                        f"default: {TOOL_TAIL_STEPS} of {STEPS} steps, in proportion)")
     args = parser.parse_args(argv)
     if args.scaffold_rows < 0:
         parser.error(f"--scaffold-rows {args.scaffold_rows}: a number of rows, 0 or more")
-    if not 0 <= args.tool_tail <= args.steps:
+    if args.tool_tail is not None and not 0 <= args.tool_tail <= args.steps:
         parser.error(f"--tool-tail {args.tool_tail}: a number of steps from 0 to --steps ({args.steps})")
     if args.vision_weights and not Path(args.vision_weights).is_file():
         parser.error(f"--vision-weights: no such file {args.vision_weights}")
