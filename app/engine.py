@@ -77,16 +77,12 @@ def content_parts(turn: dict):
 
 
 def parse_tools(text: str):
-    if not text or not text.strip():
-        return None
+    from mlx_qwen35.generation.parsing import tool_schemas
+
     try:
-        tools = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise UserError(f"the tools setting is not valid JSON: {error}") from None
-    tools = [tools] if isinstance(tools, dict) else tools
-    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-        raise UserError("the tools setting must be a JSON list of tool schemas (objects)")
-    return tools
+        return tool_schemas(text)
+    except ValueError as error:
+        raise UserError(f"the tools setting: {error}") from None
 
 
 def find_models(folder) -> list[str]:

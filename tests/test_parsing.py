@@ -1,13 +1,14 @@
 """Thinking and tool-call parsing: whole-text results against hand-written expectations and mlx-lm's
 port of Qwen's qwen3_coder parser; streaming against the whole-text parse at every split point."""
 
+import json
 import random
 
 import pytest
 from mlx_lm.tool_parsers.qwen3_coder import parse_tool_call as reference_parse_tool_call
 
 from mlx_qwen35.generation.parsing import (THINK_END, TOOL_CALL_START, ParsedResponse, StreamParser,
-                                           parse_response, parse_tool_call)
+                                           parse_response, parse_tool_call, tool_schemas)
 from mlx_qwen35.tokenizer import render_chat
 
 WEATHER_CALL = ("<tool_call>\n<function=get_weather>\n<parameter=city>\nSão Paulo\n</parameter>\n"
@@ -135,3 +136,17 @@ def test_bad_use_raises():
     assert parser.finish() == []
     with pytest.raises(ValueError, match="after finish"):
         parser.feed("more")
+
+
+def test_tool_schemas_take_either_form_and_name_what_is_wrong():
+    wrapped = {"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}
+    bare = {"name": "get_weather", "parameters": {"type": "object"}}
+    assert tool_schemas(json.dumps([wrapped, bare])) == [wrapped, bare]
+    assert tool_schemas(json.dumps(bare)) == [bare]
+    assert tool_schemas("  \n") is None
+    with pytest.raises(ValueError, match="not valid JSON"):
+        tool_schemas("[{")
+    with pytest.raises(ValueError, match="not a JSON list of tool schemas"):
+        tool_schemas('["add"]')
+    with pytest.raises(ValueError, match="tool 1 has no name"):
+        tool_schemas(json.dumps([wrapped, {"type": "function", "function": {"parameters": {}}}]))

@@ -46,6 +46,26 @@ class ParsedResponse:
             self.tool_calls.append(event.tool_call)
 
 
+def tool_schemas(text: str) -> list | None:
+    """Tool declarations from JSON text: a list of function schemas (OpenAI's `{"type": "function", "function":
+    {...}}` or the bare function object), or one schema; None for empty text. ValueError names what is wrong."""
+    if not text or not text.strip():
+        return None
+    try:
+        tools = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not valid JSON: {error}") from None
+    tools = [tools] if isinstance(tools, dict) else tools
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise ValueError("not a JSON list of tool schemas (objects)")
+    for index, tool in enumerate(tools):
+        function = tool.get("function", tool)
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise ValueError(f"tool {index} has no name (expected {{\"type\": \"function\", \"function\": "
+                             f"{{\"name\": ..., \"parameters\": ...}}}})")
+    return tools
+
+
 def _parameter_types(name: str, tools) -> dict:
     for tool in tools or ():
         function = tool.get("function", tool)
