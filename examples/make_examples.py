@@ -1,5 +1,5 @@
 """Draw the example media shipped in examples/ from the synthetic world (seeded), with their true answers in
-examples/answers.json: `python examples/make_examples.py`."""
+examples/answers.json, and the world's tool schemas in examples/tools.json: `python examples/make_examples.py`."""
 
 import json
 import random
@@ -50,6 +50,7 @@ def main():
     mover = scenes[0].shapes[index]
     answers["moving.mp4"] = {f"Which way does the {mover.name} move?": direction.capitalize() + "."}
     (HERE / "answers.json").write_text(json.dumps(answers, indent=2) + "\n")
+    (HERE / "tools.json").write_text(json.dumps(world.TOOLS, indent=2) + "\n")  # for `generate --tools`
 
 
 if __name__ == "__main__":

@@ -122,9 +122,36 @@ def cmd_info(args):
     print(f"kept for later features: {len(model.extra_weights)} tensors (vision tower, MTP head)")
 
 
+def _read_tools(path):
+    """--tools: the tool schemas in a JSON file, or a clear exit naming the file and what is wrong."""
+    from pathlib import Path
+
+    from .generation.parsing import tool_schemas
+
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise SystemExit(f"error: --tools: no such file {path}")
+    try:
+        return tool_schemas(Path(path).read_text())
+    except ValueError as error:
+        raise SystemExit(f"error: --tools {path}: {error}") from None
+
+
+def _noting_tool_calls(responses, calls: list):
+    for response in responses:
+        calls += [event.tool_call for event in response.events if event.kind == "tool_call"]
+        yield response
+
+
 def cmd_generate(args):
+    import json
+
     from .generation import stream_generate
 
+    tools = _read_tools(args.tools)
+    if args.raw and tools:
+        raise SystemExit("error: --tools are declared through the chat template; leave out --raw")
     model, processor = _load(args)
     prompt = args.prompt
     media = [{"type": "image", "image": path} for path in args.image] + \
@@ -136,9 +163,12 @@ def cmd_generate(args):
         prompt = [{"role": "user", "content": media + [{"type": "text", "text": args.prompt}] if media
                    else args.prompt}]
     responses = stream_generate(model, processor, prompt, max_tokens=args.max_tokens, stop=args.stop,
-                                enable_thinking=not args.no_thinking, speculative=args.speculative,
+                                enable_thinking=not args.no_thinking, speculative=args.speculative, tools=tools,
                                 **_sampling(args))
-    last = print_stream(responses, thinking=not args.raw and not args.no_thinking)
+    calls = []
+    last = print_stream(_noting_tool_calls(responses, calls), thinking=not args.raw and not args.no_thinking)
+    for call in calls:
+        print(f"tool call: {call.get('name')}({json.dumps(call.get('arguments'))})", file=sys.stderr)
     print(_stats(last), file=sys.stderr)
     if args.stats and args.speculative:
         print(f"speculative decoding: {last.accepted} of {last.drafted} drafted tokens accepted "
@@ -262,6 +292,8 @@ def main(argv=None):
                      "(repeatable)")
     gen.add_argument("--video", action="append", default=[], help="video file, shown after the images "
                      "(repeatable)")
+    gen.add_argument("--tools", metavar="JSON_FILE", help="declare these tools (a JSON list of function schemas, "
+                     "e.g. examples/tools.json); the calls the model makes are printed to stderr, parsed")
     gen.add_argument("--speculative", type=int, default=0, metavar="K", help="draft K tokens per step with the "
                      "checkpoint's MTP head and check them in one pass (greedy only; same output, maybe faster)")
     gen.set_defaults(run=cmd_generate)

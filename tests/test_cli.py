@@ -121,3 +121,16 @@ def test_generate_prints_the_thinking_apart_from_the_answer(capsys, chunks, thin
 
     last = print_stream((SimpleNamespace(text=chunk) for chunk in chunks), thinking=thinking)
     assert capsys.readouterr().out == expected and last.text == chunks[-1]
+
+
+@pytest.mark.parametrize("content, message", [(None, "no such file"), ("[{", "not valid JSON"),
+                                              ('[{"type": "function"}]', "tool 0 has no name")])
+def test_generate_refuses_a_bad_tools_file_by_name_before_loading(tmp_path, monkeypatch, content, message):
+    from mlx_qwen35 import cli
+
+    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("loaded a model before reading --tools"))
+    path = tmp_path / "tools.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit, match=f"--tools.*{message}"):
+        main(["generate", "--tools", str(path), "--prompt", "Hi"])

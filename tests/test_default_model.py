@@ -200,6 +200,19 @@ def test_readme_main_command_answers_about_the_shipped_image(capsys):
 
 
 @needs_model
+def test_generate_with_the_shipped_tools_file_calls_the_worlds_tool(capsys):
+    from mlx_qwen35.cli import main
+
+    assert json.loads((EXAMPLES / "tools.json").read_text()) == world.TOOLS  # what the model was trained with
+    for question, call in (("What is the weather in Oslo?", 'get_weather({"city": "Oslo"})'),
+                           ("Use the add tool to add 170 and 250.", 'add({"a": 170, "b": 250})')):
+        main(["generate", "--tools", str(EXAMPLES / "tools.json"), "--prompt", question, "--max-tokens", "48"])
+        out, err = capsys.readouterr()
+        assert "<tool_call>" in out
+        assert f"tool call: {call}" in err.splitlines()
+
+
+@needs_model
 def test_video_question_about_the_shipped_clip(default_model):
     from mlx_qwen35 import generate
 
