@@ -145,8 +145,6 @@ def _noting_tool_calls(responses, calls: list):
 
 
 def cmd_generate(args):
-    import json
-
     from .generation import stream_generate
 
     tools = _read_tools(args.tools)
@@ -167,8 +165,7 @@ def cmd_generate(args):
                                 **_sampling(args))
     calls = []
     last = print_stream(_noting_tool_calls(responses, calls), thinking=not args.raw and not args.no_thinking)
-    for call in calls:
-        print(f"tool call: {call.get('name')}({json.dumps(call.get('arguments'))})", file=sys.stderr)
+    _print_tool_calls(calls)
     print(_stats(last), file=sys.stderr)
     if args.stats and args.speculative:
         print(f"speculative decoding: {last.accepted} of {last.drafted} drafted tokens accepted "
@@ -177,13 +174,22 @@ def cmd_generate(args):
         print(_expert_stats(model), file=sys.stderr)
 
 
+def _print_tool_calls(calls):
+    import json
+
+    for call in calls:
+        print(f"tool call: {call.get('name')}({json.dumps(call.get('arguments'))})", file=sys.stderr)
+
+
 def cmd_chat(args):
     from .generation import Chat
 
+    tools = _read_tools(args.tools)
     model, processor = _load(args)
-    chat = Chat(model, processor, system=args.system, enable_thinking=not args.no_thinking,
+    chat = Chat(model, processor, system=args.system, tools=tools, enable_thinking=not args.no_thinking,
                 max_tokens=args.max_tokens, **_sampling(args))
-    print("Type a message; /reset clears the conversation, /quit or Ctrl-D leaves.", file=sys.stderr)
+    print("Type a message; " + ("/tool TEXT answers a tool call with its result; " if tools else "")
+          + "/reset clears the conversation, /quit or Ctrl-D leaves.", file=sys.stderr)
     while True:
         try:
             line = input(">>> ")
@@ -197,7 +203,12 @@ def cmd_chat(args):
             continue
         if not line.strip():
             continue
-        print_stream(chat.stream(line), thinking=chat.enable_thinking)
+        role = "user"
+        if tools and line.startswith("/tool "):
+            role, line = "tool", line[len("/tool "):]
+        calls = []
+        print_stream(_noting_tool_calls(chat.stream(line, role=role), calls), thinking=chat.enable_thinking)
+        _print_tool_calls(calls)
         print(_stats(chat.last_response), file=sys.stderr)
         if args.stats and _expert_stats(model):
             print(_expert_stats(model), file=sys.stderr)
@@ -301,6 +312,8 @@ def main(argv=None):
     chat = sub.add_parser("chat", help="interactive chat in the terminal")
     _add_model_options(chat)
     chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--tools", metavar="JSON_FILE", help="declare these tools (a JSON list of function schemas); "
+                      "the calls are printed to stderr, parsed, and `/tool RESULT` sends a tool's result")
     chat.set_defaults(run=cmd_chat)
 
     sub.add_parser("convert", help="convert a Hugging Face checkpoint (options: `mlx-qwen35 convert --help`)")

@@ -213,6 +213,26 @@ def test_generate_with_the_shipped_tools_file_calls_the_worlds_tool(capsys):
 
 
 @needs_model
+def test_chat_with_tools_calls_then_answers_from_the_tool_result(capsys, monkeypatch):
+    from mlx_qwen35.cli import main
+
+    city = "Lima"
+    lines = iter([f"What is the weather in {city}?", f"/tool {world.CITIES[city]}"])
+
+    def reading(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", reading)
+    main(["chat", "--tools", str(EXAMPLES / "tools.json"), "--no-thinking"])
+    out, err = capsys.readouterr()
+    assert f'tool call: get_weather({{"city": "{city}"}})' in err.splitlines()
+    assert out.strip().splitlines()[-1].strip() == f"The weather in {city} is {world.CITIES[city]}."
+
+
+@needs_model
 def test_video_question_about_the_shipped_clip(default_model):
     from mlx_qwen35 import generate
 
