@@ -115,17 +115,9 @@ def test_enable_thinking_false_changes_the_prompt(checkpoint):
             processor, messages, enable_thinking=False), max_tokens=3)])
 
 
-def test_cli_chat_session(checkpoint, capsys, monkeypatch):
+def test_cli_chat_session(checkpoint, capsys, typed_lines):
     path = checkpoint[0]
-    lines = iter(["Hi there", "/reset", "Hello again"])
-
-    def fake_input(prompt=""):
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
-
-    monkeypatch.setattr("builtins.input", fake_input)
+    typed_lines("Hi there", "/reset", "Hello again")
     main(["chat", "--model", str(path), "--max-tokens", "5"])
     err = capsys.readouterr().err
     assert "(conversation cleared)" in err

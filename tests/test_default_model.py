@@ -213,19 +213,11 @@ def test_generate_with_the_shipped_tools_file_calls_the_worlds_tool(capsys):
 
 
 @needs_model
-def test_chat_with_tools_calls_then_answers_from_the_tool_result(capsys, monkeypatch):
+def test_chat_with_tools_calls_then_answers_from_the_tool_result(capsys, typed_lines):
     from mlx_qwen35.cli import main
 
     city = "Lima"
-    lines = iter([f"What is the weather in {city}?", f"/tool {world.CITIES[city]}"])
-
-    def reading(prompt=""):
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
-
-    monkeypatch.setattr("builtins.input", reading)
+    typed_lines(f"What is the weather in {city}?", f"/tool {world.CITIES[city]}")
     main(["chat", "--tools", str(EXAMPLES / "tools.json"), "--no-thinking"])
     out, err = capsys.readouterr()
     assert f'tool call: get_weather({{"city": "{city}"}})' in err.splitlines()
