@@ -118,3 +118,24 @@ def test_model_dispatch_with_cuda_on_runs_both_kernels(monkeypatch):
     assert rel(np.array(got), np.array(expected)) <= 1e-5
     assert rel(np.array(cache[1]), np.array(twin[1])) <= 1e-5
     assert rel(np.array(got_prompt), np.array(expected_prompt)) <= 1e-5
+
+
+@needs_cuda
+@pytest.mark.parametrize("variant", ["random-state", "padded"])
+def test_dispatch_takes_the_cuda_kernels_on_a_real_device(monkeypatch, variant):
+    """On a real CUDA device both kernels pass their first-use checks (no warning, every verdict true), and what
+    the model's entries return from them matches float64 NumPy."""
+    import warnings
+
+    from mlx_qwen35 import kernels
+    from mlx_qwen35.kernels import self_check
+
+    monkeypatch.setattr(self_check, "_verdicts", {})
+    with warnings.catch_warnings(), mx.stream(mx.gpu):
+        warnings.simplefilter("error", RuntimeWarning)
+        check_step_kernel(lambda inputs: [np.array(x) for x in kernels.gated_delta_update(*map(to_mx, inputs))],
+                          2, 7, 2, 4, 128, variant)
+        inputs = random_decode_inputs(2, 2, 4, 128, 128, 4, seed=3)
+        check_decode_step([np.array(x) for x in kernels.fused_decode_step(*mx_inputs(inputs))], inputs)
+    assert {name for name, _ in self_check._verdicts} == {"CUDA step", "CUDA fused decode"}
+    assert all(self_check._verdicts.values())
