@@ -16,13 +16,19 @@ from mlx_qwen35.kernels.metal import STEP, step_launch
 from mlx_qwen35.kernels.metal_chunked import CHUNKED, chunked_launch
 from mlx_qwen35.kernels.metal_decode import DECODE, decode_launch
 from mlx_qwen35.kernels.metal_emulation import emulate
-from delta_reference import check_decode_step, mx_inputs, numpy_recurrence, random_decode_inputs, random_inputs, rel
+from delta_reference import check_decode_step, mx_inputs, numpy_fused_decode, numpy_recurrence, random_decode_inputs, random_inputs, rel
 
 
 @pytest.fixture
-def metal(monkeypatch):
-    """A pretend Metal device whose kernels run in emulation; returns the list of kernel names launched."""
+def metal(monkeypatch, request):
+    """A pretend Metal device whose kernels run in emulation; returns the list of kernel names launched. On a
+    machine with CUDA, the CUDA kernels are kept out and the MLX-ops references run on the CPU (MLX's CUDA
+    matmuls round float32 through TF32, 5e-4 from float64 where these tests hold 1e-5)."""
     monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: False)
+    device = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    request.addfinalizer(lambda: mx.set_default_device(device))
     monkeypatch.setattr(self_check, "_verdicts", {})
     monkeypatch.delenv("MLX_QWEN35_NO_DEVICE_KERNELS", raising=False)
     launches = []
@@ -58,14 +64,42 @@ def test_kernels_that_pass_the_check_are_used_and_checked_once_per_shape(metal):
     assert metal[-2:] == [DECODE.name] * 2
 
 
-def wrong(result):
-    """A kernel that returns its reference's outputs with the first one 1% off."""
+def test_a_bfloat16_decode_kernel_passes_its_check(metal):
+    """In bfloat16 (the model's dtype on a GPU) the kernel and the MLX-ops reference round differently, by a
+    few bfloat16 steps (7e-3 apart on a real CUDA device); the check must tell that from a wrong kernel and use
+    the kernel. Its result is float64's of the rounded inputs within bfloat16 rounding."""
+    inputs = random_decode_inputs(2, 1, 2, 32, 32, seed=6)
+    bf16 = [mx.array(x).astype(mx.bfloat16) if i in (0, 1, 3, 4, 5) else x for i, x in enumerate(mx_inputs(inputs))]
+    rounded = [np.array(x.astype(mx.float32)) if i in (0, 1, 3, 4, 5) else y
+               for i, (x, y) in enumerate(zip(bf16, inputs))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        out, conv_state, state = kernels.fused_decode_step(*bf16)
+    assert metal == [DECODE.name] * 2  # its check, then the call
+    want_out, want_conv, want_state = numpy_fused_decode(*rounded)
+    assert out.dtype == mx.bfloat16 and rel(np.array(out.astype(mx.float32)), want_out) <= 5e-3
+    np.testing.assert_array_equal(np.array(conv_state.astype(mx.float32)), want_conv)
+    assert rel(np.array(state), want_state) <= 1e-3
+
+
+def test_a_kernel_wrong_by_a_few_percent_in_bfloat16_is_still_replaced(metal, monkeypatch):
+    kernel, calls = wrong(kernels.fused_decode_step_reference, factor=1.05)
+    monkeypatch.setattr(kernels, "fused_decode_step_metal", kernel)
+    inputs = random_decode_inputs(2, 1, 2, 32, 32, seed=6)
+    bf16 = [mx.array(x).astype(mx.bfloat16) if i in (0, 1, 3, 4, 5) else x for i, x in enumerate(mx_inputs(inputs))]
+    with pytest.warns(RuntimeWarning, match="Metal fused decode kernel failed its first-use check"):
+        kernels.fused_decode_step(*bf16)
+    assert len(calls) == 1
+
+
+def wrong(result, factor=1.01):
+    """A kernel that returns its reference's outputs with the first one `factor` off (1%)."""
     calls = []
 
     def kernel(*args):
         calls.append(1)
         first, *rest = result(*args)
-        return (first * 1.01, *rest)
+        return (first * factor, *rest)
     return kernel, calls
 
 
