@@ -6,7 +6,8 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models.cache import ArraysCache, KVCache
 
-__all__ = ["KVCache", "DeltaNetCache", "snapshot", "restore", "cache_offset", "cache_nbytes"]
+__all__ = ["KVCache", "DeltaNetCache", "snapshot", "restore", "mark_position", "rewind", "cache_offset",
+           "cache_nbytes"]
 
 
 class DeltaNetCache(ArraysCache):
@@ -45,6 +46,22 @@ def restore(cache: list, states: list) -> None:
             layer_cache.offset = offset
         else:
             layer_cache.cache = tree_map(_fresh, list(state[1]))
+
+
+def mark_position(cache: list):
+    """What `rewind` needs to undo the tokens run after this point: the attention caches' offset (they are
+    trimmed back) and the DeltaNet arrays themselves (a recurrent state cannot be trimmed; each step replaces
+    these arrays, so keeping them costs no copy)."""
+    return cache_offset(cache), [None if c.is_trimmable() else list(c.cache) for c in cache]
+
+
+def rewind(cache: list, mark) -> None:
+    offset, saved = mark
+    for layer_cache, arrays in zip(cache, saved):
+        if arrays is None:
+            layer_cache.trim(layer_cache.offset - offset)
+        else:
+            layer_cache.cache = list(arrays)
 
 
 def cache_offset(cache: list | None) -> int:

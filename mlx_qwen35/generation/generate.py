@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from ..cache import mark_position, rewind
 from ..tokenizer import STOP_TOKEN_IDS
 
 
@@ -101,12 +102,17 @@ def generate_tokens(model, prompt_ids, max_tokens: int = 64, sampler=None, logit
     decode_start = time.perf_counter()
     stop_ids = set(stop_ids)
     for n in range(1, max_tokens + 1):
-        value = int(token.item())
-        finish = "stop" if value in stop_ids else ("length" if n == max_tokens else None)
         next_token = None
-        if finish is None:
+        if n < max_tokens:
+            # Built before `token` is read, so the graph is made while the device computes `token` (mlx-lm's
+            # order); after a stop token this step is wasted and undone, so the cache holds what it held.
+            before = mark_position(cache)
             next_token = step(token[:, None])
             mx.async_eval(next_token)
+        value = int(token.item())
+        finish = "stop" if value in stop_ids else ("length" if n == max_tokens else None)
+        if finish == "stop" and next_token is not None:
+            rewind(cache, before)
         elapsed = time.perf_counter() - decode_start
         yield GenerationResponse(
             token=value, text="", prompt_tokens=len(history) + prompt.shape[1],

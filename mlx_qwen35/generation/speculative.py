@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from ..cache import cache_offset
+from ..cache import cache_offset, mark_position, rewind
 from ..tokenizer import STOP_TOKEN_IDS
 from .generate import GenerationResponse
 
@@ -122,22 +122,6 @@ def _hidden(model, ids, cache):
     return model.model.language_model(ids, cache, rope_delta=getattr(cache, "rope_delta", None) if offset else None)
 
 
-# Rejected drafts are undone by trimming the attention KV caches and putting back the DeltaNet arrays saved
-# before the check (a recurrent state cannot be trimmed), then running the kept tokens again: one more pass
-# per round with a rejection, none when every draft is accepted.
-def _mark(cache):
-    return cache_offset(cache), [None if c.is_trimmable() else list(c.cache) for c in cache]
-
-
-def _rewind(cache, mark):
-    offset, saved = mark
-    for layer_cache, arrays in zip(cache, saved):
-        if arrays is None:
-            layer_cache.trim(layer_cache.offset - offset)
-        else:
-            layer_cache.cache = list(arrays)
-
-
 def _greedy(logits, processors, seen, drafts):
     """The main model's greedy token after each checked position, from logits [1 + k, V] float32; position j
     sees the tokens `seen` plus drafts[:j] (for repetition penalties), as generate_tokens' step would."""
@@ -196,7 +180,9 @@ def speculative_tokens(model, prompt_ids, draft_tokens: int = 1, max_tokens: int
     generated = drafted = accepted = passes = 0
     first_token_time = decode_start = None
     while True:
-        mark, position = _mark(cache), cache_offset(cache)
+        # Rejected drafts are undone by `rewind`, then the kept tokens run again: one more pass per round with a
+        # rejection, none when every draft is accepted.
+        mark, position = mark_position(cache), cache_offset(cache)
         inputs = mx.array([pending]) if drafts is None else mx.concatenate([mx.array([pending]), drafts])
         hidden = _hidden(model, inputs[None], cache)
         passes += 1
@@ -210,7 +196,7 @@ def speculative_tokens(model, prompt_ids, draft_tokens: int = 1, max_tokens: int
         finished = new[-1] in stop_ids or generated + len(new) == max_tokens
         # the cache ends holding the inputs before the last new token: pending and the first len(new) - 1 drafts
         if len(new) < len(guesses) + 1:
-            _rewind(cache, mark)
+            rewind(cache, mark)
             _hidden(model, inputs[None, : len(new)], cache)
             passes += 1
         drafter.extend(hidden[:, : len(new)], new, position)
@@ -240,7 +226,7 @@ def speculative_tokens(model, prompt_ids, draft_tokens: int = 1, max_tokens: int
         except GeneratorExit:
             # Closed mid-round: the cache may hold tokens after the last one yielded; drop this round's instead.
             if cache_offset(cache) > position + j + 2:
-                _rewind(cache, mark)
+                rewind(cache, mark)
             raise
         if finished:
             return
