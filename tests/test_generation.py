@@ -41,6 +41,19 @@ def test_our_loop_matches_transformers_greedy(setup):
     assert responses[-1].prompt_tokens == len(prompt)
 
 
+def test_a_reply_ended_by_a_stop_token_leaves_the_cache_ready_to_continue(setup):
+    """The loop runs one step past each token before reading it; after a stop token that step is undone, so
+    feeding the stop token next continues transformers' greedy sequence exactly."""
+    model, prompt, expected = setup
+    k = next(i for i in range(len(expected) // 2, len(expected)) if expected[i] not in expected[:i])
+    cache = model.make_cache()
+    replied = [r.token for r in generate_tokens(model, prompt, NEW_TOKENS, cache=cache, stop_ids=(expected[k],))]
+    assert replied == expected[: k + 1]
+    rest = generate_tokens(model, [expected[k]], NEW_TOKENS - k - 1, cache=cache, stop_ids=(),
+                           history=prompt + expected[:k])
+    assert [r.token for r in rest] == expected[k + 1:]
+
+
 def test_mlx_lm_generate_step_drives_our_model(setup):
     from mlx_lm.generate import generate_step
 
