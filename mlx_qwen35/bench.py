@@ -402,7 +402,7 @@ def speculative_prompts(count: int, seed: int = 31):
 
 def speculative_bench(path=None, drafts=(1, 2), count=10, repeats=3, max_tokens=64):
     """Speculative decoding with the checkpoint's MTP head (default: the shipped default model) against plain
-    greedy decoding, on the same prompts in one process: the tokens must be identical; prints the share of
+    greedy decoding, on the same prompts in one process: prints whether the tokens are identical, the share of
     drafts accepted and the decode speed (tokens after the first, over their time), median of `repeats`."""
     from .generation import stream_generate
     from .generation.speculative import require_mtp
@@ -440,11 +440,18 @@ def speculative_bench(path=None, drafts=(1, 2), count=10, repeats=3, max_tokens=
             baseline = (speed, tokens)
             print(f"plain greedy        decode {speed:7.1f} tok/s  ({sum(map(len, tokens))} tokens)")
             continue
-        if tokens != baseline[1]:
-            raise AssertionError(f"speculative decoding with {k} drafts changed the output")
+        # In float32 on the CPU the replies are identical (the tests hold that). In bfloat16 a check of several
+        # tokens at once rounds apart from one-token steps, and a near-tie can flip: counted, not hidden.
+        differ = [i for i, (got, want) in enumerate(zip(tokens, baseline[1])) if got != want]
+        same = "same tokens"
+        if differ:
+            got, want = tokens[differ[0]], baseline[1][differ[0]]
+            at = next((j for j, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+            same = (f"{len(differ)} of {len(tokens)} replies differ from plain greedy (the first: reply {differ[0]} "
+                    f"from token {at})")
         kinds = ", ".join(f"{kind} {a / d:.0%}" for kind, (d, a) in by_kind.items() if d)
         print(f"MTP, {k} draft{'s' if k > 1 else ' '}      decode {speed:7.1f} tok/s  {speed / baseline[0]:.2f}x  "
-              f"accepted {accepted}/{drafted} = {accepted / max(drafted, 1):.0%} ({kinds}); same tokens")
+              f"accepted {accepted}/{drafted} = {accepted / max(drafted, 1):.0%} ({kinds}); {same}")
 
 
 if __name__ == "__main__":  # the child processes of `bench` and `cpu_bench`

@@ -394,7 +394,7 @@ def test_train_default_refuses_a_missing_vision_tower_before_writing(tmp_path, c
 @needs_model
 def test_speculative_bench_keeps_the_tokens_and_counts_accepted_drafts(capsys):
     """`mlx-qwen35 bench --speculative` on the trained default model: the drafted run's tokens equal plain greedy
-    decoding's (the bench raises otherwise), and its trained MTP head's drafts are mostly accepted."""
+    decoding's (in float32 on the CPU), and its trained MTP head's drafts are mostly accepted."""
     from mlx_qwen35.bench import speculative_bench
 
     speculative_bench(None, drafts=(1,), count=2, repeats=1, max_tokens=24)
