@@ -225,6 +225,20 @@ def test_chat_with_tools_calls_then_answers_from_the_tool_result(capsys, typed_l
 
 
 @needs_model
+def test_chat_refuses_a_tool_result_with_no_text_or_no_tools(capsys, typed_lines):
+    from mlx_qwen35.cli import main
+
+    typed_lines("/tool", "/tool   ")
+    main(["chat", "--tools", str(EXAMPLES / "tools.json")])
+    typed_lines("/tool 22 C")
+    main(["chat"])
+    out, err = capsys.readouterr()
+    assert err.count("(/tool needs the tool's result: /tool RESULT)") == 2
+    assert "(no tools are declared: start the chat with --tools FILE)" in err
+    assert out.strip() == ""  # nothing was sent to the model
+
+
+@needs_model
 def test_video_question_about_the_shipped_clip(default_model):
     from mlx_qwen35 import generate
 
