@@ -175,10 +175,10 @@ def cmd_generate(args):
 
 
 def _print_tool_calls(calls):
-    import json
+    from .generation.parsing import call_text
 
     for call in calls:
-        print(f"tool call: {call.get('name')}({json.dumps(call.get('arguments'))})", file=sys.stderr)
+        print(f"tool call: {call_text(call)}", file=sys.stderr)
 
 
 def cmd_chat(args):

@@ -7,7 +7,7 @@ import random
 import pytest
 from mlx_lm.tool_parsers.qwen3_coder import parse_tool_call as reference_parse_tool_call
 
-from mlx_qwen35.generation.parsing import (THINK_END, TOOL_CALL_START, ParsedResponse, StreamParser,
+from mlx_qwen35.generation.parsing import (THINK_END, TOOL_CALL_START, ParsedResponse, StreamParser, call_text,
                                            parse_response, parse_tool_call, tool_schemas)
 from mlx_qwen35.tokenizer import render_chat
 
@@ -150,3 +150,9 @@ def test_tool_schemas_take_either_form_and_name_what_is_wrong():
         tool_schemas('["add"]')
     with pytest.raises(ValueError, match="tool 1 has no name"):
         tool_schemas(json.dumps([wrapped, {"type": "function", "function": {"parameters": {}}}]))
+
+
+def test_call_text_is_one_line_of_json_arguments():
+    call = parse_tool_call("<function=add>\n<parameter=b>\n2\n</parameter>\n<parameter=a>\n40\n</parameter>\n</function>")
+    assert call_text(call) == 'add({"b": 2, "a": 40})'
+    assert call_text(call, sort_keys=True) == 'add({"a": 40, "b": 2})'

@@ -106,6 +106,11 @@ def parse_tool_call(block: str, tools=None) -> dict | None:
     return {"name": name, "arguments": arguments}
 
 
+def call_text(call: dict, sort_keys: bool = False) -> str:
+    """A parsed call as one line, `name({"argument": value, ...})`."""
+    return f"{call.get('name')}({json.dumps(call.get('arguments'), sort_keys=sort_keys)})"
+
+
 def _tool_call_or_text(block: str, tools) -> Event:
     call = parse_tool_call(block, tools)
     if call is None:

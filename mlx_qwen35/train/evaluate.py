@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..generation.parsing import call_text
 from . import world
 
 EVAL_SEED = 1_000_003
@@ -60,17 +61,11 @@ def cases(kind: str, rng: random.Random) -> Case:
         messages = example["messages"]
         if kind == "tool_call":
             call = messages[1]["tool_calls"][0]["function"]
-            return Case(messages[:1], _call_text(call), tools=example["tools"])
+            return Case(messages[:1], call_text(call, sort_keys=True), tools=example["tools"])
         return Case(messages[:3], messages[3]["content"], tools=example["tools"])
     else:
         raise ValueError(f"unknown evaluation kind {kind!r}; choose from {sorted(TARGETS)}")
     return Case(_prompt(example), _answer(example))
-
-
-def _call_text(call: dict) -> str:
-    import json
-
-    return f"{call['name']}({json.dumps(call['arguments'], sort_keys=True)})"
 
 
 def ask(model, processor, case: Case, max_tokens: int = 48) -> tuple[str, str]:
@@ -86,7 +81,7 @@ def ask(model, processor, case: Case, max_tokens: int = 48) -> tuple[str, str]:
             parsed.add(event)
     if case.tools is not None and case.expected.endswith(")") and "(" in case.expected and parsed.tool_calls:
         call = parsed.tool_calls[0]
-        return _call_text({"name": call.get("name"), "arguments": call.get("arguments")}), raw
+        return call_text(call, sort_keys=True), raw
     return parsed.answer.strip(), raw
 
 
