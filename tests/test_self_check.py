@@ -16,7 +16,8 @@ from mlx_qwen35.kernels.metal import STEP, step_launch
 from mlx_qwen35.kernels.metal_chunked import CHUNKED, chunked_launch
 from mlx_qwen35.kernels.metal_decode import DECODE, decode_launch
 from mlx_qwen35.kernels.metal_emulation import emulate
-from delta_reference import check_decode_step, mx_inputs, numpy_fused_decode, numpy_recurrence, random_decode_inputs, random_inputs, rel
+from delta_reference import (bfloat16_decode_inputs, check_decode_step, mx_inputs, numpy_fused_decode,
+                             numpy_recurrence, random_decode_inputs, random_inputs, rel)
 
 
 @pytest.fixture
@@ -69,9 +70,7 @@ def test_a_bfloat16_decode_kernel_passes_its_check(metal):
     few bfloat16 steps (7e-3 apart on a real CUDA device); the check must tell that from a wrong kernel and use
     the kernel. Its result is float64's of the rounded inputs within bfloat16 rounding."""
     inputs = random_decode_inputs(2, 1, 2, 32, 32, seed=6)
-    bf16 = [mx.array(x).astype(mx.bfloat16) if i in (0, 1, 3, 4, 5) else x for i, x in enumerate(mx_inputs(inputs))]
-    rounded = [np.array(x.astype(mx.float32)) if i in (0, 1, 3, 4, 5) else y
-               for i, (x, y) in enumerate(zip(bf16, inputs))]
+    bf16, rounded = bfloat16_decode_inputs(inputs)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         out, conv_state, state = kernels.fused_decode_step(*bf16)
@@ -86,7 +85,7 @@ def test_a_kernel_wrong_by_a_few_percent_in_bfloat16_is_still_replaced(metal, mo
     kernel, calls = wrong(kernels.fused_decode_step_reference, factor=1.05)
     monkeypatch.setattr(kernels, "fused_decode_step_metal", kernel)
     inputs = random_decode_inputs(2, 1, 2, 32, 32, seed=6)
-    bf16 = [mx.array(x).astype(mx.bfloat16) if i in (0, 1, 3, 4, 5) else x for i, x in enumerate(mx_inputs(inputs))]
+    bf16, _ = bfloat16_decode_inputs(inputs)
     with pytest.warns(RuntimeWarning, match="Metal fused decode kernel failed its first-use check"):
         kernels.fused_decode_step(*bf16)
     assert len(calls) == 1
