@@ -75,6 +75,10 @@ THINKING_OFF = 0.3
 # CURRICULUM_EXAMPLES rows (the number of facts over the first RECALL_FACTS_GROWTH of them).
 FIRST_STAGE = 12_000
 CURRICULUM_EXAMPLES = 30_000
+# Single-picture scenes grow over their own number of mixed rows. At 30,000 (runs 15-21) a picture holds one shape
+# until growth 1/3 and four only at the end, so a scaffold over the first 10,000 rows (run 18) never saw a
+# picture with a shape to choose (docs/default-model.md, run 22).
+PICTURE_CURRICULUM = CURRICULUM_EXAMPLES
 IMAGE_TURNS = 4
 STEPS = 3100
 # The vision tower first learns the world's shapes on its own (train/vision_pretrain.py), then trains with the
@@ -206,12 +210,13 @@ def encode_example(example, processor, rng: random.Random):
 
 
 def training_examples(seed: int, first_stage: int = FIRST_STAGE, curriculum: int = CURRICULUM_EXAMPLES,
-                      sum_stage: int = SUM_STAGE, mix: dict = TRAIN_MIX):
+                      sum_stage: int = SUM_STAGE, mix: dict = TRAIN_MIX, picture_curriculum: int | None = None):
     """The training curriculum: `sum_stage` sums alone; then `first_stage` rows that cycle through "What color
     is the {shape}?" about one large shape, a code to repeat, a sum and the direction of one large shape
     crossing a video; then the world's examples drawn with `mix` (TRAIN_MIX), image rows as 1-IMAGE_TURNS question
     conversations whose scenes (and videos) grow to the world's (growth 0 to 1) over the next `curriculum` mixed
-    rows, as recall passages grow from one fact to 1-4 and to RECALL_MAX_TOKENS."""
+    rows, as recall passages grow from one fact to 1-4 and to RECALL_MAX_TOKENS; `picture_curriculum` (None:
+    `curriculum`) gives the single-picture scenes a growth of their own."""
 
     from . import world
 
@@ -221,6 +226,7 @@ def training_examples(seed: int, first_stage: int = FIRST_STAGE, curriculum: int
     first = [partial(world.image_example, question=world.ask_color, growth=0.0), copy_example, world.sum_example,
              partial(world.video_example, growth=0.0)]
     kinds, weights = list(mix), list(mix.values())
+    picture_curriculum = curriculum if picture_curriculum is None else picture_curriculum
     for _ in range(sum_stage):
         yield world.sum_example(rng)
     for drawn in range(first_stage):
@@ -229,7 +235,8 @@ def training_examples(seed: int, first_stage: int = FIRST_STAGE, curriculum: int
         kind = rng.choices(kinds, weights)[0]
         growth = min(1.0, drawn / curriculum) if curriculum else 1.0
         if kind == "image":
-            yield world.image_conversation(rng, turns=rng.randint(1, IMAGE_TURNS), growth=growth)
+            picture_growth = min(1.0, drawn / picture_curriculum) if picture_curriculum else 1.0
+            yield world.image_conversation(rng, turns=rng.randint(1, IMAGE_TURNS), growth=picture_growth)
         elif kind == "video":
             yield world.video_example(rng, growth=growth)
         elif kind == "recall":
@@ -250,7 +257,8 @@ def copy_example(rng: random.Random) -> dict:
 
 
 def world_rows(seed: int, processor, means: dict | None = None, scaffold_rows: int = 0, sum_stage: int = SUM_STAGE,
-               first_stage: int = FIRST_STAGE, curriculum: int = CURRICULUM_EXAMPLES, mix: dict = TRAIN_MIX):
+               first_stage: int = FIRST_STAGE, curriculum: int = CURRICULUM_EXAMPLES, mix: dict = TRAIN_MIX,
+               picture_curriculum: int | None = None):
     """Endless training rows drawn from the world with `seed` (`training_examples`); with the tower's `means`
     (`vision_pretrain.class_means`), picture rows among the first `scaffold_rows` of the mixed stage carry the
     binding scaffold's image features."""
@@ -258,7 +266,8 @@ def world_rows(seed: int, processor, means: dict | None = None, scaffold_rows: i
 
     rng = random.Random(seed + 1)
     mixed_from = sum_stage + first_stage
-    examples = training_examples(seed, first_stage=first_stage, curriculum=curriculum, sum_stage=sum_stage, mix=mix)
+    examples = training_examples(seed, first_stage=first_stage, curriculum=curriculum, sum_stage=sum_stage, mix=mix,
+                                 picture_curriculum=picture_curriculum)
     for index, example in enumerate(examples):
         row = encode_example(example, processor, rng)
         if (means is not None and mixed_from <= index < mixed_from + scaffold_rows and row.image_grid_thw is not None
@@ -318,14 +327,16 @@ def answer_accuracy(logits_fn, rows, batch_size: int = 16) -> float:
 def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_batch: int = 2048,
                   vision_steps: int = VISION_PRETRAIN_STEPS, vision_weights: Path | None = None,
                   scaffold_rows: int = SCAFFOLD_ROWS, city_words: bool = CITY_WORDS,
-                  tool_tail: int | None = None, learning_rate: float = 2e-3,
+                  tool_tail: int | None = None, picture_curriculum: int = PICTURE_CURRICULUM,
+                  learning_rate: float = 2e-3,
                   warmup: int = 100, log_every: int = 25, probe_every: int = 100, progress: bool = True) -> Path:
     """Train the default model into `output` (written atomically: weights, configs, tokenizer, training_log.txt).
     At logging steps that are multiples of `probe_every` (0: never) the log also gets held-out per-skill
     answer accuracy (`answer_accuracy` on `probe_rows`). `vision_weights`: a tower that `pretrain_vision`
     already trained (with this seed and `vision_steps`) to start from instead of pretraining again.
     `scaffold_rows`: the binding scaffold's length (SCAFFOLD_ROWS); `city_words`: CITY_WORDS; `tool_tail`: the
-    tool-heavy tail's steps, taken from `steps` (None: the recipe's TOOL_TAIL_STEPS of STEPS, in proportion)."""
+    tool-heavy tail's steps, taken from `steps` (None: the recipe's TOOL_TAIL_STEPS of STEPS, in proportion);
+    `picture_curriculum`: mixed rows over which single-picture scenes grow (PICTURE_CURRICULUM)."""
     import mlx.optimizers as optim
 
     from ..platform import cpu_setup
@@ -349,7 +360,9 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     log_lines = [f"# mlx-qwen35 train-default: seed {seed}, {vision_steps} vision pretraining steps, {steps} steps "
                  f"of ~{tokens_per_batch} tokens, peak lr {learning_rate}, {n_params / 1e6:.2f}M parameters, "
                  f"{cpu_setup()}" + (", cities as words of their own in the tokenizer" if city_words else "")
-                 + (f", the last {tool_tail} steps tool-heavy (TOOL_TAIL_MIX)" if tool_tail else "")]
+                 + (f", the last {tool_tail} steps tool-heavy (TOOL_TAIL_MIX)" if tool_tail else "")
+                 + (f", picture scenes grown over {picture_curriculum} mixed rows"
+                    if picture_curriculum != CURRICULUM_EXAMPLES else "")]
     print(log_lines[0], file=sys.stderr)
 
     def log(line):
@@ -384,7 +397,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
         means = class_means(model.model.visual, processor, seed=seed + 5_000_101)
         log(f"# binding scaffold: picture rows read the tower's class means for the first {scaffold_rows} rows of "
             "the mixed stage")
-    batches = length_batches(world_rows(seed, processor, means, scaffold_rows), tokens_per_batch, seed=seed)
+    batches = length_batches(world_rows(seed, processor, means, scaffold_rows, picture_curriculum=picture_curriculum),
+                             tokens_per_batch, seed=seed)
     probes = probe_rows(seed, processor) if probe_every else {}
     bar = _bar(steps, progress)
     start, tokens, window = time.perf_counter(), 0, []
@@ -461,6 +475,8 @@ def main(argv=None) -> int:
                         "pretraining it again")
     parser.add_argument("--scaffold-rows", type=int, default=SCAFFOLD_ROWS,
                         help="rows of the mixed stage whose pictures read the binding scaffold (0: none)")
+    parser.add_argument("--picture-curriculum", type=int, default=PICTURE_CURRICULUM,
+                        help="mixed rows over which single-picture scenes grow to the world's (0: grown at once)")
     parser.add_argument("--city-words", action=argparse.BooleanOptionalAction, default=CITY_WORDS,
                         help="the world tokenizer splits city names off their leading space (CITY_WORDS)")
     parser.add_argument("--tool-tail", type=int, help="the last steps draw a tool-heavy mix (TOOL_TAIL_MIX; 0: none; "
@@ -468,6 +484,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.scaffold_rows < 0:
         parser.error(f"--scaffold-rows {args.scaffold_rows}: a number of rows, 0 or more")
+    if args.picture_curriculum < 0:
+        parser.error(f"--picture-curriculum {args.picture_curriculum}: a number of rows, 0 or more")
     if args.tool_tail is not None and not 0 <= args.tool_tail <= args.steps:
         parser.error(f"--tool-tail {args.tool_tail}: a number of steps from 0 to --steps ({args.steps})")
     if args.vision_weights and not Path(args.vision_weights).is_file():
@@ -477,7 +495,7 @@ def main(argv=None) -> int:
     train_default(Path(args.output), seed=args.seed, steps=args.steps, tokens_per_batch=args.tokens_per_batch,
                   learning_rate=args.learning_rate, vision_steps=args.vision_steps,
                   vision_weights=args.vision_weights, scaffold_rows=args.scaffold_rows,
-                  city_words=args.city_words, tool_tail=args.tool_tail)
+                  city_words=args.city_words, tool_tail=args.tool_tail, picture_curriculum=args.picture_curriculum)
     print(f"wrote {args.output}")
     return 0
 
