@@ -161,6 +161,33 @@ def test_curriculum_scenes_start_with_one_large_shape_and_end_as_the_world():
     assert late > 20
 
 
+def test_picture_curriculum_grows_single_pictures_apart_from_the_rest():
+    """`picture_curriculum` 0 gives single pictures the world's scenes (up to four shapes of the world's sizes)
+    from the first mixed row, while videos keep `curriculum`'s growth (one large mover); without it pictures
+    follow `curriculum` (one shape a picture while growth is under 1/3)."""
+    from mlx_qwen35.train.default_model import training_examples
+
+    def single_pictures(**kwargs):
+        stream = training_examples(seed=4, first_stage=0, curriculum=10**6, sum_stage=0, **kwargs)
+        examples = list(itertools.islice(stream, 300))
+        pictures = [e["scenes"][0] for e in examples if len(e.get("scenes") or []) == 1]
+        videos = [e for e in examples if any(part.get("type") == "video" for part in e["messages"][0]["content"]
+                                             if isinstance(part, dict))]
+        return pictures, videos
+
+    grown, videos = single_pictures(picture_curriculum=0)
+    assert len(grown) > 50 and videos
+    assert max(len(scene.shapes) for scene in grown) == world.MAX_SHAPES
+    for scene in grown:
+        low, high = world.radius_range(min(scene.width, scene.height))
+        assert all(low - 1 <= shape.r <= high + 1 for shape in scene.shapes)
+    for video in videos:  # still growth 0: the mover alone
+        frames = video["messages"][0]["content"][0]["video"]
+        assert len(components(frames[0])) == 1
+    early, _ = single_pictures()
+    assert len(early) > 50 and all(len(scene.shapes) == 1 for scene in early)
+
+
 def test_curriculum_videos_start_with_one_large_shape_crossing_the_picture():
     """Training's early videos (growth 0) show one shape alone, at least a third of the shorter side across,
     travelling most of the free room, and the answer is the direction its pixels move."""
