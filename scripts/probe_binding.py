@@ -22,6 +22,8 @@ one run is one noisy measurement.
     --tower-lr-scale F         the tower's learning rate as a share of the decoder's (0: frozen)
     --aux-kind W               also train each shape-centre token's logits toward its kind's word, weight W
     --switch-at N --switch-to F  from step N on, the features F instead (a scaffold: bind on one, go on with another)
+    --lone-first               before --switch-at, each picture holds one large shape (world growth 0), as in
+                               the recipe's first stage (the rows already pooled for batching finish as drawn)
 
     .venv/bin/python scripts/probe_binding.py --features oracle --steps 600
 """
@@ -149,6 +151,7 @@ def main():
     parser.add_argument("--aux-kind", type=float, default=0.0)
     parser.add_argument("--switch-at", type=int, default=0)
     parser.add_argument("--switch-to", default=None)
+    parser.add_argument("--lone-first", action="store_true")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--tokens-per-batch", type=int, default=1024)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
@@ -164,6 +167,8 @@ def main():
             parser.error(f"{flag} {error}")
     if bool(args.switch_to) != bool(args.switch_at):
         parser.error("--switch-at and --switch-to go together")
+    if args.lone_first and not args.switch_at:
+        parser.error("--lone-first needs --switch-at (where the world's pictures begin)")
     if args.tower and not args.tower.is_file():
         parser.error(f"--tower {args.tower}: no such file")
 
@@ -186,10 +191,12 @@ def main():
                                         {"__call__": lambda self, pixels, grid: features(tower, pixels, grid)})
     image_token = model.config.image_token_id
 
+    lone = [args.lone_first]
+
     def rows():
         rng, thinking_rng = random.Random(args.seed + 123), random.Random(args.seed + 124)
         while True:
-            example = world.image_example(rng, world.ask_color)
+            example = world.image_example(rng, world.ask_color, growth=0.0 if lone[0] else 1.0)
             row = dm.encode_example(example, processor, thinking_rng)
             row.words = features.words(example["scenes"][0], tuple(int(v) for v in row.image_grid_thw[0]))
             yield row
@@ -259,6 +266,7 @@ def main():
         seen += len(batch_rows)
         if args.switch_to and step == args.switch_at:
             features.mode = parse_features(args.switch_to)
+            lone[0] = False
             print(f"step {step}  features now {args.switch_to}", flush=True)
         record = trainer.train_step(with_aux(batch_rows))
         if step % args.every == 0 or step == args.steps:

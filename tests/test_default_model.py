@@ -2,6 +2,7 @@
 (reduced bars; the full table is `mlx-qwen35 eval-default`), the README's main command, and a LoRA fine-tune
 that teaches it a new colour name."""
 
+import itertools
 import json
 import random
 import re
@@ -445,3 +446,34 @@ def test_scaffold_rows_are_the_first_picture_rows_of_the_mixed_stage(tmp_path):
         assert row.image_features.shape == (image_tokens, 192)
         assert 1 <= (np.abs(row.image_features).sum(1) > 0).sum() <= 4 * len(row.image_grid_thw)
     assert all(rows[i].image_features is None for i in range(len(rows)) if i not in scaffolded)
+
+
+def test_grown_first_stage_asks_about_the_worlds_scenes_through_the_scaffold(tmp_path):
+    """With `grown_first_stage` the first stage's colour questions are about the world's scenes (some with
+    several shapes) and read the scaffold, as do the mixed stage's first `scaffold_rows` pictures; its videos
+    still go through the tower. Without it the first stage's pictures hold one shape and read the tower."""
+    from mlx_qwen35.train.default_model import training_examples, world_rows, write_skeleton
+    _, processor = write_skeleton(tmp_path, seed=0)
+    means = {"mean": np.ones(192, np.float32), "kind": np.ones((4, 192), np.float32),
+             "colour": np.ones((7, 192), np.float32)}
+    sum_stage, first_stage = 2, 48
+
+    def first_stage_pictures(grown):
+        examples = training_examples(0, first_stage=first_stage, sum_stage=sum_stage, grown_first_stage=grown)
+        stage = list(itertools.islice(examples, sum_stage + first_stage))[sum_stage:]
+        return [e for e in stage if len(e.get("scenes") or []) == 1]
+
+    grown, lone = first_stage_pictures(True), first_stage_pictures(False)
+    assert len(grown) == len(lone) == first_stage // 4
+    assert all(e["messages"][0]["content"][-1]["text"].startswith("What color is the") for e in grown)
+    assert max(len(e["scenes"][0].shapes) for e in grown) > 1
+    assert all(len(e["scenes"][0].shapes) == 1 for e in lone)
+    stream = world_rows(0, processor, means, scaffold_rows=10, sum_stage=sum_stage, first_stage=first_stage,
+                        grown_first_stage=True)
+    rows = [next(stream) for _ in range(sum_stage + first_stage + 10)]
+    pictures = [i for i, row in enumerate(rows) if row.image_grid_thw is not None and row.pixel_values_videos is None]
+    scaffolded = [i for i, row in enumerate(rows) if row.image_features is not None]
+    assert scaffolded == [i for i in pictures if sum_stage <= i < sum_stage + first_stage + 10]
+    assert len([i for i in scaffolded if i < sum_stage + first_stage]) == first_stage // 4
+    videos = [row for row in rows if row.pixel_values_videos is not None]
+    assert videos and all(row.image_features is None for row in videos)

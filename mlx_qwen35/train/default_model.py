@@ -79,6 +79,11 @@ CURRICULUM_EXAMPLES = 30_000
 # until growth 1/3 and four only at the end, so a scaffold over the first 10,000 rows (run 18) never saw a
 # picture with a shape to choose (docs/default-model.md, run 22).
 PICTURE_CURRICULUM = CURRICULUM_EXAMPLES
+# The first stage's colour rows ask about one large shape. A decoder that has learned that (1,600-3,200 rows) no
+# longer forms choosing the asked shape among several in 4,800 rows, even on the scaffold's clean keys (92-99/150
+# colour questions), where a fresh decoder forms it (141/150; docs/default-model.md, run 22). GROWN_FIRST_STAGE asks
+# them about the world's own scenes instead, read through the scaffold.
+GROWN_FIRST_STAGE = False
 IMAGE_TURNS = 4
 STEPS = 3100
 # The vision tower first learns the world's shapes on its own (train/vision_pretrain.py), then trains with the
@@ -210,20 +215,23 @@ def encode_example(example, processor, rng: random.Random):
 
 
 def training_examples(seed: int, first_stage: int = FIRST_STAGE, curriculum: int = CURRICULUM_EXAMPLES,
-                      sum_stage: int = SUM_STAGE, mix: dict = TRAIN_MIX, picture_curriculum: int | None = None):
+                      sum_stage: int = SUM_STAGE, mix: dict = TRAIN_MIX, picture_curriculum: int | None = None,
+                      grown_first_stage: bool = False):
     """The training curriculum: `sum_stage` sums alone; then `first_stage` rows that cycle through "What color
     is the {shape}?" about one large shape, a code to repeat, a sum and the direction of one large shape
     crossing a video; then the world's examples drawn with `mix` (TRAIN_MIX), image rows as 1-IMAGE_TURNS question
     conversations whose scenes (and videos) grow to the world's (growth 0 to 1) over the next `curriculum` mixed
     rows, as recall passages grow from one fact to 1-4 and to RECALL_MAX_TOKENS; `picture_curriculum` (None:
-    `curriculum`) gives the single-picture scenes a growth of their own."""
+    `curriculum`) gives the single-picture scenes a growth of their own; `grown_first_stage` asks the first
+    stage's colour questions about the world's scenes instead of one large shape."""
 
     from . import world
 
     rng = random.Random(seed)
     generators = dict(world.GENERATORS, copy=copy_example,
                       tool=lambda rng: world.tool_example(rng, turns=rng.randint(1, TOOL_TURNS)))
-    first = [partial(world.image_example, question=world.ask_color, growth=0.0), copy_example, world.sum_example,
+    first = [partial(world.image_example, question=world.ask_color, growth=1.0 if grown_first_stage else 0.0),
+             copy_example, world.sum_example,
              partial(world.video_example, growth=0.0)]
     kinds, weights = list(mix), list(mix.values())
     picture_curriculum = curriculum if picture_curriculum is None else picture_curriculum
@@ -258,19 +266,20 @@ def copy_example(rng: random.Random) -> dict:
 
 def world_rows(seed: int, processor, means: dict | None = None, scaffold_rows: int = 0, sum_stage: int = SUM_STAGE,
                first_stage: int = FIRST_STAGE, curriculum: int = CURRICULUM_EXAMPLES, mix: dict = TRAIN_MIX,
-               picture_curriculum: int | None = None):
+               picture_curriculum: int | None = None, grown_first_stage: bool = False):
     """Endless training rows drawn from the world with `seed` (`training_examples`); with the tower's `means`
-    (`vision_pretrain.class_means`), picture rows among the first `scaffold_rows` of the mixed stage carry the
-    binding scaffold's image features."""
+    (`vision_pretrain.class_means`), picture rows among the first `scaffold_rows` of the mixed stage (and with
+    `grown_first_stage` the first stage's pictures too) carry the binding scaffold's image features."""
     from .vision_pretrain import scaffold_features
 
     rng = random.Random(seed + 1)
     mixed_from = sum_stage + first_stage
+    scaffold_from = sum_stage if grown_first_stage else mixed_from
     examples = training_examples(seed, first_stage=first_stage, curriculum=curriculum, sum_stage=sum_stage, mix=mix,
-                                 picture_curriculum=picture_curriculum)
+                                 picture_curriculum=picture_curriculum, grown_first_stage=grown_first_stage)
     for index, example in enumerate(examples):
         row = encode_example(example, processor, rng)
-        if (means is not None and mixed_from <= index < mixed_from + scaffold_rows and row.image_grid_thw is not None
+        if (means is not None and scaffold_from <= index < mixed_from + scaffold_rows and row.image_grid_thw is not None
                 and row.pixel_values_videos is None and example.get("scenes")):
             row.image_features = np.concatenate([scaffold_features(means, scene, tuple(int(v) for v in grid))
                                                  for scene, grid in zip(example["scenes"], row.image_grid_thw)])
@@ -328,6 +337,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                   vision_steps: int = VISION_PRETRAIN_STEPS, vision_weights: Path | None = None,
                   scaffold_rows: int = SCAFFOLD_ROWS, city_words: bool = CITY_WORDS,
                   tool_tail: int | None = None, picture_curriculum: int = PICTURE_CURRICULUM,
+                  grown_first_stage: bool = GROWN_FIRST_STAGE,
                   learning_rate: float = 2e-3,
                   warmup: int = 100, log_every: int = 25, probe_every: int = 100, progress: bool = True) -> Path:
     """Train the default model into `output` (written atomically: weights, configs, tokenizer, training_log.txt).
@@ -336,7 +346,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     already trained (with this seed and `vision_steps`) to start from instead of pretraining again.
     `scaffold_rows`: the binding scaffold's length (SCAFFOLD_ROWS); `city_words`: CITY_WORDS; `tool_tail`: the
     tool-heavy tail's steps, taken from `steps` (None: the recipe's TOOL_TAIL_STEPS of STEPS, in proportion);
-    `picture_curriculum`: mixed rows over which single-picture scenes grow (PICTURE_CURRICULUM)."""
+    `picture_curriculum`: mixed rows over which single-picture scenes grow (PICTURE_CURRICULUM);
+    `grown_first_stage`: GROWN_FIRST_STAGE."""
     import mlx.optimizers as optim
 
     from ..platform import cpu_setup
@@ -362,7 +373,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                  f"{cpu_setup()}" + (", cities as words of their own in the tokenizer" if city_words else "")
                  + (f", the last {tool_tail} steps tool-heavy (TOOL_TAIL_MIX)" if tool_tail else "")
                  + (f", picture scenes grown over {picture_curriculum} mixed rows"
-                    if picture_curriculum != CURRICULUM_EXAMPLES else "")]
+                    if picture_curriculum != CURRICULUM_EXAMPLES else "")
+                 + (", the first stage's colour questions about the world's scenes" if grown_first_stage else "")]
     print(log_lines[0], file=sys.stderr)
 
     def log(line):
@@ -393,12 +405,13 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
          optim.AdamW(learning_rate=schedule, betas=ADAM_BETAS, weight_decay=0.01)],
         [lambda path, _: path.startswith("model.visual")])
     means = None
-    if scaffold_rows:
+    if scaffold_rows or grown_first_stage:
         means = class_means(model.model.visual, processor, seed=seed + 5_000_101)
-        log(f"# binding scaffold: picture rows read the tower's class means for the first {scaffold_rows} rows of "
-            "the mixed stage")
-    batches = length_batches(world_rows(seed, processor, means, scaffold_rows, picture_curriculum=picture_curriculum),
-                             tokens_per_batch, seed=seed)
+        log("# binding scaffold: picture rows read the tower's class means"
+            + (" in the first stage and" if grown_first_stage else "")
+            + f" for the first {scaffold_rows} rows of the mixed stage")
+    batches = length_batches(world_rows(seed, processor, means, scaffold_rows, picture_curriculum=picture_curriculum,
+                                        grown_first_stage=grown_first_stage), tokens_per_batch, seed=seed)
     probes = probe_rows(seed, processor) if probe_every else {}
     bar = _bar(steps, progress)
     start, tokens, window = time.perf_counter(), 0, []
@@ -477,6 +490,9 @@ def main(argv=None) -> int:
                         help="rows of the mixed stage whose pictures read the binding scaffold (0: none)")
     parser.add_argument("--picture-curriculum", type=int, default=PICTURE_CURRICULUM,
                         help="mixed rows over which single-picture scenes grow to the world's (0: grown at once)")
+    parser.add_argument("--grown-first-stage", action=argparse.BooleanOptionalAction, default=GROWN_FIRST_STAGE,
+                        help="the first stage asks its colour questions about the world's scenes, read through the "
+                        "binding scaffold, instead of about one large shape through the tower")
     parser.add_argument("--city-words", action=argparse.BooleanOptionalAction, default=CITY_WORDS,
                         help="the world tokenizer splits city names off their leading space (CITY_WORDS)")
     parser.add_argument("--tool-tail", type=int, help="the last steps draw a tool-heavy mix (TOOL_TAIL_MIX; 0: none; "
@@ -495,7 +511,8 @@ def main(argv=None) -> int:
     train_default(Path(args.output), seed=args.seed, steps=args.steps, tokens_per_batch=args.tokens_per_batch,
                   learning_rate=args.learning_rate, vision_steps=args.vision_steps,
                   vision_weights=args.vision_weights, scaffold_rows=args.scaffold_rows,
-                  city_words=args.city_words, tool_tail=args.tool_tail, picture_curriculum=args.picture_curriculum)
+                  city_words=args.city_words, tool_tail=args.tool_tail, picture_curriculum=args.picture_curriculum,
+                  grown_first_stage=args.grown_first_stage)
     print(f"wrote {args.output}")
     return 0
 
