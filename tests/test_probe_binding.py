@@ -78,7 +78,8 @@ def test_tower_modes_add_the_named_words_at_centres_and_noise_has_its_scale(tmp_
 
 def test_a_short_oracle_run_trains_and_answers():
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "probe_binding.py"), "--features", "oracle",
-                          "--steps", "2", "--every", "2", "--held-out", "3", "--aux-kind", "1", "--only-centres"],
+                          "--steps", "2", "--every", "2", "--held-out", "3", "--aux-kind", "1", "--only-centres",
+                          "--lone-first", "--switch-at", "2", "--switch-to", "oracle"],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     line = [l for l in run.stdout.splitlines() if "held-out colour right" in l][-1]
@@ -89,7 +90,7 @@ def test_bad_arguments_are_named_before_anything_runs():
     for args, named in ((["--features", "kind+tower:abc"], "kind+tower:abc"), (["--features", "spread:2"], "spread:2"),
                         (["--tower", "/no/such/tower.safetensors"], "/no/such/tower.safetensors"),
                         (["--features", "oracle+noise"], "oracle+noise"), (["--switch-to", "towr"], "towr"),
-                        (["--switch-to", "tower"], "--switch-at")):
+                        (["--switch-to", "tower"], "--switch-at"), (["--lone-first"], "--lone-first")):
         run = subprocess.run([sys.executable, str(ROOT / "scripts" / "probe_binding.py"), *args],
                              capture_output=True, text=True, timeout=120)
         assert run.returncode == 2 and named in run.stderr and not run.stdout
