@@ -100,7 +100,8 @@ VISION_MAX_SHAPES = 4
 # and keeps it on the tower's output (128/150). For the first `scaffold_rows` rows of the mixed stage picture
 # rows read `vision_pretrain.scaffold_features` instead of the tower. Off: in the full recipe (run 18, 10,000
 # rows) it helped the shape question by 7 points, not colour, and that run lost its tool calls; runs 15 and 20
-# had none.
+# had none. Run 22 (18,000 rows, pictures grown by mixed row 4,000) did not form the choice either: the first
+# stage's lone shapes block it (GROWN_FIRST_STAGE below).
 SCAFFOLD_ROWS = 0
 # The tool call writes its city after a newline ("<parameter=city>\nLima"), the question after a space (" Lima"):
 # two tokens of Qwen's pre-tokenisation, so a call must translate each city while add()'s digits are the same
