@@ -243,10 +243,10 @@ def training_examples(seed: int, first_stage: int = FIRST_STAGE, curriculum: int
         yield first[drawn % len(first)](rng)
     for drawn in itertools.count():
         kind = rng.choices(kinds, weights)[0]
-        growth = min(1.0, drawn / curriculum) if curriculum else 1.0
+        growth = grown_share(drawn, curriculum)
         if kind == "image":
-            picture_growth = min(1.0, drawn / picture_curriculum) if picture_curriculum else 1.0
-            yield world.image_conversation(rng, turns=rng.randint(1, IMAGE_TURNS), growth=picture_growth)
+            yield world.image_conversation(rng, turns=rng.randint(1, IMAGE_TURNS),
+                                           growth=grown_share(drawn, picture_curriculum))
         elif kind == "video":
             yield world.video_example(rng, growth=growth)
         elif kind == "recall":
@@ -255,6 +255,11 @@ def training_examples(seed: int, first_stage: int = FIRST_STAGE, curriculum: int
                                        facts=1 + round(3 * min(1.0, growth / RECALL_FACTS_GROWTH)))
         else:
             yield generators[kind](rng)
+
+
+def grown_share(drawn: int, rows: int) -> float:
+    """Growth after `drawn` of a curriculum `rows` long (0: grown from the start)."""
+    return min(1.0, drawn / rows) if rows else 1.0
 
 
 def copy_example(rng: random.Random) -> dict:
