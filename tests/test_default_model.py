@@ -396,6 +396,10 @@ def test_train_default_refuses_a_missing_vision_tower_before_writing(tmp_path, c
     with pytest.raises(SystemExit):
         main(["--output", str(tmp_path / "model"), "--steps", "4", "--tool-tail", "-1"])
     assert "--tool-tail -1: a number of steps from 0 to --steps (4)" in capsys.readouterr().err
+    for flag in ("--binding-stage", "--picture-curriculum", "--scaffold-rows"):
+        with pytest.raises(SystemExit):
+            main(["--output", str(tmp_path / "model"), flag, "-3"])
+        assert f"{flag} -3: a number of rows, 0 or more" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
     import mlx.core as mx
 
@@ -477,3 +481,28 @@ def test_grown_first_stage_asks_about_the_worlds_scenes_through_the_scaffold(tmp
     assert len([i for i in scaffolded if i < sum_stage + first_stage]) == first_stage // 4
     videos = [row for row in rows if row.pixel_values_videos is not None]
     assert videos and all(row.image_features is None for row in videos)
+
+
+def test_binding_stage_asks_colour_alone_through_the_scaffold_between_sums_and_first_stage(tmp_path):
+    """`binding_stage` rows after the sums are all colour questions about the world's scenes (some with several
+    shapes), each reading the scaffold; the first stage follows unchanged (its lone shapes through the tower)."""
+    from mlx_qwen35.train.default_model import training_examples, world_rows, write_skeleton
+    _, processor = write_skeleton(tmp_path, seed=0)
+    means = {"mean": np.ones(192, np.float32), "kind": np.ones((4, 192), np.float32),
+             "colour": np.ones((7, 192), np.float32)}
+    sum_stage, binding_stage, first_stage = 3, 30, 8
+    examples = list(itertools.islice(training_examples(0, sum_stage=sum_stage, binding_stage=binding_stage,
+                                                       first_stage=first_stage),
+                                     sum_stage + binding_stage + first_stage))
+    assert all(not e.get("scenes") for e in examples[:sum_stage])
+    binding = examples[sum_stage:sum_stage + binding_stage]
+    assert all(len(e["scenes"]) == 1 and e["messages"][0]["content"][-1]["text"].startswith("What color is the")
+               for e in binding)
+    assert max(len(e["scenes"][0].shapes) for e in binding) > 1
+    first = examples[sum_stage + binding_stage:]
+    assert [e["messages"][0]["content"][-1]["text"].startswith("What color is the") for e in first[::4]] == [True] * 2
+    assert all(len(e["scenes"][0].shapes) == 1 for e in first[::4])
+    stream = world_rows(0, processor, means, sum_stage=sum_stage, binding_stage=binding_stage, first_stage=first_stage)
+    rows = [next(stream) for _ in range(sum_stage + binding_stage + first_stage + 20)]
+    scaffolded = [i for i, row in enumerate(rows) if row.image_features is not None]
+    assert scaffolded == list(range(sum_stage, sum_stage + binding_stage))

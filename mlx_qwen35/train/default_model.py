@@ -85,6 +85,11 @@ PICTURE_CURRICULUM = CURRICULUM_EXAMPLES
 # them about the world's own scenes instead, read through the scaffold. Not enough alone: run 23 had not formed
 # the choice on the clean keys by step 2,000 in the recipe's mix (docs); off until a run with it ships.
 GROWN_FIRST_STAGE = False
+# A binding stage: `binding_stage` colour questions about the world's scenes, alone and read through the scaffold,
+# between the sum stage and the first stage, so the decoder forms choosing the asked shape before anything offers
+# it another way to answer (a fresh decoder forms it in about 300 such steps in the probe; the recipe's mix never
+# formed it, run 23). Off until a run with it ships.
+BINDING_STAGE = 0
 IMAGE_TURNS = 4
 STEPS = 3100
 # The vision tower first learns the world's shapes on its own (train/vision_pretrain.py), then trains with the
@@ -218,8 +223,9 @@ def encode_example(example, processor, rng: random.Random):
 
 def training_examples(seed: int, first_stage: int = FIRST_STAGE, curriculum: int = CURRICULUM_EXAMPLES,
                       sum_stage: int = SUM_STAGE, mix: dict = TRAIN_MIX, picture_curriculum: int | None = None,
-                      grown_first_stage: bool = False):
-    """The training curriculum: `sum_stage` sums alone; then `first_stage` rows that cycle through "What color
+                      grown_first_stage: bool = False, binding_stage: int = 0):
+    """The training curriculum: `sum_stage` sums alone; then `binding_stage` colour questions about the world's
+    scenes (BINDING_STAGE); then `first_stage` rows that cycle through "What color
     is the {shape}?" about one large shape, a code to repeat, a sum and the direction of one large shape
     crossing a video; then the world's examples drawn with `mix` (TRAIN_MIX), image rows as 1-IMAGE_TURNS question
     conversations whose scenes (and videos) grow to the world's (growth 0 to 1) over the next `curriculum` mixed
@@ -239,6 +245,8 @@ def training_examples(seed: int, first_stage: int = FIRST_STAGE, curriculum: int
     picture_curriculum = curriculum if picture_curriculum is None else picture_curriculum
     for _ in range(sum_stage):
         yield world.sum_example(rng)
+    for _ in range(binding_stage):
+        yield world.image_example(rng, question=world.ask_color)
     for drawn in range(first_stage):
         yield first[drawn % len(first)](rng)
     for drawn in itertools.count():
@@ -273,20 +281,23 @@ def copy_example(rng: random.Random) -> dict:
 
 def world_rows(seed: int, processor, means: dict | None = None, scaffold_rows: int = 0, sum_stage: int = SUM_STAGE,
                first_stage: int = FIRST_STAGE, curriculum: int = CURRICULUM_EXAMPLES, mix: dict = TRAIN_MIX,
-               picture_curriculum: int | None = None, grown_first_stage: bool = False):
+               picture_curriculum: int | None = None, grown_first_stage: bool = False, binding_stage: int = 0):
     """Endless training rows drawn from the world with `seed` (`training_examples`); with the tower's `means`
-    (`vision_pretrain.class_means`), picture rows among the first `scaffold_rows` of the mixed stage (and with
-    `grown_first_stage` the first stage's pictures too) carry the binding scaffold's image features."""
+    (`vision_pretrain.class_means`), picture rows of the binding stage, among the first `scaffold_rows` of the
+    mixed stage and, with `grown_first_stage`, of the first stage carry the binding scaffold's image features."""
     from .vision_pretrain import scaffold_features
 
     rng = random.Random(seed + 1)
-    mixed_from = sum_stage + first_stage
-    scaffold_from = sum_stage if grown_first_stage else mixed_from
+    first_from = sum_stage + binding_stage
+    mixed_from = first_from + first_stage
+    scaffold_from = first_from if grown_first_stage else mixed_from
     examples = training_examples(seed, first_stage=first_stage, curriculum=curriculum, sum_stage=sum_stage, mix=mix,
-                                 picture_curriculum=picture_curriculum, grown_first_stage=grown_first_stage)
+                                 picture_curriculum=picture_curriculum, grown_first_stage=grown_first_stage,
+                                 binding_stage=binding_stage)
     for index, example in enumerate(examples):
         row = encode_example(example, processor, rng)
-        if (means is not None and scaffold_from <= index < mixed_from + scaffold_rows and row.image_grid_thw is not None
+        on_scaffold = sum_stage <= index < first_from or scaffold_from <= index < mixed_from + scaffold_rows
+        if (means is not None and on_scaffold and row.image_grid_thw is not None
                 and row.pixel_values_videos is None and example.get("scenes")):
             row.image_features = np.concatenate([scaffold_features(means, scene, tuple(int(v) for v in grid))
                                                  for scene, grid in zip(example["scenes"], row.image_grid_thw)])
@@ -344,7 +355,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                   vision_steps: int = VISION_PRETRAIN_STEPS, vision_weights: Path | None = None,
                   scaffold_rows: int = SCAFFOLD_ROWS, city_words: bool = CITY_WORDS,
                   tool_tail: int | None = None, picture_curriculum: int = PICTURE_CURRICULUM,
-                  grown_first_stage: bool = GROWN_FIRST_STAGE,
+                  grown_first_stage: bool = GROWN_FIRST_STAGE, binding_stage: int = BINDING_STAGE,
                   learning_rate: float = 2e-3,
                   warmup: int = 100, log_every: int = 25, probe_every: int = 100, progress: bool = True) -> Path:
     """Train the default model into `output` (written atomically: weights, configs, tokenizer, training_log.txt).
@@ -354,7 +365,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     `scaffold_rows`: the binding scaffold's length (SCAFFOLD_ROWS); `city_words`: CITY_WORDS; `tool_tail`: the
     tool-heavy tail's steps, taken from `steps` (None: the recipe's TOOL_TAIL_STEPS of STEPS, in proportion);
     `picture_curriculum`: mixed rows over which single-picture scenes grow (PICTURE_CURRICULUM);
-    `grown_first_stage`: GROWN_FIRST_STAGE."""
+    `grown_first_stage`: GROWN_FIRST_STAGE; `binding_stage`: BINDING_STAGE."""
     import mlx.optimizers as optim
 
     from ..platform import cpu_setup
@@ -381,6 +392,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                  + (f", the last {tool_tail} steps tool-heavy (TOOL_TAIL_MIX)" if tool_tail else "")
                  + (f", picture scenes grown over {picture_curriculum} mixed rows"
                     if picture_curriculum != CURRICULUM_EXAMPLES else "")
+                 + (f", a binding stage of {binding_stage} colour questions after the sums" if binding_stage else "")
                  + (", the first stage's colour questions about the world's scenes" if grown_first_stage else "")]
     print(log_lines[0], file=sys.stderr)
 
@@ -412,13 +424,15 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
          optim.AdamW(learning_rate=schedule, betas=ADAM_BETAS, weight_decay=0.01)],
         [lambda path, _: path.startswith("model.visual")])
     means = None
-    if scaffold_rows or grown_first_stage:
+    if scaffold_rows or grown_first_stage or binding_stage:
         means = class_means(model.model.visual, processor, seed=seed + 5_000_101)
         log("# binding scaffold: picture rows read the tower's class means"
+            + (" in the binding stage," if binding_stage else "")
             + (" in the first stage and" if grown_first_stage else "")
             + f" for the first {scaffold_rows} rows of the mixed stage")
     batches = length_batches(world_rows(seed, processor, means, scaffold_rows, picture_curriculum=picture_curriculum,
-                                        grown_first_stage=grown_first_stage), tokens_per_batch, seed=seed)
+                                        grown_first_stage=grown_first_stage, binding_stage=binding_stage),
+                             tokens_per_batch, seed=seed)
     probes = probe_rows(seed, processor) if probe_every else {}
     bar = _bar(steps, progress)
     start, tokens, window = time.perf_counter(), 0, []
@@ -500,6 +514,9 @@ def main(argv=None) -> int:
     parser.add_argument("--grown-first-stage", action=argparse.BooleanOptionalAction, default=GROWN_FIRST_STAGE,
                         help="the first stage asks its colour questions about the world's scenes, read through the "
                         "binding scaffold, instead of about one large shape through the tower")
+    parser.add_argument("--binding-stage", type=int, default=BINDING_STAGE,
+                        help="colour questions about the world's scenes, alone and read through the binding scaffold, "
+                        "between the sum stage and the first stage (0: none)")
     parser.add_argument("--city-words", action=argparse.BooleanOptionalAction, default=CITY_WORDS,
                         help="the world tokenizer splits city names off their leading space (CITY_WORDS)")
     parser.add_argument("--tool-tail", type=int, help="the last steps draw a tool-heavy mix (TOOL_TAIL_MIX; 0: none; "
@@ -507,6 +524,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.scaffold_rows < 0:
         parser.error(f"--scaffold-rows {args.scaffold_rows}: a number of rows, 0 or more")
+    if args.binding_stage < 0:
+        parser.error(f"--binding-stage {args.binding_stage}: a number of rows, 0 or more")
     if args.picture_curriculum < 0:
         parser.error(f"--picture-curriculum {args.picture_curriculum}: a number of rows, 0 or more")
     if args.tool_tail is not None and not 0 <= args.tool_tail <= args.steps:
@@ -519,7 +538,7 @@ def main(argv=None) -> int:
                   learning_rate=args.learning_rate, vision_steps=args.vision_steps,
                   vision_weights=args.vision_weights, scaffold_rows=args.scaffold_rows,
                   city_words=args.city_words, tool_tail=args.tool_tail, picture_curriculum=args.picture_curriculum,
-                  grown_first_stage=args.grown_first_stage)
+                  grown_first_stage=args.grown_first_stage, binding_stage=args.binding_stage)
     print(f"wrote {args.output}")
     return 0
 
