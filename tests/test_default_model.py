@@ -483,9 +483,10 @@ def test_grown_first_stage_asks_about_the_worlds_scenes_through_the_scaffold(tmp
     assert videos and all(row.image_features is None for row in videos)
 
 
-def test_binding_stage_asks_colour_alone_through_the_scaffold_between_sums_and_first_stage(tmp_path):
-    """`binding_stage` rows after the sums are all colour questions about the world's scenes (some with several
-    shapes), each reading the scaffold; the first stage follows unchanged (its lone shapes through the tower)."""
+def test_binding_stage_asks_colour_alone_through_the_scaffold_before_anything_else(tmp_path):
+    """The first `binding_stage` rows are all colour questions about the world's scenes (some with several
+    shapes), each reading the scaffold; the sums and the first stage follow unchanged (its lone shapes through the
+    tower)."""
     from mlx_qwen35.train.default_model import training_examples, world_rows, write_skeleton
     _, processor = write_skeleton(tmp_path, seed=0)
     means = {"mean": np.ones(192, np.float32), "kind": np.ones((4, 192), np.float32),
@@ -494,8 +495,8 @@ def test_binding_stage_asks_colour_alone_through_the_scaffold_between_sums_and_f
     examples = list(itertools.islice(training_examples(0, sum_stage=sum_stage, binding_stage=binding_stage,
                                                        first_stage=first_stage),
                                      sum_stage + binding_stage + first_stage))
-    assert all(not e.get("scenes") for e in examples[:sum_stage])
-    binding = examples[sum_stage:sum_stage + binding_stage]
+    assert all(not e.get("scenes") for e in examples[binding_stage:binding_stage + sum_stage])
+    binding = examples[:binding_stage]
     assert all(len(e["scenes"]) == 1 and e["messages"][0]["content"][-1]["text"].startswith("What color is the")
                for e in binding)
     assert max(len(e["scenes"][0].shapes) for e in binding) > 1
@@ -505,4 +506,4 @@ def test_binding_stage_asks_colour_alone_through_the_scaffold_between_sums_and_f
     stream = world_rows(0, processor, means, sum_stage=sum_stage, binding_stage=binding_stage, first_stage=first_stage)
     rows = [next(stream) for _ in range(sum_stage + binding_stage + first_stage + 20)]
     scaffolded = [i for i, row in enumerate(rows) if row.image_features is not None]
-    assert scaffolded == list(range(sum_stage, sum_stage + binding_stage))
+    assert scaffolded == list(range(binding_stage))
