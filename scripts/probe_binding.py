@@ -24,11 +24,15 @@ one run is one noisy measurement.
     --switch-at N --switch-to F  from step N on, the features F instead (a scaffold: bind on one, go on with another)
     --lone-first               before --switch-at, each picture holds one large shape (world growth 0), as in
                                the recipe's first stage (the rows already pooled for batching finish as drawn)
+    --sums-first ROWS          the world's sums alone before any picture, as the recipe's sum stage
+    --sum-share F              then each row a sum with probability F (a stage of sums and colour questions mixed);
+                               with sums in the stream the held-out line also gives 64 held-out sums (teacher-forced)
 
     .venv/bin/python scripts/probe_binding.py --features oracle --steps 600
 """
 
 import argparse
+import itertools
 import random
 import time
 from collections import Counter
@@ -44,6 +48,7 @@ import mlx_qwen35
 from mlx_qwen35.train import default_model as dm
 from mlx_qwen35.train import evaluate, world
 from mlx_qwen35.train import trainer as training
+from mlx_qwen35.train.trainer import hidden_states
 from mlx_qwen35.train.data import collate
 from mlx_qwen35.train.vision_pretrain import COLOR_IDS, KIND_IDS, class_means, token_labels
 
@@ -152,6 +157,8 @@ def main():
     parser.add_argument("--switch-at", type=int, default=0)
     parser.add_argument("--switch-to", default=None)
     parser.add_argument("--lone-first", action="store_true")
+    parser.add_argument("--sums-first", type=int, default=0)
+    parser.add_argument("--sum-share", type=float, default=0.0)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--tokens-per-batch", type=int, default=1024)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
@@ -169,6 +176,10 @@ def main():
         parser.error("--switch-at and --switch-to go together")
     if args.lone_first and not args.switch_at:
         parser.error("--lone-first needs --switch-at (where the world's pictures begin)")
+    if args.sums_first < 0:
+        parser.error(f"--sums-first {args.sums_first}: a number of rows, 0 or more")
+    if not 0 <= args.sum_share < 1:
+        parser.error(f"--sum-share {args.sum_share}: a share from 0 up to (not including) 1")
     if args.tower and not args.tower.is_file():
         parser.error(f"--tower {args.tower}: no such file")
 
@@ -195,10 +206,15 @@ def main():
 
     def rows():
         rng, thinking_rng = random.Random(args.seed + 123), random.Random(args.seed + 124)
-        while True:
-            example = world.image_example(rng, world.ask_color, growth=0.0 if lone[0] else 1.0)
-            row = dm.encode_example(example, processor, thinking_rng)
-            row.words = features.words(example["scenes"][0], tuple(int(v) for v in row.image_grid_thw[0]))
+        no_words = (np.zeros(0, int), np.zeros(0, int))
+        for drawn in itertools.count():
+            if drawn < args.sums_first or (args.sum_share and rng.random() < args.sum_share):
+                row = dm.encode_example(world.sum_example(rng), processor, thinking_rng)
+                row.words = no_words
+            else:
+                example = world.image_example(rng, world.ask_color, growth=0.0 if lone[0] else 1.0)
+                row = dm.encode_example(example, processor, thinking_rng)
+                row.words = features.words(example["scenes"][0], tuple(int(v) for v in row.image_grid_thw[0]))
             yield row
 
     def with_aux(batch_rows):
@@ -225,6 +241,10 @@ def main():
 
     training.token_losses = token_losses
 
+    sum_rng = random.Random(HELD_OUT_SEED + 1)
+    held_out_sums = [dm.encode_example(world.sum_example(sum_rng, thinking=False), processor, sum_rng)
+                     for _ in range(64)]
+
     def held_out_accuracy(step):
         model.eval()
         rng, right, asked = random.Random(HELD_OUT_SEED), Counter(), Counter()
@@ -238,8 +258,12 @@ def main():
             for key in (len(scene.shapes), "all"):
                 right[key] += got == case.expected
                 asked[key] += 1
+        sums = ""
+        if args.sums_first or args.sum_share:
+            sums = "  sums {:.0%}".format(dm.answer_accuracy(lambda b: model.logits(hidden_states(model, b)[:, :-1]),
+                                                             held_out_sums))
         print(f"step {step}  held-out colour right by shapes in the picture: "
-              + "  ".join(f"{k}: {right[k]}/{asked[k]}" for k in (1, 2, 3, 4, "all")), flush=True)
+              + "  ".join(f"{k}: {right[k]}/{asked[k]}" for k in (1, 2, 3, 4, "all")) + sums, flush=True)
         model.train()
 
     trainer = training.Trainer(model, None, training.TrainConfig(

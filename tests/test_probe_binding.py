@@ -3,6 +3,7 @@ decoder are the words of the shape each token holds, placed where the scene says
 answers through the patched tower."""
 
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -86,11 +87,21 @@ def test_a_short_oracle_run_trains_and_answers():
     assert line.endswith("/3") and "step 2" in line
 
 
+def test_a_short_run_with_sums_first_and_mixed_answers_colour_and_sums():
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "probe_binding.py"), "--features", "oracle",
+                          "--steps", "3", "--every", "3", "--held-out", "2", "--sums-first", "40", "--sum-share", "0.5"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    line = [l for l in run.stdout.splitlines() if "held-out colour right" in l][-1]
+    assert re.search(r"all: \d/2  sums \d+%$", line), line
+
+
 def test_bad_arguments_are_named_before_anything_runs():
     for args, named in ((["--features", "kind+tower:abc"], "kind+tower:abc"), (["--features", "spread:2"], "spread:2"),
                         (["--tower", "/no/such/tower.safetensors"], "/no/such/tower.safetensors"),
                         (["--features", "oracle+noise"], "oracle+noise"), (["--switch-to", "towr"], "towr"),
-                        (["--switch-to", "tower"], "--switch-at"), (["--lone-first"], "--lone-first")):
+                        (["--switch-to", "tower"], "--switch-at"), (["--lone-first"], "--lone-first"),
+                        (["--sums-first", "-5"], "--sums-first -5"), (["--sum-share", "1"], "--sum-share 1.0")):
         run = subprocess.run([sys.executable, str(ROOT / "scripts" / "probe_binding.py"), *args],
                              capture_output=True, text=True, timeout=120)
         assert run.returncode == 2 and named in run.stderr and not run.stdout
