@@ -483,27 +483,33 @@ def test_grown_first_stage_asks_about_the_worlds_scenes_through_the_scaffold(tmp
     assert videos and all(row.image_features is None for row in videos)
 
 
-def test_binding_stage_asks_colour_alone_through_the_scaffold_before_anything_else(tmp_path):
-    """The first `binding_stage` rows are all colour questions about the world's scenes (some with several
-    shapes), each reading the scaffold; the sums and the first stage follow unchanged (its lone shapes through the
-    tower)."""
+def test_binding_stage_shuffles_colour_questions_on_the_scaffold_among_the_sums(tmp_path):
+    """The opening stage holds `sum_stage` sums and `binding_stage` colour questions about the world's scenes (some
+    with several shapes) in a shuffled order, each picture reading the scaffold; the first stage follows unchanged
+    (its lone shapes through the tower). Without a binding stage the opening is the sums alone, as drawn before."""
     from mlx_qwen35.train.default_model import training_examples, world_rows, write_skeleton
     _, processor = write_skeleton(tmp_path, seed=0)
     means = {"mean": np.ones(192, np.float32), "kind": np.ones((4, 192), np.float32),
              "colour": np.ones((7, 192), np.float32)}
-    sum_stage, binding_stage, first_stage = 3, 30, 8
+    sum_stage, binding_stage, first_stage = 40, 20, 8
     examples = list(itertools.islice(training_examples(0, sum_stage=sum_stage, binding_stage=binding_stage,
                                                        first_stage=first_stage),
                                      sum_stage + binding_stage + first_stage))
-    assert all(not e.get("scenes") for e in examples[binding_stage:binding_stage + sum_stage])
-    binding = examples[:binding_stage]
+    opening = examples[:sum_stage + binding_stage]
+    binding = [e for e in opening if e.get("scenes")]
+    assert len(binding) == binding_stage
     assert all(len(e["scenes"]) == 1 and e["messages"][0]["content"][-1]["text"].startswith("What color is the")
                for e in binding)
     assert max(len(e["scenes"][0].shapes) for e in binding) > 1
+    colour_at = [i for i, e in enumerate(opening) if e.get("scenes")]
+    assert colour_at != list(range(binding_stage)) and colour_at[-1] > sum_stage  # shuffled, not a block
     first = examples[sum_stage + binding_stage:]
     assert [e["messages"][0]["content"][-1]["text"].startswith("What color is the") for e in first[::4]] == [True] * 2
     assert all(len(e["scenes"][0].shapes) == 1 for e in first[::4])
     stream = world_rows(0, processor, means, sum_stage=sum_stage, binding_stage=binding_stage, first_stage=first_stage)
     rows = [next(stream) for _ in range(sum_stage + binding_stage + first_stage + 20)]
-    scaffolded = [i for i, row in enumerate(rows) if row.image_features is not None]
-    assert scaffolded == list(range(binding_stage))
+    assert [i for i, row in enumerate(rows) if row.image_features is not None] == colour_at
+    from mlx_qwen35.train import world
+    plain, rng = list(itertools.islice(training_examples(0, sum_stage=sum_stage, first_stage=first_stage), sum_stage)), \
+        random.Random(0)
+    assert plain == [world.sum_example(rng) for _ in range(sum_stage)]

@@ -85,10 +85,12 @@ PICTURE_CURRICULUM = CURRICULUM_EXAMPLES
 # them about the world's own scenes instead, read through the scaffold. Not enough alone: run 23 had not formed
 # the choice on the clean keys by step 2,000 in the recipe's mix (docs); off until a run with it ships.
 GROWN_FIRST_STAGE = False
-# A binding stage: `binding_stage` colour questions about the world's scenes, alone and read through the scaffold,
-# before anything else, so the decoder forms choosing the asked shape before anything offers it another way to
-# answer (a fresh decoder forms it in about 300 such steps in the probe; the recipe's mix never formed it, run 23;
-# after the sum stage 300 such steps left it at 85/150, run 24). Off until a run with it ships.
+# A binding stage: `binding_stage` colour questions about the world's scenes, read through the scaffold, shuffled
+# among the sum stage's sums, so the decoder forms choosing the asked shape before anything offers it another way to
+# answer. The recipe's mix never formed it (run 23); after the sum stage 300 steps of them alone left it at 85/150
+# (run 24); alone before the sums they formed it (148/150 in 200 steps) and the sums then never jumped (run 25);
+# shuffled 1:2 among sums a fresh decoder forms both (probe: 146/150 and sums 64 % after 16,700 rows; docs).
+# Off until a run with it ships.
 BINDING_STAGE = 0
 IMAGE_TURNS = 4
 STEPS = 3100
@@ -224,8 +226,8 @@ def encode_example(example, processor, rng: random.Random):
 def training_examples(seed: int, first_stage: int = FIRST_STAGE, curriculum: int = CURRICULUM_EXAMPLES,
                       sum_stage: int = SUM_STAGE, mix: dict = TRAIN_MIX, picture_curriculum: int | None = None,
                       grown_first_stage: bool = False, binding_stage: int = 0):
-    """The training curriculum: `binding_stage` colour questions about the world's scenes (BINDING_STAGE); then
-    `sum_stage` sums alone; then `first_stage` rows that cycle through "What color
+    """The training curriculum: `sum_stage` sums with `binding_stage` colour questions about the world's scenes
+    shuffled among them (BINDING_STAGE); then `first_stage` rows that cycle through "What color
     is the {shape}?" about one large shape, a code to repeat, a sum and the direction of one large shape
     crossing a video; then the world's examples drawn with `mix` (TRAIN_MIX), image rows as 1-IMAGE_TURNS question
     conversations whose scenes (and videos) grow to the world's (growth 0 to 1) over the next `curriculum` mixed
@@ -243,10 +245,11 @@ def training_examples(seed: int, first_stage: int = FIRST_STAGE, curriculum: int
              partial(world.video_example, growth=0.0)]
     kinds, weights = list(mix), list(mix.values())
     picture_curriculum = curriculum if picture_curriculum is None else picture_curriculum
-    for _ in range(binding_stage):
-        yield world.image_example(rng, question=world.ask_color)
-    for _ in range(sum_stage):
-        yield world.sum_example(rng)
+    opening = [True] * binding_stage + [False] * sum_stage
+    if binding_stage:  # without it the stream stays the shipped runs' draw for draw
+        rng.shuffle(opening)
+    for colour in opening:
+        yield world.image_example(rng, question=world.ask_color) if colour else world.sum_example(rng)
     for drawn in range(first_stage):
         yield first[drawn % len(first)](rng)
     for drawn in itertools.count():
@@ -296,7 +299,7 @@ def world_rows(seed: int, processor, means: dict | None = None, scaffold_rows: i
                                  binding_stage=binding_stage)
     for index, example in enumerate(examples):
         row = encode_example(example, processor, rng)
-        on_scaffold = index < binding_stage or scaffold_from <= index < mixed_from + scaffold_rows
+        on_scaffold = index < first_from or scaffold_from <= index < mixed_from + scaffold_rows
         if (means is not None and on_scaffold and row.image_grid_thw is not None
                 and row.pixel_values_videos is None and example.get("scenes")):
             row.image_features = np.concatenate([scaffold_features(means, scene, tuple(int(v) for v in grid))
@@ -392,7 +395,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                  + (f", the last {tool_tail} steps tool-heavy (TOOL_TAIL_MIX)" if tool_tail else "")
                  + (f", picture scenes grown over {picture_curriculum} mixed rows"
                     if picture_curriculum != CURRICULUM_EXAMPLES else "")
-                 + (f", a binding stage of {binding_stage} colour questions first" if binding_stage else "")
+                 + (f", {binding_stage} colour questions among the sum stage's sums" if binding_stage else "")
                  + (", the first stage's colour questions about the world's scenes" if grown_first_stage else "")]
     print(log_lines[0], file=sys.stderr)
 
@@ -515,8 +518,8 @@ def main(argv=None) -> int:
                         help="the first stage asks its colour questions about the world's scenes, read through the "
                         "binding scaffold, instead of about one large shape through the tower")
     parser.add_argument("--binding-stage", type=int, default=BINDING_STAGE,
-                        help="colour questions about the world's scenes, alone and read through the binding scaffold, "
-                        "before anything else (0: none)")
+                        help="colour questions about the world's scenes, read through the binding scaffold, "
+                        "shuffled among the sum stage's sums (0: none)")
     parser.add_argument("--city-words", action=argparse.BooleanOptionalAction, default=CITY_WORDS,
                         help="the world tokenizer splits city names off their leading space (CITY_WORDS)")
     parser.add_argument("--tool-tail", type=int, help="the last steps draw a tool-heavy mix (TOOL_TAIL_MIX; 0: none; "
