@@ -487,6 +487,7 @@ def test_binding_stage_shuffles_colour_questions_on_the_scaffold_among_the_sums(
     """The opening stage holds `sum_stage` sums and `binding_stage` colour questions about the world's scenes (some
     with several shapes) in a shuffled order, each picture reading the scaffold; the first stage follows unchanged
     (its lone shapes through the tower). Without a binding stage the opening is the sums alone, as drawn before."""
+    from mlx_qwen35.train import world
     from mlx_qwen35.train.default_model import training_examples, world_rows, write_skeleton
     _, processor = write_skeleton(tmp_path, seed=0)
     means = {"mean": np.ones(192, np.float32), "kind": np.ones((4, 192), np.float32),
@@ -509,7 +510,6 @@ def test_binding_stage_shuffles_colour_questions_on_the_scaffold_among_the_sums(
     stream = world_rows(0, processor, means, sum_stage=sum_stage, binding_stage=binding_stage, first_stage=first_stage)
     rows = [next(stream) for _ in range(sum_stage + binding_stage + first_stage + 20)]
     assert [i for i, row in enumerate(rows) if row.image_features is not None] == colour_at
-    from mlx_qwen35.train import world
-    plain, rng = list(itertools.islice(training_examples(0, sum_stage=sum_stage, first_stage=first_stage), sum_stage)), \
-        random.Random(0)
-    assert plain == [world.sum_example(rng) for _ in range(sum_stage)]
+    rng = random.Random(0)
+    assert (list(itertools.islice(training_examples(0, sum_stage=sum_stage, first_stage=first_stage), sum_stage))
+            == [world.sum_example(rng) for _ in range(sum_stage)])
