@@ -483,6 +483,35 @@ def test_grown_first_stage_asks_about_the_worlds_scenes_through_the_scaffold(tmp
     assert videos and all(row.image_features is None for row in videos)
 
 
+def test_tower_first_stage_reads_the_worlds_scenes_through_the_tower_after_a_binding_stage(tmp_path):
+    """With `tower_first_stage` only the binding stage's pictures read the scaffold; the grown first stage's
+    scenes (some with several shapes) and, with no scaffold rows, the mixed stage's go through the tower."""
+    from mlx_qwen35.train.default_model import world_rows, write_skeleton
+    _, processor = write_skeleton(tmp_path, seed=0)
+    means = {"mean": np.ones(192, np.float32), "kind": np.ones((4, 192), np.float32),
+             "colour": np.ones((7, 192), np.float32)}
+    sum_stage, binding_stage, first_stage = 20, 10, 24
+    stages = dict(sum_stage=sum_stage, binding_stage=binding_stage, first_stage=first_stage, grown_first_stage=True)
+    stream = world_rows(0, processor, means, tower_first_stage=True, **stages)
+    rows = [next(stream) for _ in range(sum_stage + binding_stage + first_stage + 30)]
+    pictures = [i for i, row in enumerate(rows) if row.image_grid_thw is not None and row.pixel_values_videos is None]
+    scaffolded = [i for i, row in enumerate(rows) if row.image_features is not None]
+    assert len(scaffolded) == binding_stage and scaffolded[-1] < sum_stage + binding_stage
+    assert any(i >= sum_stage + binding_stage + first_stage for i in pictures)  # the mixed stage has pictures
+    on_scaffold = world_rows(0, processor, means, **stages)
+    first_stage_on_scaffold = [i for i, row in enumerate(next(on_scaffold) for _ in range(len(rows)))
+                               if row.image_features is not None and i >= sum_stage + binding_stage]
+    assert first_stage_on_scaffold == [i for i in pictures if sum_stage + binding_stage <= i < sum_stage
+                                       + binding_stage + first_stage] and first_stage_on_scaffold
+
+
+def test_tower_first_stage_needs_a_grown_first_stage(capsys):
+    from mlx_qwen35.train.default_model import main
+    with pytest.raises(SystemExit):
+        main(["--output", "unused", "--tower-first-stage"])
+    assert "--tower-first-stage: only with --grown-first-stage" in capsys.readouterr().err
+
+
 def test_binding_stage_shuffles_colour_questions_on_the_scaffold_among_the_sums(tmp_path):
     """The opening stage holds `sum_stage` sums and `binding_stage` colour questions about the world's scenes (some
     with several shapes) in a shuffled order, each picture reading the scaffold; the first stage follows unchanged

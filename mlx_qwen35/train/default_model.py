@@ -85,6 +85,10 @@ PICTURE_CURRICULUM = CURRICULUM_EXAMPLES
 # them about the world's own scenes instead, read through the scaffold. Not enough alone: run 23 had not formed
 # the choice on the clean keys by step 2,000 in the recipe's mix (docs); off until a run with it ships.
 GROWN_FIRST_STAGE = False
+# With TOWER_FIRST_STAGE those scenes read the tower instead: once the binding stage has formed the choice, picture
+# rows on the scaffold pull the tower's reading of it down (runs 25 and 26: 131/150 through the tower at step 800,
+# 81 at 1,100 and 32 at 2,000 in run 26; docs). Off until a run with it ships.
+TOWER_FIRST_STAGE = False
 # A binding stage: `binding_stage` colour questions about the world's scenes, read through the scaffold, shuffled
 # among the sum stage's sums, so the decoder forms choosing the asked shape before anything offers it another way to
 # answer. The recipe's mix never formed it (run 23); after the sum stage 300 steps of them alone left it at 85/150
@@ -284,16 +288,18 @@ def copy_example(rng: random.Random) -> dict:
 
 def world_rows(seed: int, processor, means: dict | None = None, scaffold_rows: int = 0, sum_stage: int = SUM_STAGE,
                first_stage: int = FIRST_STAGE, curriculum: int = CURRICULUM_EXAMPLES, mix: dict = TRAIN_MIX,
-               picture_curriculum: int | None = None, grown_first_stage: bool = False, binding_stage: int = 0):
+               picture_curriculum: int | None = None, grown_first_stage: bool = False, binding_stage: int = 0,
+               tower_first_stage: bool = False):
     """Endless training rows drawn from the world with `seed` (`training_examples`); with the tower's `means`
     (`vision_pretrain.class_means`), picture rows of the binding stage, among the first `scaffold_rows` of the
-    mixed stage and, with `grown_first_stage`, of the first stage carry the binding scaffold's image features."""
+    mixed stage and, with `grown_first_stage` but not `tower_first_stage`, of the first stage carry the binding
+    scaffold's image features."""
     from .vision_pretrain import scaffold_features
 
     rng = random.Random(seed + 1)
     first_from = binding_stage + sum_stage
     mixed_from = first_from + first_stage
-    scaffold_from = first_from if grown_first_stage else mixed_from
+    scaffold_from = first_from if grown_first_stage and not tower_first_stage else mixed_from
     examples = training_examples(seed, first_stage=first_stage, curriculum=curriculum, sum_stage=sum_stage, mix=mix,
                                  picture_curriculum=picture_curriculum, grown_first_stage=grown_first_stage,
                                  binding_stage=binding_stage)
@@ -359,7 +365,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                   scaffold_rows: int = SCAFFOLD_ROWS, city_words: bool = CITY_WORDS,
                   tool_tail: int | None = None, picture_curriculum: int = PICTURE_CURRICULUM,
                   grown_first_stage: bool = GROWN_FIRST_STAGE, binding_stage: int = BINDING_STAGE,
-                  learning_rate: float = 2e-3,
+                  tower_first_stage: bool = TOWER_FIRST_STAGE, learning_rate: float = 2e-3,
                   warmup: int = 100, log_every: int = 25, probe_every: int = 100, progress: bool = True) -> Path:
     """Train the default model into `output` (written atomically: weights, configs, tokenizer, training_log.txt).
     At logging steps that are multiples of `probe_every` (0: never) the log also gets held-out per-skill
@@ -368,7 +374,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     `scaffold_rows`: the binding scaffold's length (SCAFFOLD_ROWS); `city_words`: CITY_WORDS; `tool_tail`: the
     tool-heavy tail's steps, taken from `steps` (None: the recipe's TOOL_TAIL_STEPS of STEPS, in proportion);
     `picture_curriculum`: mixed rows over which single-picture scenes grow (PICTURE_CURRICULUM);
-    `grown_first_stage`: GROWN_FIRST_STAGE; `binding_stage`: BINDING_STAGE."""
+    `grown_first_stage`: GROWN_FIRST_STAGE; `binding_stage`: BINDING_STAGE; `tower_first_stage`: TOWER_FIRST_STAGE."""
     import mlx.optimizers as optim
 
     from ..platform import cpu_setup
@@ -396,7 +402,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                  + (f", picture scenes grown over {picture_curriculum} mixed rows"
                     if picture_curriculum != CURRICULUM_EXAMPLES else "")
                  + (f", {binding_stage} colour questions among the sum stage's sums" if binding_stage else "")
-                 + (", the first stage's colour questions about the world's scenes" if grown_first_stage else "")]
+                 + (", the first stage's colour questions about the world's scenes" if grown_first_stage else "")
+                 + (" through the tower" if grown_first_stage and tower_first_stage else "")]
     print(log_lines[0], file=sys.stderr)
 
     def log(line):
@@ -431,10 +438,11 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
         means = class_means(model.model.visual, processor, seed=seed + 5_000_101)
         log("# binding scaffold: picture rows read the tower's class means"
             + (" in the binding stage," if binding_stage else "")
-            + (" in the first stage and" if grown_first_stage else "")
+            + (" in the first stage and" if grown_first_stage and not tower_first_stage else "")
             + f" for the first {scaffold_rows} rows of the mixed stage")
     batches = length_batches(world_rows(seed, processor, means, scaffold_rows, picture_curriculum=picture_curriculum,
-                                        grown_first_stage=grown_first_stage, binding_stage=binding_stage),
+                                        grown_first_stage=grown_first_stage, binding_stage=binding_stage,
+                                        tower_first_stage=tower_first_stage),
                              tokens_per_batch, seed=seed)
     probes = probe_rows(seed, processor) if probe_every else {}
     bar = _bar(steps, progress)
@@ -520,6 +528,8 @@ def main(argv=None) -> int:
     parser.add_argument("--binding-stage", type=int, default=BINDING_STAGE,
                         help="colour questions about the world's scenes, read through the binding scaffold, "
                         "shuffled among the sum stage's sums (0: none)")
+    parser.add_argument("--tower-first-stage", action=argparse.BooleanOptionalAction, default=TOWER_FIRST_STAGE,
+                        help="with --grown-first-stage, the first stage's scenes read the tower, not the scaffold")
     parser.add_argument("--city-words", action=argparse.BooleanOptionalAction, default=CITY_WORDS,
                         help="the world tokenizer splits city names off their leading space (CITY_WORDS)")
     parser.add_argument("--tool-tail", type=int, help="the last steps draw a tool-heavy mix (TOOL_TAIL_MIX; 0: none; "
@@ -529,6 +539,9 @@ def main(argv=None) -> int:
         parser.error(f"--scaffold-rows {args.scaffold_rows}: a number of rows, 0 or more")
     if args.binding_stage < 0:
         parser.error(f"--binding-stage {args.binding_stage}: a number of rows, 0 or more")
+    if args.tower_first_stage and not args.grown_first_stage:
+        parser.error("--tower-first-stage: only with --grown-first-stage (the one-large-shape first stage reads the "
+                     "tower already)")
     if args.picture_curriculum < 0:
         parser.error(f"--picture-curriculum {args.picture_curriculum}: a number of rows, 0 or more")
     if args.tool_tail is not None and not 0 <= args.tool_tail <= args.steps:
@@ -541,7 +554,8 @@ def main(argv=None) -> int:
                   learning_rate=args.learning_rate, vision_steps=args.vision_steps,
                   vision_weights=args.vision_weights, scaffold_rows=args.scaffold_rows,
                   city_words=args.city_words, tool_tail=args.tool_tail, picture_curriculum=args.picture_curriculum,
-                  grown_first_stage=args.grown_first_stage, binding_stage=args.binding_stage)
+                  grown_first_stage=args.grown_first_stage, binding_stage=args.binding_stage,
+                  tower_first_stage=args.tower_first_stage)
     print(f"wrote {args.output}")
     return 0
 
