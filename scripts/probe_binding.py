@@ -48,7 +48,6 @@ import mlx_qwen35
 from mlx_qwen35.train import default_model as dm
 from mlx_qwen35.train import evaluate, world
 from mlx_qwen35.train import trainer as training
-from mlx_qwen35.train.trainer import hidden_states
 from mlx_qwen35.train.data import collate
 from mlx_qwen35.train.vision_pretrain import COLOR_IDS, KIND_IDS, class_means, token_labels
 
@@ -260,8 +259,7 @@ def main():
                 asked[key] += 1
         sums = ""
         if args.sums_first or args.sum_share:
-            sums = "  sums {:.0%}".format(dm.answer_accuracy(lambda b: model.logits(hidden_states(model, b)[:, :-1]),
-                                                             held_out_sums))
+            sums = f"  sums {dm.answer_accuracy(dm.teacher_forced(model), held_out_sums):.0%}"
         print(f"step {step}  held-out colour right by shapes in the picture: "
               + "  ".join(f"{k}: {right[k]}/{asked[k]}" for k in (1, 2, 3, 4, "all")) + sums, flush=True)
         model.train()

@@ -20,7 +20,7 @@ from mlx_qwen35.train import default_model as dm
 from mlx_qwen35.train import world
 from mlx_qwen35.train.data import collate
 from mlx_qwen35.train.vision_pretrain import pretrain_vision
-from mlx_qwen35.train.trainer import TrainConfig, Trainer, hidden_states, warmup_cosine
+from mlx_qwen35.train.trainer import TrainConfig, Trainer, warmup_cosine
 
 
 def solid(rng):
@@ -345,7 +345,7 @@ def main():
         losses.append(record["ce"])
         if step % args.every == 0 or step in (args.steps, total):
             model.eval()
-            right = "  ".join(f"{name} {dm.answer_accuracy(lambda b: model.logits(hidden_states(model, b)[:, :-1]), held):.0%}"
+            right = "  ".join(f"{name} {dm.answer_accuracy(dm.teacher_forced(model), held):.0%}"
                               for name, held in held_out.items())
             elapsed = time.perf_counter() - start
             print(f"step {step}  rows {seen}  ce {sum(losses) / len(losses):.3f}  held-out right: {right}  "

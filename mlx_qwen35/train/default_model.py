@@ -345,6 +345,13 @@ def probe_rows(seed: int, processor, per_kind: int = 16) -> dict:
             for kind, make in makers.items()}
 
 
+def teacher_forced(model):
+    """`model`'s predictions of tokens 1..L-1 of a batch given its true prefix: `answer_accuracy`'s `logits_fn`."""
+    from .trainer import hidden_states
+
+    return lambda batch: model.logits(hidden_states(model, batch)[:, :-1])
+
+
 def answer_accuracy(logits_fn, rows, batch_size: int = 16) -> float:
     """Share of rows whose every assistant token is the argmax of `logits_fn(batch)` ([B, L-1, V] predictions
     of tokens 1..L-1) given the true prefix: greedy decoding's answer without running generation."""
@@ -379,7 +386,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
 
     from ..platform import cpu_setup
     from .data import collate
-    from .trainer import TrainConfig, Trainer, hidden_states, warmup_cosine
+    from .trainer import TrainConfig, Trainer, warmup_cosine
     from .vision_pretrain import class_means, pretrain_vision
 
     if vision_weights and not Path(vision_weights).is_file():
@@ -466,7 +473,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                     f"elapsed {elapsed / 60:.1f} min")
             if probe_every and (step % probe_every == 0 or step == steps):
                 model.eval()
-                scores = {kind: answer_accuracy(lambda b: model.logits(hidden_states(model, b)[:, :-1]), rows)
+                scores = {kind: answer_accuracy(teacher_forced(model), rows)
                           for kind, rows in probes.items()}
                 line += "\n  held-out answers right: " + "  ".join(f"{k} {v:.0%}" for k, v in scores.items())
                 save_weights(model, partial / "model.safetensors")  # a run cut short keeps its latest weights
