@@ -505,11 +505,14 @@ def test_tower_first_stage_reads_the_worlds_scenes_through_the_tower_after_a_bin
                                        + binding_stage + first_stage] and first_stage_on_scaffold
 
 
-def test_tower_first_stage_needs_a_grown_first_stage(capsys):
-    from mlx_qwen35.train.default_model import main
+def test_tower_first_stage_needs_a_grown_first_stage(capsys, tmp_path):
+    from mlx_qwen35.train.default_model import main, train_default
     with pytest.raises(SystemExit):
         main(["--output", "unused", "--tower-first-stage"])
     assert "--tower-first-stage: only with --grown-first-stage" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="tower_first_stage: only with grown_first_stage"):
+        train_default(tmp_path / "model", tower_first_stage=True, grown_first_stage=False)
+    assert not (tmp_path / "model").exists() and not (tmp_path / "model.partial").exists()
 
 
 def test_binding_stage_shuffles_colour_questions_on_the_scaffold_among_the_sums(tmp_path):

@@ -395,6 +395,9 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
         tool_tail = round(TOOL_TAIL_STEPS * steps / STEPS)
     if not 0 <= tool_tail <= steps:
         raise ValueError(f"tool_tail {tool_tail}: a number of steps from 0 to steps ({steps})")
+    if tower_first_stage and not grown_first_stage:
+        raise ValueError("tower_first_stage: only with grown_first_stage (the one-large-shape first stage reads the "
+                         "tower already)")
     run_start = time.perf_counter()
     output = Path(output)
     partial = output.with_name(output.name + ".partial")
