@@ -67,8 +67,9 @@ def test_world_tokenizer_round_trips_chat_text_and_splits_digits(world_tokenizer
 @pytest.mark.parametrize("whole_words", [False, True])
 def test_world_tokenizer_city_in_question_and_tool_call(whole_words):
     """Qwen's regex gives a city after a space (the question) other tokens than after a newline (the call's
-    argument, as the chat template renders it); with the cities as whole words both are the same tokens, and
-    the text still round-trips."""
+    argument, as the chat template renders it); with the cities as whole words both are the same tokens in the
+    trained `tokenizers.Tokenizer`, and the text still round-trips. (transformers loads the file with Qwen's
+    regex alone, so there only some cities are: the next test.)"""
     from mlx_qwen35.train.world_tokenizer import train_world_tokenizer
 
     tokenizer, _ = train_world_tokenizer(count=500, whole_words=tuple(world.CITIES) if whole_words else ())
@@ -82,6 +83,36 @@ def test_world_tokenizer_city_in_question_and_tool_call(whole_words):
         places = sum(ids[i:i + len(alone)] == alone for i in range(len(ids)))
         assert places == (2 if whole_words else 1), city  # the question's and the call's, or the call's alone
         assert tokenizer.decode(ids, skip_special_tokens=False) == text
+
+
+def test_world_tokenizer_cities_in_pieces_after_a_space_as_the_model_reads_them(tmp_path):
+    """With `pieces_after_space`, loaded as the model reads it (transformers): each city is one token of its own
+    in the tool call and only there, the question writes it in other tokens, the text round-trips, and the
+    file's own pre-tokenizer gives transformers' ids on world text (the file says what the model saw)."""
+    from tokenizers import Tokenizer
+
+    from mlx_qwen35.train.world_tokenizer import train_world_tokenizer, world_texts
+
+    tokenizer, added = train_world_tokenizer(whole_words=tuple(world.CITIES), pieces_after_space=True)
+    loaded = load_tokenizer(write_tokenizer_files(tmp_path, tokenizer, added))
+    raw = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    pieces = set()
+    for city in world.CITIES:
+        call = {"name": "get_weather", "arguments": {"city": city}}
+        turns = [{"role": "user", "content": f"What is the weather in {city}?"},
+                 {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": call}]}]
+        text = render_chat(turns, tools=world.TOOLS, add_generation_prompt=False)
+        ids, own = loaded.encode(text, add_special_tokens=False), loaded.convert_tokens_to_ids(city)
+        assert loaded.decode([own]) == city and ids.count(own) == 1, city  # the call's alone
+        question = loaded.encode(f" {city}", add_special_tokens=False)
+        assert len(question) >= 2 and loaded.decode(question) == f" {city}", city
+        pieces.add(tuple(question))
+        assert loaded.decode(ids) == text and raw.encode(text).ids == ids
+    assert len(pieces) == len(world.CITIES)  # no two cities written alike
+    for text in world_texts(seed=3, count=100):
+        assert raw.encode(text).ids == loaded.encode(text, add_special_tokens=False)
+    with pytest.raises(ValueError, match="pieces_after_space: only with whole_words"):
+        train_world_tokenizer(count=50, pieces_after_space=True)
 
 
 def test_special_ids_of_the_full_qwen_tokenizer(tmp_path):
@@ -512,6 +543,16 @@ def test_tower_first_stage_needs_a_grown_first_stage(capsys, tmp_path):
     assert "--tower-first-stage: only with --grown-first-stage" in capsys.readouterr().err
     with pytest.raises(ValueError, match="tower_first_stage: only with grown_first_stage"):
         train_default(tmp_path / "model", tower_first_stage=True, grown_first_stage=False)
+    assert not (tmp_path / "model").exists() and not (tmp_path / "model.partial").exists()
+
+
+def test_city_pieces_needs_city_words(capsys, tmp_path):
+    from mlx_qwen35.train.default_model import main, train_default
+    with pytest.raises(SystemExit):
+        main(["--output", "unused", "--city-pieces", "--no-city-words"])
+    assert "--city-pieces: only with --city-words" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="city_pieces: only with city_words"):
+        train_default(tmp_path / "model", city_pieces=True, city_words=False)
     assert not (tmp_path / "model").exists() and not (tmp_path / "model.partial").exists()
 
 

@@ -123,6 +123,12 @@ SCAFFOLD_ROWS = 0
 # world's cities off their leading space, so the call copies the question's own token. Alone (run 19) it
 # called seven cities right and London never (93 %); with the tool-heavy tail below (run 20) all eight (docs).
 CITY_WORDS = True
+# With CITY_WORDS the question's city was the call's own token for four cities and pieces of other words for
+# four (transformers loads the tokenizer with Qwen's regex alone). The four copied cities never separated: in run
+# 27 their call's margin stayed within 1.5 logits of another copied city from step 1,200 to the end (London
+# called for Lima, 20 of 20), while the four translated ones reached 5-8 by step 2,400. CITY_PIECES writes every
+# city in pieces after a space, so every call translates (world_tokenizer._pieces_after_space; docs).
+CITY_PIECES = False
 # A tool-heavy tail: the last `tool_tail` steps draw a fresh full-growth stream (world seed + TOOL_TAIL_SEED) with
 # TOOL_TAIL_MIX, tools about 31 % of the rows instead of 9 %. Run 19's weather calls were still improving at its
 # end (held-out tool lines 75-81 %), and 200 such steps after it called London, its one failing city, 13/13
@@ -135,15 +141,19 @@ TOOL_TAIL_SEED = 99
 ADAM_BETAS = [0.9, 0.95]
 
 
-def write_skeleton(directory: Path, seed: int, city_words: bool = CITY_WORDS) -> tuple[dict, object]:
-    """config.json, preprocessor configs and the world tokenizer (`city_words`: CITY_WORDS) in `directory`;
-    returns (config dict, processor)."""
+def write_skeleton(directory: Path, seed: int, city_words: bool = CITY_WORDS,
+                   city_pieces: bool = CITY_PIECES) -> tuple[dict, object]:
+    """config.json, preprocessor configs and the world tokenizer (`city_words`: CITY_WORDS, `city_pieces`:
+    CITY_PIECES) in `directory`; returns (config dict, processor)."""
     from ..loading import load_processor
     from ..tokenizer import write_tokenizer_files
     from . import world
     from .world_tokenizer import train_world_tokenizer
 
-    tokenizer, added = train_world_tokenizer(seed=seed, whole_words=tuple(world.CITIES) if city_words else ())
+    if city_pieces and not city_words:
+        raise ValueError("city_pieces: only with city_words (the cities as tokens of their own in the call)")
+    tokenizer, added = train_world_tokenizer(seed=seed, whole_words=tuple(world.CITIES) if city_words else (),
+                                             pieces_after_space=city_pieces)
     ids = {text: token_id for token_id, text, _ in added}
     text_config = dict(TEXT_CONFIG, eos_token_id=ids["<|im_end|>"])
     if tokenizer.get_vocab_size() > text_config["vocab_size"]:
@@ -369,7 +379,7 @@ def answer_accuracy(logits_fn, rows, batch_size: int = 16) -> float:
 @exact_activations()  # the logged accuracies, like the weights, must not depend on the inference activations
 def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_batch: int = 2048,
                   vision_steps: int = VISION_PRETRAIN_STEPS, vision_weights: Path | None = None,
-                  scaffold_rows: int = SCAFFOLD_ROWS, city_words: bool = CITY_WORDS,
+                  scaffold_rows: int = SCAFFOLD_ROWS, city_words: bool = CITY_WORDS, city_pieces: bool = CITY_PIECES,
                   tool_tail: int | None = None, picture_curriculum: int = PICTURE_CURRICULUM,
                   grown_first_stage: bool = GROWN_FIRST_STAGE, binding_stage: int = BINDING_STAGE,
                   tower_first_stage: bool = TOWER_FIRST_STAGE, learning_rate: float = 2e-3,
@@ -378,7 +388,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     At logging steps that are multiples of `probe_every` (0: never) the log also gets held-out per-skill
     answer accuracy (`answer_accuracy` on `probe_rows`). `vision_weights`: a tower that `pretrain_vision`
     already trained (with this seed and `vision_steps`) to start from instead of pretraining again.
-    `scaffold_rows`: the binding scaffold's length (SCAFFOLD_ROWS); `city_words`: CITY_WORDS; `tool_tail`: the
+    `scaffold_rows`: the binding scaffold's length (SCAFFOLD_ROWS); `city_words`: CITY_WORDS; `city_pieces`: CITY_PIECES; `tool_tail`: the
     tool-heavy tail's steps, taken from `steps` (None: the recipe's TOOL_TAIL_STEPS of STEPS, in proportion);
     `picture_curriculum`: mixed rows over which single-picture scenes grow (PICTURE_CURRICULUM);
     `grown_first_stage`: GROWN_FIRST_STAGE; `binding_stage`: BINDING_STAGE; `tower_first_stage`: TOWER_FIRST_STAGE."""
@@ -398,16 +408,19 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     if tower_first_stage and not grown_first_stage:
         raise ValueError("tower_first_stage: only with grown_first_stage (the one-large-shape first stage reads the "
                          "tower already)")
+    if city_pieces and not city_words:
+        raise ValueError("city_pieces: only with city_words (the cities as tokens of their own in the call)")
     run_start = time.perf_counter()
     output = Path(output)
     partial = output.with_name(output.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    config, processor = write_skeleton(partial, seed, city_words)
+    config, processor = write_skeleton(partial, seed, city_words, city_pieces)
     model = build_model(partial, seed)
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     log_lines = [f"# mlx-qwen35 train-default: seed {seed}, {vision_steps} vision pretraining steps, {steps} steps "
                  f"of ~{tokens_per_batch} tokens, peak lr {learning_rate}, {n_params / 1e6:.2f}M parameters, "
                  f"{cpu_setup()}" + (", cities as words of their own in the tokenizer" if city_words else "")
+                 + (", in pieces after a space" if city_pieces else "")
                  + (f", the last {tool_tail} steps tool-heavy (TOOL_TAIL_MIX)" if tool_tail else "")
                  + (f", picture scenes grown over {picture_curriculum} mixed rows"
                     if picture_curriculum != CURRICULUM_EXAMPLES else "")
@@ -542,6 +555,9 @@ def main(argv=None) -> int:
                         help="with --grown-first-stage, the first stage's scenes read the tower, not the scaffold")
     parser.add_argument("--city-words", action=argparse.BooleanOptionalAction, default=CITY_WORDS,
                         help="the world tokenizer splits city names off their leading space (CITY_WORDS)")
+    parser.add_argument("--city-pieces", action=argparse.BooleanOptionalAction, default=CITY_PIECES,
+                        help="with --city-words, the questions' cities in pieces of other words, so every tool call "
+                        "translates them (CITY_PIECES)")
     parser.add_argument("--tool-tail", type=int, help="the last steps draw a tool-heavy mix (TOOL_TAIL_MIX; 0: none; "
                         f"default: {TOOL_TAIL_STEPS} of {STEPS} steps, in proportion)")
     args = parser.parse_args(argv)
@@ -552,6 +568,8 @@ def main(argv=None) -> int:
     if args.tower_first_stage and not args.grown_first_stage:
         parser.error("--tower-first-stage: only with --grown-first-stage (the one-large-shape first stage reads the "
                      "tower already)")
+    if args.city_pieces and not args.city_words:
+        parser.error("--city-pieces: only with --city-words (the cities as tokens of their own in the call)")
     if args.picture_curriculum < 0:
         parser.error(f"--picture-curriculum {args.picture_curriculum}: a number of rows, 0 or more")
     if args.tool_tail is not None and not 0 <= args.tool_tail <= args.steps:
@@ -563,7 +581,7 @@ def main(argv=None) -> int:
     train_default(Path(args.output), seed=args.seed, steps=args.steps, tokens_per_batch=args.tokens_per_batch,
                   learning_rate=args.learning_rate, vision_steps=args.vision_steps,
                   vision_weights=args.vision_weights, scaffold_rows=args.scaffold_rows,
-                  city_words=args.city_words, tool_tail=args.tool_tail, picture_curriculum=args.picture_curriculum,
+                  city_words=args.city_words, city_pieces=args.city_pieces, tool_tail=args.tool_tail, picture_curriculum=args.picture_curriculum,
                   grown_first_stage=args.grown_first_stage, binding_stage=args.binding_stage,
                   tower_first_stage=args.tower_first_stage)
     print(f"wrote {args.output}")

@@ -3,6 +3,7 @@ byte-level alphabet) and all of Qwen 3.5's special-token names, in Qwen's order,
 vocabulary, so the chat template, the processor and every front end work unchanged while the default model's
 embedding stays small."""
 
+import json
 import random
 import re
 
@@ -27,10 +28,12 @@ def world_texts(seed: int = 0, count: int = 3000):
 
 
 def train_world_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE, seed: int = 0, count: int = 3000,
-                          whole_words: tuple[str, ...] = ()):
+                          whole_words: tuple[str, ...] = (), pieces_after_space: bool = False):
     """(tokenizers.Tokenizer, added tokens as (id, text, special) for tokenizer_config) trained on world text;
-    its size is at most `vocab_size`. `whole_words` are split from the text before Qwen's regex, so each stands
-    without the leading space that regex would give it: the same tokens after a space as after a newline."""
+    its size is at most `vocab_size`. `whole_words` are split from the text before Qwen's regex while the merges
+    are learned, so each becomes a token of its own. With `pieces_after_space` that token stands only where Qwen's
+    regex isolates the word (after a newline); after a space the word is written in pieces of other words
+    (`_pieces_after_space`)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     specials = [text for _, text in QWEN3_5_SPECIAL_TOKENS]
@@ -54,6 +57,10 @@ def train_world_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE, seed: int = 0, c
     for text in specials:
         texts = [t.replace(text, "\n") for t in texts]
     tokenizer.train_from_iterator(texts, trainer)
+    if pieces_after_space:
+        if not whole_words:
+            raise ValueError("pieces_after_space: only with whole_words (the words to write in pieces)")
+        tokenizer = _pieces_after_space(tokenizer, whole_words)
     learned = tokenizer.get_vocab_size()  # fewer than asked when the world's text runs out of merges
     added = []
     for offset, text in enumerate(specials):
@@ -64,3 +71,30 @@ def train_world_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE, seed: int = 0, c
         if tokenizer.token_to_id(text) != learned + offset:
             raise ValueError(f"{text} got id {tokenizer.token_to_id(text)}, expected {learned + offset}")
     return tokenizer, added
+
+
+def _pieces_after_space(tokenizer, words):
+    """`tokenizer` with the pre-tokenizer transformers gives a Qwen 3.5 tokenizer (Qwen's regex alone) and a
+    merge of the space and each word's first letter ranked first: " Lima" becomes " L" + "im" + "a" while
+    "\nLima" stays the word's own token. Why: a tool call that copies the question's token was never learned
+    for two cities whose tied embeddings stay nearly parallel, while calls that translate pieces into the word
+    were (docs/default-model.md, "Cities in pieces")."""
+    from tokenizers import Tokenizer
+
+    state = json.loads(tokenizer.to_str())
+    model = state["model"]
+    space = "\u0120"  # the byte-level alphabet's space
+    first = []
+    for word in words:
+        if [space, word[0]] not in first:
+            first.append([space, word[0]])
+    for left, right in first:
+        model["vocab"].setdefault(left + right, len(model["vocab"]))
+    model["merges"] = first + [pair for pair in model["merges"] if pair not in first]
+    state["pre_tokenizer"]["pretokenizers"] = state["pre_tokenizer"]["pretokenizers"][1:]
+    rewritten = Tokenizer.from_str(json.dumps(state))
+    for word in words:
+        own = rewritten.token_to_id(word)
+        if own is None or rewritten.encode("\n" + word).ids[-1] != own or own in rewritten.encode(" " + word).ids:
+            raise ValueError(f"{word!r}: not a token of its own after a newline and pieces after a space")
+    return rewritten
