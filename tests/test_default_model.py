@@ -88,14 +88,22 @@ def test_world_tokenizer_city_in_question_and_tool_call(whole_words):
 def test_world_tokenizer_cities_in_pieces_after_a_space_as_the_model_reads_them(tmp_path):
     """With `pieces_after_space`, loaded as the model reads it (transformers): each city is one token of its own
     in the tool call and only there, the question writes it in other tokens, the text round-trips, and the
-    file's own pre-tokenizer gives transformers' ids on world text (the file says what the model saw)."""
+    file's own pre-tokenizer gives transformers' ids on world text (the file says what the model saw). The
+    vocabulary keeps its size and the special tokens their ids; text without a city or a weather report keeps
+    its ids."""
     from tokenizers import Tokenizer
 
     from mlx_qwen35.train.world_tokenizer import train_world_tokenizer, world_texts
 
     tokenizer, added = train_world_tokenizer(whole_words=tuple(world.CITIES), pieces_after_space=True)
-    loaded = load_tokenizer(write_tokenizer_files(tmp_path, tokenizer, added))
-    raw = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    loaded = load_tokenizer(write_tokenizer_files(tmp_path / "pieces", tokenizer, added))
+    raw = Tokenizer.from_file(str(tmp_path / "pieces" / "tokenizer.json"))
+    words, words_added = train_world_tokenizer(whole_words=tuple(world.CITIES))
+    assert words_added == added and words.get_vocab_size() == tokenizer.get_vocab_size()
+    plain = load_tokenizer(write_tokenizer_files(tmp_path / "words", words, words_added))
+    for text in world_texts(seed=4, count=100):
+        if not any(city in text for city in world.CITIES):
+            assert plain.encode(text, add_special_tokens=False) == loaded.encode(text, add_special_tokens=False)
     pieces = set()
     for city in world.CITIES:
         call = {"name": "get_weather", "arguments": {"city": city}}

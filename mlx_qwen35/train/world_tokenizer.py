@@ -56,10 +56,10 @@ def train_world_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE, seed: int = 0, c
     texts = list(world_texts(seed, count))
     for text in specials:
         texts = [t.replace(text, "\n") for t in texts]
+    if pieces_after_space and not whole_words:
+        raise ValueError("pieces_after_space: only with whole_words (the words to write in pieces)")
     tokenizer.train_from_iterator(texts, trainer)
     if pieces_after_space:
-        if not whole_words:
-            raise ValueError("pieces_after_space: only with whole_words (the words to write in pieces)")
         tokenizer = _pieces_after_space(tokenizer, whole_words)
     learned = tokenizer.get_vocab_size()  # fewer than asked when the world's text runs out of merges
     added = []
@@ -88,9 +88,14 @@ def _pieces_after_space(tokenizer, words):
     for word in words:
         if [space, word[0]] not in first:
             first.append([space, word[0]])
-    for left, right in first:
-        model["vocab"].setdefault(left + right, len(model["vocab"]))
-    model["merges"] = first + [pair for pair in model["merges"] if pair not in first]
+    new = [pair for pair in first if "".join(pair) not in model["vocab"]]
+    # The new pieces take the ids of the last merges learned (the rarest pairs), so the vocabulary keeps its size
+    # and every other token, the special ones included, its id and so its initial embedding.
+    cut = len(model["merges"]) - len(new)
+    kept, dropped = model["merges"][:cut], model["merges"][cut:]
+    freed = sorted(model["vocab"].pop("".join(pair)) for pair in dropped)
+    model["vocab"].update(("".join(pair), token_id) for pair, token_id in zip(new, freed))
+    model["merges"] = first + [pair for pair in kept if pair not in first]
     state["pre_tokenizer"]["pretokenizers"] = state["pre_tokenizer"]["pretokenizers"][1:]
     rewritten = Tokenizer.from_str(json.dumps(state))
     for word in words:
