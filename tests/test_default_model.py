@@ -547,7 +547,7 @@ def test_tower_first_stage_reads_the_worlds_scenes_through_the_tower_after_a_bin
 def test_tower_first_stage_needs_a_grown_first_stage(capsys, tmp_path):
     from mlx_qwen35.train.default_model import main, train_default
     with pytest.raises(SystemExit):
-        main(["--output", "unused", "--tower-first-stage"])
+        main(["--output", str(tmp_path / "unused"), "--tower-first-stage", "--no-grown-first-stage"])
     assert "--tower-first-stage: only with --grown-first-stage" in capsys.readouterr().err
     with pytest.raises(ValueError, match="tower_first_stage: only with grown_first_stage"):
         train_default(tmp_path / "model", tower_first_stage=True, grown_first_stage=False)
@@ -557,7 +557,7 @@ def test_tower_first_stage_needs_a_grown_first_stage(capsys, tmp_path):
 def test_city_pieces_needs_city_words(capsys, tmp_path):
     from mlx_qwen35.train.default_model import main, train_default
     with pytest.raises(SystemExit):
-        main(["--output", "unused", "--city-pieces", "--no-city-words"])
+        main(["--output", str(tmp_path / "unused"), "--city-pieces", "--no-city-words"])
     assert "--city-pieces: only with --city-words" in capsys.readouterr().err
     with pytest.raises(ValueError, match="city_pieces: only with city_words"):
         train_default(tmp_path / "model", city_pieces=True, city_words=False)

@@ -77,27 +77,27 @@ FIRST_STAGE = 12_000
 CURRICULUM_EXAMPLES = 30_000
 # Single-picture scenes grow over their own number of mixed rows. At 30,000 (runs 15-21) a picture holds one shape
 # until growth 1/3 and four only at the end, so a scaffold over the first 10,000 rows (run 18) never saw a
-# picture with a shape to choose (docs/default-model.md, run 22).
-PICTURE_CURRICULUM = CURRICULUM_EXAMPLES
+# picture with a shape to choose (docs/default-model.md, run 22). Since run 30 they are grown from the start.
+PICTURE_CURRICULUM = 0
 # The first stage's colour rows ask about one large shape. A decoder that has learned that (1,600-3,200 rows) no
 # longer forms choosing the asked shape among several in 4,800 rows, even on the scaffold's clean keys (92-99/150
 # colour questions), where a fresh decoder forms it (141/150; docs/default-model.md, run 22). GROWN_FIRST_STAGE asks
 # them about the world's own scenes instead, read through the scaffold. Not enough alone: run 23 had not formed
-# the choice on the clean keys by step 2,000 in the recipe's mix (docs); off until a run with it ships.
-GROWN_FIRST_STAGE = False
+# the choice on the clean keys by step 2,000 in the recipe's mix (docs); on since run 30, with the two below.
+GROWN_FIRST_STAGE = True
 # With TOWER_FIRST_STAGE those scenes read the tower instead: once the binding stage has formed the choice, picture
 # rows on the scaffold pull the tower's reading of it down (runs 25 and 26: 131/150 through the tower at step 800,
-# 81 at 1,100 and 32 at 2,000 in run 26; docs). Off until a run with it ships.
-TOWER_FIRST_STAGE = False
+# 81 at 1,100 and 32 at 2,000 in run 26; docs); through the tower it kept 130-134 to the end (runs 27, 28 and 30).
+TOWER_FIRST_STAGE = True
 # A binding stage: `binding_stage` colour questions about the world's scenes, read through the scaffold, shuffled
 # among the sum stage's sums, so the decoder forms choosing the asked shape before anything offers it another way to
 # answer. The recipe's mix never formed it (run 23); after the sum stage 300 steps of them alone left it at 85/150
 # (run 24); alone before the sums they formed it (148/150 in 200 steps; colour 80 % at the end, run 20 64 %) and
 # the sums then never jumped (run 25); shuffled 1:2 among sums a fresh decoder forms both (probe: 146/150 and sums
-# 64 % after 16,700 rows; docs). Off until a run with it ships.
-BINDING_STAGE = 0
+# 64 % after 16,700 rows; docs). On since run 30 (colour 64 % to 92 % with TOWER_FIRST_STAGE, run 27).
+BINDING_STAGE = 9600
 IMAGE_TURNS = 4
-STEPS = 3100
+STEPS = 3400
 # The vision tower first learns the world's shapes on its own (train/vision_pretrain.py), then trains with the
 # decoder at a tenth of the learning rate so the decoder's first, noisy gradients do not wash that out.
 VISION_PRETRAIN_STEPS = 3000
@@ -127,8 +127,9 @@ CITY_WORDS = True
 # four (transformers loads the tokenizer with Qwen's regex alone). The four copied cities never separated: in run
 # 27 their call's margin stayed within 1.5 logits of another copied city from step 1,200 to the end (London
 # called for Lima, 20 of 20), while the four translated ones reached 5-8 by step 2,400. CITY_PIECES writes every
-# city in pieces after a space, so every call translates (world_tokenizer._pieces_after_space; docs).
-CITY_PIECES = False
+# city in pieces after a space, so every call translates (world_tokenizer._pieces_after_space; docs). On
+# since run 30.
+CITY_PIECES = True
 # A tool-heavy tail: the last `tool_tail` steps draw a fresh full-growth stream (world seed + TOOL_TAIL_SEED) with
 # TOOL_TAIL_MIX, tools about 31 % of the rows instead of 9 %. Run 19's weather calls were still improving at its
 # end (held-out tool lines 75-81 %), and 200 such steps after it called London, its one failing city, 13/13
