@@ -544,24 +544,21 @@ def test_tower_first_stage_reads_the_worlds_scenes_through_the_tower_after_a_bin
                                        + binding_stage + first_stage] and first_stage_on_scaffold
 
 
-def test_tower_first_stage_needs_a_grown_first_stage(capsys, tmp_path):
+@pytest.mark.parametrize("flags, message, kwargs, api_message", [
+    (["--tower-first-stage", "--no-grown-first-stage"], "--tower-first-stage: only with --grown-first-stage",
+     dict(tower_first_stage=True, grown_first_stage=False), "tower_first_stage: only with grown_first_stage"),
+    (["--city-pieces", "--no-city-words"], "--city-pieces: only with --city-words",
+     dict(city_pieces=True, city_words=False), "city_pieces: only with city_words"),
+])
+def test_a_flag_without_the_one_it_needs_is_refused_before_anything_is_written(capsys, tmp_path, flags, message,
+                                                                               kwargs, api_message):
     from mlx_qwen35.train.default_model import main, train_default
     with pytest.raises(SystemExit):
-        main(["--output", str(tmp_path / "unused"), "--tower-first-stage", "--no-grown-first-stage"])
-    assert "--tower-first-stage: only with --grown-first-stage" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="tower_first_stage: only with grown_first_stage"):
-        train_default(tmp_path / "model", tower_first_stage=True, grown_first_stage=False)
-    assert not (tmp_path / "model").exists() and not (tmp_path / "model.partial").exists()
-
-
-def test_city_pieces_needs_city_words(capsys, tmp_path):
-    from mlx_qwen35.train.default_model import main, train_default
-    with pytest.raises(SystemExit):
-        main(["--output", str(tmp_path / "unused"), "--city-pieces", "--no-city-words"])
-    assert "--city-pieces: only with --city-words" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="city_pieces: only with city_words"):
-        train_default(tmp_path / "model", city_pieces=True, city_words=False)
-    assert not (tmp_path / "model").exists() and not (tmp_path / "model.partial").exists()
+        main(["--output", str(tmp_path / "unused"), *flags])
+    assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match=api_message):
+        train_default(tmp_path / "model", **kwargs)
+    assert not any(tmp_path.iterdir())
 
 
 def test_binding_stage_shuffles_colour_questions_on_the_scaffold_among_the_sums(tmp_path):

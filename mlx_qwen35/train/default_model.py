@@ -151,8 +151,6 @@ def write_skeleton(directory: Path, seed: int, city_words: bool = CITY_WORDS,
     from . import world
     from .world_tokenizer import train_world_tokenizer
 
-    if city_pieces and not city_words:
-        raise ValueError("city_pieces: only with city_words (the cities as tokens of their own in the call)")
     tokenizer, added = train_world_tokenizer(seed=seed, whole_words=tuple(world.CITIES) if city_words else (),
                                              pieces_after_space=city_pieces)
     ids = {text: token_id for token_id, text, _ in added}
@@ -389,8 +387,9 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     At logging steps that are multiples of `probe_every` (0: never) the log also gets held-out per-skill
     answer accuracy (`answer_accuracy` on `probe_rows`). `vision_weights`: a tower that `pretrain_vision`
     already trained (with this seed and `vision_steps`) to start from instead of pretraining again.
-    `scaffold_rows`: the binding scaffold's length (SCAFFOLD_ROWS); `city_words`: CITY_WORDS; `city_pieces`: CITY_PIECES; `tool_tail`: the
-    tool-heavy tail's steps, taken from `steps` (None: the recipe's TOOL_TAIL_STEPS of STEPS, in proportion);
+    `scaffold_rows`: the binding scaffold's length (SCAFFOLD_ROWS); `city_words`: CITY_WORDS; `city_pieces`:
+    CITY_PIECES; `tool_tail`: the tool-heavy tail's steps, taken from `steps` (None: the recipe's
+    TOOL_TAIL_STEPS of STEPS, in proportion);
     `picture_curriculum`: mixed rows over which single-picture scenes grow (PICTURE_CURRICULUM);
     `grown_first_stage`: GROWN_FIRST_STAGE; `binding_stage`: BINDING_STAGE; `tower_first_stage`: TOWER_FIRST_STAGE."""
     import mlx.optimizers as optim
@@ -582,7 +581,8 @@ def main(argv=None) -> int:
     train_default(Path(args.output), seed=args.seed, steps=args.steps, tokens_per_batch=args.tokens_per_batch,
                   learning_rate=args.learning_rate, vision_steps=args.vision_steps,
                   vision_weights=args.vision_weights, scaffold_rows=args.scaffold_rows,
-                  city_words=args.city_words, city_pieces=args.city_pieces, tool_tail=args.tool_tail, picture_curriculum=args.picture_curriculum,
+                  city_words=args.city_words, city_pieces=args.city_pieces, tool_tail=args.tool_tail,
+                  picture_curriculum=args.picture_curriculum,
                   grown_first_stage=args.grown_first_stage, binding_stage=args.binding_stage,
                   tower_first_stage=args.tower_first_stage)
     print(f"wrote {args.output}")

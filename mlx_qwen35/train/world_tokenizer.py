@@ -36,6 +36,8 @@ def train_world_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE, seed: int = 0, c
     (`_pieces_after_space`)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+    if pieces_after_space and not whole_words:
+        raise ValueError("pieces_after_space: only with whole_words (the words to write in pieces)")
     specials = [text for _, text in QWEN3_5_SPECIAL_TOKENS]
     learned = vocab_size - len(specials)
     if learned < 256:
@@ -56,8 +58,6 @@ def train_world_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE, seed: int = 0, c
     texts = list(world_texts(seed, count))
     for text in specials:
         texts = [t.replace(text, "\n") for t in texts]
-    if pieces_after_space and not whole_words:
-        raise ValueError("pieces_after_space: only with whole_words (the words to write in pieces)")
     tokenizer.train_from_iterator(texts, trainer)
     if pieces_after_space:
         tokenizer = _pieces_after_space(tokenizer, whole_words)
