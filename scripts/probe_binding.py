@@ -4,6 +4,10 @@ pictures alone, with the vision tower's output replaced or altered by --features
 questions answered greedily through `evaluate.ask`, split by how many shapes the picture holds. Exploratory:
 one run is one noisy measurement.
 
+    --question color           the question trained and asked: color (the default), left_right, or side
+                               (a probe's own: "Is the {color} {shape} on the left or the right?" about a
+                               unique shape in the left or right third: one lookup, where left_right needs two)
+                               or left_right_of_two (the world's left/right about pictures of two shapes only)
     --features oracle          the word embeddings (the fresh decoder's first, kept fixed) of each shape-centre
                                token's colour and kind, summed; zeros elsewhere
                spread          oracle, with the colour word also on every other token the shape's disc reaches
@@ -18,6 +22,9 @@ one run is one noisy measurement.
                means[:S]       the tower's own mean output at shape centres plus its kind's and colour's offsets
                                from it (over 400 world pictures; times S), on centre tokens, zeros elsewhere:
                                the oracle in the tower's directions
+    --position                 with means: also the tower's position directions at each shape centre, times
+                               the centre's place in the picture (-1 to 1 across and down; fit_positions)
+    --position-scale S         those position directions times S
     --only-centres             zeros on every token that holds no shape's centre
     --tower-lr-scale F         the tower's learning rate as a share of the decoder's (0: frozen)
     --aux-kind W               also train each shape-centre token's logits toward its kind's word, weight W
@@ -84,9 +91,11 @@ class Features:
     def __init__(self, kind: str, tokenizer, embeddings, only_centres: bool = False):
         # the words' embeddings as the fresh decoder starts: fixed keys, whatever training does to the table
         self.mode, self.table, self.only_centres = parse_features(kind), mx.array(embeddings.weight), only_centres
+        self.use_positions, self.position_scale = False, 1.0
         self.kind_words, self.colour_words = word_ids(tokenizer, world.SHAPES), word_ids(tokenizer, world.COLORS)
         self.current = None  # (kind word ids, colour word ids) of the images being encoded, -1: none
         self.means = None  # (mean, kind offsets by word id, colour offsets by word id): fit_means
+        self.positions = None  # [2, hidden]: the tower's directions for a centre's place across and down
 
     def fit_means(self, tower, processor, pictures: int = 400, seed: int = 11):
         """`class_means` of the tower over `pictures` world pictures, as tables indexed by the word ids `words`
@@ -98,8 +107,10 @@ class Features:
             table[word_of] = means[name]
             tables.append(mx.array(table))
         self.means = (mx.array(means["mean"]), *tables)
+        self.positions = mx.array(fit_positions(tower, processor, means, pictures, seed))
 
-    def words(self, scene, grid) -> tuple[np.ndarray, np.ndarray]:
+    def words(self, scene, grid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(kind word ids, colour word ids, centre places [tokens, 2]) of one picture's tokens (-1: none)."""
         labels = token_labels([scene], grid)
         centre = labels["kind"] > 0
         kinds = np.where(centre, self.kind_words[np.maximum(labels["kind"], 0)], -1)
@@ -116,19 +127,21 @@ class Features:
                         colours[i] = self.colour_words[COLOR_IDS[shape.color]]
                         if self.mode[0] == "spread-all":
                             kinds[i] = self.kind_words[KIND_IDS[shape.kind]]
-        return kinds, colours
+        return kinds, colours, labels["centre"]
 
     def embed(self, ids: np.ndarray) -> mx.array:
         return self.table[mx.array(np.maximum(ids, 0))] * present(ids)
 
     def __call__(self, tower, pixels, grid):
-        kinds, colours = self.current
+        kinds, colours, places = self.current
         words = {"kind": self.embed(kinds), "colour": self.embed(colours)}
         name, scale = self.mode
         if name == MEANS:
             mean, kind_offsets, colour_offsets = self.means
             out = (mean + kind_offsets[mx.array(np.maximum(kinds, 0))] + colour_offsets[
                 mx.array(np.maximum(colours, 0))]) * present(kinds) * (1.0 if scale is None else scale)
+            if self.use_positions:
+                out = out + self.position_scale * (mx.array(places) @ self.positions) * present(kinds)
         elif name in TOWER_MODES:
             out = tower(pixels, grid) * (1.0 if scale is None else scale)
             for word in TOWER_MODES[name]:
@@ -138,6 +151,46 @@ class Features:
             if name == "oracle+noise":  # fresh each call: nothing in it to learn
                 out = out + scale * mx.random.normal(out.shape)
         return out * present(kinds) if self.only_centres else out
+
+
+def fit_positions(tower, processor, means: dict, pictures: int = 400, seed: int = 11) -> np.ndarray:
+    """[2, hidden]: least-squares directions of a shape-centre token's place across and down (-1 to 1) in what
+    the tower's output holds beyond its class means; prints the share of that remainder they explain."""
+    rng, rest, places = random.Random(seed), [], []
+    for _ in range(pictures):
+        scene = world.random_scene(rng)
+        [(pixels, grid)] = processor.prepare(images=[world.draw(scene)])["image"]
+        labels = token_labels([scene], tuple(int(v) for v in grid))
+        centre = labels["kind"] > 0
+        out = np.array(tower(mx.array(pixels), [tuple(int(v) for v in grid)]), np.float64)[centre]
+        rest.append(out - means["mean"] - means["kind"][labels["kind"][centre]]
+                    - means["colour"][labels["colour"][centre]])
+        places.append(labels["centre"][centre])
+    rest, places = np.concatenate(rest), np.concatenate(places).astype(np.float64)
+    directions, *_ = np.linalg.lstsq(places, rest, rcond=None)
+    explained = 1 - ((rest - places @ directions) ** 2).sum() / (rest ** 2).sum()
+    print(f"# position directions: {explained:.1%} of the centre tokens' remainder (beyond class means); norms "
+          f"{np.linalg.norm(directions, axis=1).round(2).tolist()} against kind offsets' "
+          f"{np.linalg.norm(means['kind'][1:], axis=1).round(2).tolist()}", flush=True)
+    return directions.astype(np.float32)
+
+
+def ask_side(rng, scene):
+    """The probe's one-lookup left/right: which half a unique shape is in, asked only outside the middle third."""
+    named = [s for s in scene.shapes if len(world.unique(scene, kind=s.kind, color=s.color)) == 1
+             and abs(s.cx - scene.width / 2) > scene.width / 6]
+    if not named:
+        return None
+    shape = rng.choice(named)
+    return (f"Is the {shape.name} on the left or the right?", "Left." if shape.cx < scene.width / 2 else "Right.")
+
+
+def ask_left_right_of_two(rng, scene):
+    """The world's left/right, asked only about pictures of two shapes: one lookup and the other's place."""
+    return world.ask_left_right(rng, scene) if len(scene.shapes) == 2 else None
+
+
+QUESTIONS = dict(world.SCENE_QUESTIONS, side=ask_side, left_right_of_two=ask_left_right_of_two)
 
 
 def present(ids: np.ndarray) -> mx.array:
@@ -151,6 +204,9 @@ def main():
     parser.add_argument("--tower", type=Path, help="a vision tower's weights (safetensors) instead of the shipped one's")
     parser.add_argument("--tower-lr-scale", type=float, default=dm.VISION_LR_SCALE,
                         help="the tower's learning rate as a share of the decoder's; 0 freezes it")
+    parser.add_argument("--question", choices=["color", "left_right", "side", "left_right_of_two"], default="color")
+    parser.add_argument("--position", action="store_true")
+    parser.add_argument("--position-scale", type=float, default=1.0)
     parser.add_argument("--only-centres", action="store_true")
     parser.add_argument("--aux-kind", type=float, default=0.0)
     parser.add_argument("--switch-at", type=int, default=0)
@@ -179,6 +235,8 @@ def main():
         parser.error(f"--sums-first {args.sums_first}: a number of rows, 0 or more")
     if not 0 <= args.sum_share < 1:
         parser.error(f"--sum-share {args.sum_share}: a share from 0 up to (not including) 1")
+    if args.position and MEANS not in modes:
+        parser.error("--position adds to means: give --features means (or --switch-to means)")
     if args.tower and not args.tower.is_file():
         parser.error(f"--tower {args.tower}: no such file")
 
@@ -193,6 +251,8 @@ def main():
         del shipped
     features = Features(args.features, processor.tokenizer, model.model.language_model.embed_tokens,
                         args.only_centres)
+    features.use_positions, features.position_scale = args.position, args.position_scale
+    question = QUESTIONS[args.question]
     tower = model.model.visual.__call__
     if MEANS in modes:
         features.fit_means(tower, processor)
@@ -205,13 +265,13 @@ def main():
 
     def rows():
         rng, thinking_rng = random.Random(args.seed + 123), random.Random(args.seed + 124)
-        no_words = (np.zeros(0, int), np.zeros(0, int))
+        no_words = (np.zeros(0, int), np.zeros(0, int), np.zeros((0, 2), np.float32))
         for drawn in itertools.count():
             if drawn < args.sums_first or (args.sum_share and rng.random() < args.sum_share):
                 row = dm.encode_example(world.sum_example(rng), processor, thinking_rng)
                 row.words = no_words
             else:
-                example = world.image_example(rng, world.ask_color, growth=0.0 if lone[0] else 1.0)
+                example = world.image_example(rng, question, growth=0.0 if lone[0] else 1.0)
                 row = dm.encode_example(example, processor, thinking_rng)
                 row.words = features.words(example["scenes"][0], tuple(int(v) for v in row.image_grid_thw[0]))
             yield row
@@ -225,7 +285,7 @@ def main():
             kinds = row.words[0]
             targets[i, at[kinds >= 0]], weight[i, at[kinds >= 0]] = kinds[kinds >= 0], args.aux_kind
         batch["aux_targets"], batch["aux_weight"] = mx.array(targets), mx.array(weight)
-        features.current = tuple(np.concatenate([row.words[j] for row in batch_rows]) for j in (0, 1))
+        features.current = tuple(np.concatenate([row.words[j] for row in batch_rows]) for j in (0, 1, 2))
         return batch
 
     next_token_losses = training.token_losses
@@ -248,7 +308,7 @@ def main():
         model.eval()
         rng, right, asked = random.Random(HELD_OUT_SEED), Counter(), Counter()
         for _ in range(args.held_out):
-            example = world.image_example(rng, world.ask_color)
+            example = world.image_example(rng, question)
             case = evaluate.Case(evaluate._prompt(example), evaluate._answer(example))
             scene = example["scenes"][0]
             [(_, grid)] = processor.prepare(images=[world.draw(scene)])["image"]
@@ -260,7 +320,7 @@ def main():
         sums = ""
         if args.sums_first or args.sum_share:
             sums = f"  sums {dm.answer_accuracy(dm.teacher_forced(model), held_out_sums):.0%}"
-        print(f"step {step}  held-out colour right by shapes in the picture: "
+        print(f"step {step}  held-out {args.question} right by shapes in the picture: "
               + "  ".join(f"{k}: {right[k]}/{asked[k]}" for k in (1, 2, 3, 4, "all")) + sums, flush=True)
         model.train()
 

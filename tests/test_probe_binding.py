@@ -3,6 +3,7 @@ decoder are the words of the shape each token holds, placed where the scene says
 answers through the patched tower."""
 
 import importlib.util
+import random
 import re
 import subprocess
 import sys
@@ -33,22 +34,22 @@ def test_oracle_words_sit_on_the_centre_token_and_spread_on_every_token_the_disc
     blue = processor.tokenizer.encode(" blue", add_special_tokens=False)[0]
 
     oracle = probe.Features("oracle", processor.tokenizer, embeddings)
-    kinds, colours = oracle.words(scene, (1, 8, 8))
+    kinds, colours, places = oracle.words(scene, (1, 8, 8))
     expected = np.full(16, -1)
     expected[2 * 4 + 2] = 0
     assert (kinds == np.where(expected == 0, square, -1)).all()
     assert (colours == np.where(expected == 0, blue, -1)).all()
-    oracle.current = (kinds, colours)
+    oracle.current = (kinds, colours, places)
     features = np.array(oracle(None, None, None))
     assert np.allclose(features[10], np.array(table[square] + table[blue]))
     assert not np.delete(features, 10, axis=0).any()
 
     reached = np.ones((4, 4), bool)
     reached[[0, 0, 3, 3], [0, 3, 0, 3]] = False
-    kinds, colours = probe.Features("spread-all", processor.tokenizer, embeddings).words(scene, (1, 8, 8))
+    kinds, colours, _ = probe.Features("spread-all", processor.tokenizer, embeddings).words(scene, (1, 8, 8))
     assert (kinds == np.where(reached.ravel(), square, -1)).all()
     assert (colours == np.where(reached.ravel(), blue, -1)).all()
-    kinds, colours = probe.Features("spread", processor.tokenizer, embeddings).words(scene, (1, 8, 8))
+    kinds, colours, _ = probe.Features("spread", processor.tokenizer, embeddings).words(scene, (1, 8, 8))
     assert (kinds >= 0).sum() == 1 and (colours == np.where(reached.ravel(), blue, -1)).all()
 
 
@@ -83,7 +84,7 @@ def test_a_short_oracle_run_trains_and_answers():
                           "--lone-first", "--switch-at", "2", "--switch-to", "oracle"],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
-    line = [l for l in run.stdout.splitlines() if "held-out colour right" in l][-1]
+    line = [l for l in run.stdout.splitlines() if "held-out color right" in l][-1]
     assert line.endswith("/3") and "step 2" in line
 
 
@@ -92,7 +93,7 @@ def test_a_short_run_with_sums_first_and_mixed_answers_colour_and_sums():
                           "--steps", "3", "--every", "3", "--held-out", "2", "--sums-first", "40", "--sum-share", "0.5"],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
-    line = [l for l in run.stdout.splitlines() if "held-out colour right" in l][-1]
+    line = [l for l in run.stdout.splitlines() if "held-out color right" in l][-1]
     assert re.search(r"all: \d/2  sums \d+%$", line), line
 
 
@@ -101,7 +102,8 @@ def test_bad_arguments_are_named_before_anything_runs():
                         (["--tower", "/no/such/tower.safetensors"], "/no/such/tower.safetensors"),
                         (["--features", "oracle+noise"], "oracle+noise"), (["--switch-to", "towr"], "towr"),
                         (["--switch-to", "tower"], "--switch-at"), (["--lone-first"], "--lone-first"),
-                        (["--sums-first", "-5"], "--sums-first -5"), (["--sum-share", "1"], "--sum-share 1.0")):
+                        (["--sums-first", "-5"], "--sums-first -5"), (["--sum-share", "1"], "--sum-share 1.0"),
+                        (["--position"], "--position"), (["--question", "sides"], "sides")):
         run = subprocess.run([sys.executable, str(ROOT / "scripts" / "probe_binding.py"), *args],
                              capture_output=True, text=True, timeout=120)
         assert run.returncode == 2 and named in run.stderr and not run.stdout
@@ -124,3 +126,50 @@ def test_means_mode_is_the_scaffold_of_the_towers_class_means(tmp_path):
     expected = 2 * scaffold_features(class_means(rgb_tower, processor, pictures=40, seed=11), scene, (1, 4, 6))
     np.testing.assert_allclose(np.array(features(None, None, None)), expected, rtol=1e-5, atol=1e-6)
     assert (np.abs(expected).sum(1) > 0).sum() == 2
+
+
+def test_position_adds_each_centres_place_along_the_fitted_directions(tmp_path):
+    """A stand-in tower whose merged tokens hold their own place (-1 to 1 across and down) and nothing else: the
+    fitted directions are about the first two axes, and --position adds place times direction at the centres."""
+    _, processor = dm.write_skeleton(tmp_path, seed=0)
+    embeddings = type("Table", (), {"weight": mx.zeros((1024, 3))})()
+
+    def place_tower(pixels, grid):
+        rows, cols = int(grid[0][1]) // 2, int(grid[0][2]) // 2
+        r, c = np.divmod(np.arange(rows * cols), cols)
+        return mx.array(np.stack([2 * (c + 0.5) / cols - 1, 2 * (r + 0.5) / rows - 1, np.zeros(rows * cols)], 1),
+                        mx.float32)
+
+    features = probe.Features("means", processor.tokenizer, embeddings)
+    features.fit_means(place_tower, processor, pictures=60)
+    directions = np.array(features.positions)
+    assert np.allclose(directions[:, :2], np.eye(2), atol=0.25) and np.allclose(directions[:, 2], 0, atol=1e-6)
+
+    features.positions = mx.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    features.position_scale = 3.0
+    scene = world.Scene(96, 64, (255, 255, 255), [world.Shape("circle", "red", 20, 20, 10),
+                                                  world.Shape("square", "blue", 70, 40, 10)])
+    features.current = features.words(scene, (1, 4, 6))
+    features.use_positions = False
+    without = np.array(features(None, None, None))
+    features.use_positions = True
+    added = np.array(features(None, None, None)) - without
+    expected = np.zeros((6, 3))  # 2x3 tokens of 32 px: the circle's centre in token 0, the square's in token 5
+    expected[0, :2] = 3 * np.array([2 * 20 / 96 - 1, 2 * 20 / 64 - 1])
+    expected[5, :2] = 3 * np.array([2 * 70 / 96 - 1, 2 * 40 / 64 - 1])
+    np.testing.assert_allclose(added, expected, atol=1e-5)
+
+
+def test_the_probes_own_questions_ask_what_they_say():
+    rng = random.Random(3)
+    scene = world.Scene(120, 60, (255, 255, 255), [world.Shape("circle", "red", 15, 30, 8),
+                                                   world.Shape("square", "blue", 100, 30, 8)])
+    assert probe.ask_side(rng, scene) in (("Is the red circle on the left or the right?", "Left."),
+                                          ("Is the blue square on the left or the right?", "Right."))
+    middle = world.Scene(120, 60, (255, 255, 255), [world.Shape("circle", "red", 60, 30, 8)])
+    assert probe.ask_side(rng, middle) is None
+    assert probe.ask_left_right_of_two(rng, scene) in (
+        ("Is the red circle left or right of the blue square?", "Left."),
+        ("Is the blue square left or right of the red circle?", "Right."))
+    three = world.Scene(120, 60, (255, 255, 255), [*scene.shapes, world.Shape("triangle", "green", 60, 30, 8)])
+    assert probe.ask_left_right_of_two(rng, three) is None
