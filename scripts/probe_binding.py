@@ -26,6 +26,7 @@ one run is one noisy measurement.
                                the centre's place in the picture (-1 to 1 across and down; fit_positions)
     --position-scale S         those position directions times S
     --only-centres             zeros on every token that holds no shape's centre
+    --layers N                 a decoder of N layers instead of the default's 4 (every second one attention)
     --tower-lr-scale F         the tower's learning rate as a share of the decoder's (0: frozen)
     --aux-kind W               also train each shape-centre token's logits toward its kind's word, weight W
     --switch-at N --switch-to F  from step N on, the features F instead (a scaffold: bind on one, go on with another)
@@ -207,6 +208,7 @@ def main():
     parser.add_argument("--question", choices=["color", "left_right", "side", "left_right_of_two"], default="color")
     parser.add_argument("--position", action="store_true")
     parser.add_argument("--position-scale", type=float, default=1.0)
+    parser.add_argument("--layers", type=int, default=dm.TEXT_CONFIG["num_hidden_layers"])
     parser.add_argument("--only-centres", action="store_true")
     parser.add_argument("--aux-kind", type=float, default=0.0)
     parser.add_argument("--switch-at", type=int, default=0)
@@ -237,10 +239,13 @@ def main():
         parser.error(f"--sum-share {args.sum_share}: a share from 0 up to (not including) 1")
     if args.position and MEANS not in modes:
         parser.error("--position adds to means: give --features means (or --switch-to means)")
+    if args.layers < 1:
+        parser.error(f"--layers {args.layers}: at least one layer")
     if args.tower and not args.tower.is_file():
         parser.error(f"--tower {args.tower}: no such file")
 
     skeleton = Path("/tmp/probe-binding-skeleton")
+    dm.TEXT_CONFIG["num_hidden_layers"] = args.layers
     _, processor = dm.write_skeleton(skeleton, seed=args.seed)
     model = dm.build_model(skeleton, seed=args.seed)
     if args.tower:

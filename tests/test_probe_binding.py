@@ -103,7 +103,8 @@ def test_bad_arguments_are_named_before_anything_runs():
                         (["--features", "oracle+noise"], "oracle+noise"), (["--switch-to", "towr"], "towr"),
                         (["--switch-to", "tower"], "--switch-at"), (["--lone-first"], "--lone-first"),
                         (["--sums-first", "-5"], "--sums-first -5"), (["--sum-share", "1"], "--sum-share 1.0"),
-                        (["--position"], "--position"), (["--question", "sides"], "sides")):
+                        (["--position"], "--position"), (["--question", "sides"], "sides"),
+                        (["--layers", "0"], "--layers 0")):
         run = subprocess.run([sys.executable, str(ROOT / "scripts" / "probe_binding.py"), *args],
                              capture_output=True, text=True, timeout=120)
         assert run.returncode == 2 and named in run.stderr and not run.stdout
