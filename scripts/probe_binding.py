@@ -57,7 +57,7 @@ from mlx_qwen35.train import default_model as dm
 from mlx_qwen35.train import evaluate, world
 from mlx_qwen35.train import trainer as training
 from mlx_qwen35.train.data import collate
-from mlx_qwen35.train.vision_pretrain import COLOR_IDS, KIND_IDS, class_means, token_labels
+from mlx_qwen35.train.vision_pretrain import COLOR_IDS, KIND_IDS, centre_outputs, means_of, token_labels
 
 HELD_OUT_SEED = 7_000_003  # the questions of docs/default-model.md's "Picking the shape" tables
 
@@ -89,10 +89,11 @@ def parse_features(text: str) -> tuple[str, float | None]:
 class Features:
     """What the decoder reads at each merged image token, per --features, from the row's scenes."""
 
-    def __init__(self, kind: str, tokenizer, embeddings, only_centres: bool = False):
+    def __init__(self, kind: str, tokenizer, embeddings, only_centres: bool = False, use_positions: bool = False,
+                 position_scale: float = 1.0):
         # the words' embeddings as the fresh decoder starts: fixed keys, whatever training does to the table
         self.mode, self.table, self.only_centres = parse_features(kind), mx.array(embeddings.weight), only_centres
-        self.use_positions, self.position_scale = False, 1.0
+        self.use_positions, self.position_scale = use_positions, position_scale
         self.kind_words, self.colour_words = word_ids(tokenizer, world.SHAPES), word_ids(tokenizer, world.COLORS)
         self.current = None  # (kind word ids, colour word ids) of the images being encoded, -1: none
         self.means = None  # (mean, kind offsets by word id, colour offsets by word id): fit_means
@@ -100,15 +101,17 @@ class Features:
 
     def fit_means(self, tower, processor, pictures: int = 400, seed: int = 11):
         """`class_means` of the tower over `pictures` world pictures, as tables indexed by the word ids `words`
-        gives."""
-        means = class_means(tower, processor, pictures, seed)
+        gives; with positions, also their directions (`fit_positions`) from the same pictures' tokens."""
+        centres = centre_outputs(tower, processor, pictures, seed)
+        means = means_of(centres)
         tables = []
         for name, word_of in (("kind", self.kind_words), ("colour", self.colour_words)):
             table = np.zeros((self.table.shape[0], means["mean"].shape[0]), np.float32)
             table[word_of] = means[name]
             tables.append(mx.array(table))
         self.means = (mx.array(means["mean"]), *tables)
-        self.positions = mx.array(fit_positions(tower, processor, means, pictures, seed))
+        if self.use_positions:
+            self.positions = mx.array(fit_positions(centres, means))
 
     def words(self, scene, grid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(kind word ids, colour word ids, centre places [tokens, 2]) of one picture's tokens (-1: none)."""
@@ -154,20 +157,13 @@ class Features:
         return out * present(kinds) if self.only_centres else out
 
 
-def fit_positions(tower, processor, means: dict, pictures: int = 400, seed: int = 11) -> np.ndarray:
+def fit_positions(centres: dict, means: dict) -> np.ndarray:
     """[2, hidden]: least-squares directions of a shape-centre token's place across and down (-1 to 1) in what
-    the tower's output holds beyond its class means; prints the share of that remainder they explain."""
-    rng, rest, places = random.Random(seed), [], []
-    for _ in range(pictures):
-        scene = world.random_scene(rng)
-        [(pixels, grid)] = processor.prepare(images=[world.draw(scene)])["image"]
-        labels = token_labels([scene], tuple(int(v) for v in grid))
-        centre = labels["kind"] > 0
-        out = np.array(tower(mx.array(pixels), [tuple(int(v) for v in grid)]), np.float64)[centre]
-        rest.append(out - means["mean"] - means["kind"][labels["kind"][centre]]
-                    - means["colour"][labels["colour"][centre]])
-        places.append(labels["centre"][centre])
-    rest, places = np.concatenate(rest), np.concatenate(places).astype(np.float64)
+    the tower's output holds beyond its class means (`centre_outputs`, `means_of`); prints the share of that
+    remainder they explain."""
+    rest = (centres["outputs"] - means["mean"] - means["kind"][centres["kind"]]
+            - means["colour"][centres["colour"]])
+    places = centres["centre"].astype(np.float64)
     directions, *_ = np.linalg.lstsq(places, rest, rcond=None)
     explained = 1 - ((rest - places @ directions) ** 2).sum() / (rest ** 2).sum()
     print(f"# position directions: {explained:.1%} of the centre tokens' remainder (beyond class means); norms "
@@ -255,8 +251,7 @@ def main():
         model.model.visual.load_weights(list(tree_flatten(shipped.model.visual.parameters())))
         del shipped
     features = Features(args.features, processor.tokenizer, model.model.language_model.embed_tokens,
-                        args.only_centres)
-    features.use_positions, features.position_scale = args.position, args.position_scale
+                        args.only_centres, use_positions=args.position, position_scale=args.position_scale)
     question = QUESTIONS[args.question]
     tower = model.model.visual.__call__
     if MEANS in modes:

@@ -141,13 +141,12 @@ def test_position_adds_each_centres_place_along_the_fitted_directions(tmp_path):
         return mx.array(np.stack([2 * (c + 0.5) / cols - 1, 2 * (r + 0.5) / rows - 1, np.zeros(rows * cols)], 1),
                         mx.float32)
 
-    features = probe.Features("means", processor.tokenizer, embeddings)
+    features = probe.Features("means", processor.tokenizer, embeddings, use_positions=True, position_scale=3.0)
     features.fit_means(place_tower, processor, pictures=60)
     directions = np.array(features.positions)
     assert np.allclose(directions[:, :2], np.eye(2), atol=0.25) and np.allclose(directions[:, 2], 0, atol=1e-6)
 
     features.positions = mx.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
-    features.position_scale = 3.0
     scene = world.Scene(96, 64, (255, 255, 255), [world.Shape("circle", "red", 20, 20, 10),
                                                   world.Shape("square", "blue", 70, 40, 10)])
     features.current = features.words(scene, (1, 4, 6))

@@ -175,11 +175,10 @@ def pretrain_vision(visual, processor, steps: int, seed: int = 0,
     return scores
 
 
-def class_means(visual, processor, pictures: int = 400, seed: int = 5_000_101) -> dict:
-    """The tower's mean output over the shape-centre tokens of `pictures` fresh world pictures, and each kind's
-    and each colour's mean offset from it (row 0, "no shape", zero): the oracle of the binding scaffold in the
-    tower's own directions (`scaffold_features`; docs/default-model.md, "Forming the binding")."""
-    rng, outs, kinds, colours = random.Random(seed), [], [], []
+def centre_outputs(visual, processor, pictures: int = 400, seed: int = 5_000_101) -> dict:
+    """The tower's output (float64) at the shape-centre tokens of `pictures` fresh world pictures, with each
+    token's kind and colour labels and its centre's place (`token_labels`): what `class_means` averages."""
+    rng, outs, kinds, colours, places = random.Random(seed), [], [], [], []
     for _ in range(pictures):
         scene = world.random_scene(rng)
         [(pixels, grid)] = processor.prepare(images=[world.draw(scene)])["image"]
@@ -189,13 +188,27 @@ def class_means(visual, processor, pictures: int = 400, seed: int = 5_000_101) -
         outs.append(np.array(visual(mx.array(pixels), [grid]), np.float64)[centre])
         kinds.append(labels["kind"][centre])
         colours.append(labels["colour"][centre])
-    outs, kinds, colours = np.concatenate(outs), np.concatenate(kinds), np.concatenate(colours)
+        places.append(labels["centre"][centre])
+    return {"outputs": np.concatenate(outs), "kind": np.concatenate(kinds), "colour": np.concatenate(colours),
+            "centre": np.concatenate(places)}
+
+
+def class_means(visual, processor, pictures: int = 400, seed: int = 5_000_101) -> dict:
+    """The tower's mean output over the shape-centre tokens of `pictures` fresh world pictures, and each kind's
+    and each colour's mean offset from it (row 0, "no shape", zero): the oracle of the binding scaffold in the
+    tower's own directions (`scaffold_features`; docs/default-model.md, "Forming the binding")."""
+    return means_of(centre_outputs(visual, processor, pictures, seed))
+
+
+def means_of(centres: dict) -> dict:
+    """`class_means` of `centre_outputs`' tokens."""
+    outs = centres["outputs"]
     mean = outs.mean(0)
     offsets = {}
-    for name, labels, count in (("kind", kinds, len(KIND_IDS)), ("colour", colours, len(COLOR_IDS))):
+    for name, count in (("kind", len(KIND_IDS)), ("colour", len(COLOR_IDS))):
         offsets[name] = np.zeros((count + 1, outs.shape[1]))
         for label in range(1, count + 1):
-            offsets[name][label] = outs[labels == label].mean(0) - mean
+            offsets[name][label] = outs[centres[name] == label].mean(0) - mean
     return {"mean": mean.astype(np.float32), "kind": offsets["kind"].astype(np.float32),
             "colour": offsets["colour"].astype(np.float32)}
 
