@@ -152,7 +152,24 @@ def cpu_setup() -> str:
     from .kernels import cpu_qmv
 
     return (f"BLAS {blas_in_use()}; matrix-vector to sgemv: {gemv_forward_status()}; malloc keeps freed blocks: "
-            f"{_malloc_status}; quantised matrix-vector: {cpu_qmv.status()}")
+            f"{_malloc_status}; quantised matrix-vector: {cpu_qmv.status()}; CPU {cpu_model()}")
+
+
+def cpu_model() -> str:
+    """The processor's name and core count: float sums follow the CPU's vector width, so a seeded run is
+    bit-reproducible only on the same kind of CPU, and a log says which it ran on."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            fields = dict(line.split(":", 1) for line in info.read().split("\n\n")[0].splitlines() if ":" in line)
+    except OSError:
+        fields = {}
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    import platform as host
+
+    widest = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in
+                   fields.get("flags", "").split()), None)
+    return ", ".join(filter(None, [fields.get("model name") or host.processor() or "unknown", widest,
+                                   f"{os.cpu_count()} cores"]))
 
 
 def blas_in_use() -> str:

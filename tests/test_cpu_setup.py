@@ -6,6 +6,7 @@ import os
 import resource
 import subprocess
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -99,3 +100,16 @@ def test_large_outputs_reuse_freed_memory():
         mx.eval(x * 2.0)
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
     assert faults < 1000, f"{faults:.0f} page faults per 50 MB output (12,288 pages if each is mapped afresh)"
+
+
+def test_cpu_setup_names_the_processor_its_vector_width_and_cores():
+    import mlx_qwen35.platform as platform
+    model = platform.cpu_model()
+    assert platform.cpu_setup().endswith(f"CPU {model}")
+    assert model.endswith(f", {os.cpu_count()} cores")
+    if Path("/proc/cpuinfo").is_file():
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        first_flags = next(line for line in cpuinfo.splitlines() if line.startswith("flags")).split()
+        assert ("AVX-512" in model) == ("avx512f" in first_flags)
+        name = next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name"))
+        assert model.startswith(name)
