@@ -4,7 +4,8 @@ pictures alone, with the vision tower's output replaced or altered by --features
 questions answered greedily through `evaluate.ask`, split by how many shapes the picture holds. Exploratory:
 one run is one noisy measurement.
 
-    --question color           the question trained and asked: color (the default), left_right, or side
+    --question color           the question trained and asked: color (the default), any of the world's picture
+                               questions (shape, count, left_right, describe), side
                                (a probe's own: "Is the {color} {shape} on the left or the right?" about a
                                unique shape in the left or right third: one lookup, where left_right needs two)
                                or left_right_of_two (the world's left/right about pictures of two shapes only)
@@ -201,7 +202,7 @@ def main():
     parser.add_argument("--tower", type=Path, help="a vision tower's weights (safetensors) instead of the shipped one's")
     parser.add_argument("--tower-lr-scale", type=float, default=dm.VISION_LR_SCALE,
                         help="the tower's learning rate as a share of the decoder's; 0 freezes it")
-    parser.add_argument("--question", choices=["color", "left_right", "side", "left_right_of_two"], default="color")
+    parser.add_argument("--question", choices=sorted(QUESTIONS), default="color")
     parser.add_argument("--position", action="store_true")
     parser.add_argument("--position-scale", type=float, default=1.0)
     parser.add_argument("--layers", type=int, default=dm.TEXT_CONFIG["num_hidden_layers"])
