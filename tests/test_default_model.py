@@ -591,3 +591,53 @@ def test_binding_stage_shuffles_colour_questions_on_the_scaffold_among_the_sums(
     rng = random.Random(0)
     assert (list(itertools.islice(training_examples(0, sum_stage=sum_stage, first_stage=first_stage), sum_stage))
             == [world.sum_example(rng) for _ in range(sum_stage)])
+
+
+def test_binding_questions_draw_colour_and_shape_questions_in_the_binding_and_first_stages():
+    """With `binding_questions` ("color", "shape") the binding stage and the grown first stage ask both questions
+    (each answer the world's for its scene); with ("color",) the stream is the colour-only one, draw for draw."""
+    from mlx_qwen35.train import world
+    from mlx_qwen35.train.default_model import training_examples
+    sum_stage, binding_stage, first_stage = 30, 60, 80
+    stages = dict(sum_stage=sum_stage, binding_stage=binding_stage, first_stage=first_stage, grown_first_stage=True)
+    total = sum_stage + binding_stage + first_stage
+    both = list(itertools.islice(training_examples(0, binding_questions=("color", "shape"), **stages), total))
+    pictures = [e for e in both if e.get("scenes") and e["messages"][0]["content"][0]["type"] == "image"]
+    assert len(pictures) == binding_stage + first_stage // 4
+    asked = {"color": 0, "shape": 0}
+    for example in pictures:
+        question = example["messages"][0]["content"][-1]["text"]
+        scene = example["scenes"][0]
+        if question.startswith("What color is the "):
+            kind = question.removeprefix("What color is the ").rstrip("?")
+            [shape] = world.unique(scene, kind=kind)
+            assert example["messages"][1]["content"] == f"{shape.color}."
+            asked["color"] += 1
+        else:
+            colour = question.removeprefix("What shape is ").rstrip("?")
+            [shape] = world.unique(scene, color=colour)
+            assert example["messages"][1]["content"] == f"A {shape.kind}."
+            asked["shape"] += 1
+    assert min(asked.values()) >= len(pictures) // 4
+    weighted = list(itertools.islice(training_examples(0, binding_questions=("color", "color", "count"), **stages),
+                                     total))
+    questions = [e["messages"][0]["content"][-1]["text"] for e in weighted
+                 if e.get("scenes") and e["messages"][0]["content"][0]["type"] == "image"]
+    colour = sum(q.startswith("What color") for q in questions)
+    count = sum(q.startswith("How many") for q in questions)
+    assert colour + count == len(questions) and 1.3 * count < colour < 3 * count  # two in three, not one in two
+    colour_only = list(itertools.islice(training_examples(0, **stages), total))
+    default = list(itertools.islice(training_examples(0, binding_questions=("color",), **stages), total))
+    assert [e["messages"] for e in colour_only] == [e["messages"] for e in default]
+    assert all(e["messages"][0]["content"][-1]["text"].startswith("What color is the")
+               for e in colour_only if e.get("scenes") and e["messages"][0]["content"][0]["type"] == "image")
+
+
+def test_binding_questions_the_scaffold_cannot_answer_are_refused_before_anything_is_written(capsys, tmp_path):
+    from mlx_qwen35.train.default_model import main, train_default
+    with pytest.raises(SystemExit):
+        main(["--output", str(tmp_path / "unused"), "--binding-questions", "left_right"])
+    assert "--binding-questions" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"binding_questions \('describe',\): one or more of \('color', 'shape', "):
+        train_default(tmp_path / "model", binding_questions=("describe",))
+    assert not any(tmp_path.iterdir())

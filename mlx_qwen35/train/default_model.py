@@ -14,6 +14,8 @@ import random
 import shutil
 import sys
 import time
+from collections import Counter
+from fractions import Fraction
 from functools import partial
 from pathlib import Path
 
@@ -96,6 +98,14 @@ TOWER_FIRST_STAGE = True
 # the sums then never jumped (run 25); shuffled 1:2 among sums a fresh decoder forms both (probe: 146/150 and sums
 # 64 % after 16,700 rows; docs). On since run 30 (colour 64 % to 92 % with TOWER_FIRST_STAGE, run 27).
 BINDING_STAGE = 9600
+# What the binding stage and the grown first stage ask, one drawn at random a row (a name given twice is drawn
+# twice as often). Run 31 (colour alone) names a shape 61/66 with one shape in the picture and 82/134 with two to
+# four, 50 of its 57 wrong answers another shape's kind, and answers "How many?" with "1." whatever the picture
+# holds, where a fresh decoder on the scaffold counts 75/100 after 9,600 rows. Colour, shape and count in turn (run
+# 32) took count from 42 to 66 % (mostly "0." for an absent kind), left shape where it was and colour fell from
+# 97 to 83 % (docs/default-model.md, twenty-seventh session).
+BINDING_QUESTIONS = ("color",)
+SCAFFOLD_QUESTIONS = ("color", "shape", "count")  # answered from kinds and colours, all the scaffold holds
 IMAGE_TURNS = 4
 STEPS = 3400
 # The vision tower first learns the world's shapes on its own (train/vision_pretrain.py), then trains with the
@@ -239,9 +249,11 @@ def encode_example(example, processor, rng: random.Random):
 
 def training_examples(seed: int, first_stage: int = FIRST_STAGE, curriculum: int = CURRICULUM_EXAMPLES,
                       sum_stage: int = SUM_STAGE, mix: dict = TRAIN_MIX, picture_curriculum: int | None = None,
-                      grown_first_stage: bool = False, binding_stage: int = 0):
-    """The training curriculum: `sum_stage` sums with `binding_stage` colour questions about the world's scenes
-    shuffled among them (BINDING_STAGE); then `first_stage` rows that cycle through "What color
+                      grown_first_stage: bool = False, binding_stage: int = 0,
+                      binding_questions: tuple = ("color",)):
+    """The training curriculum: `sum_stage` sums with `binding_stage` questions about the world's scenes
+    shuffled among them (BINDING_STAGE; drawn from `binding_questions`, names in `world.SCENE_QUESTIONS`, as are
+    the grown first stage's); then `first_stage` rows that cycle through "What color
     is the {shape}?" about one large shape, a code to repeat, a sum and the direction of one large shape
     crossing a video; then the world's examples drawn with `mix` (TRAIN_MIX), image rows as 1-IMAGE_TURNS question
     conversations whose scenes (and videos) grow to the world's (growth 0 to 1) over the next `curriculum` mixed
@@ -254,7 +266,15 @@ def training_examples(seed: int, first_stage: int = FIRST_STAGE, curriculum: int
     rng = random.Random(seed)
     generators = dict(world.GENERATORS, copy=copy_example,
                       tool=lambda rng: world.tool_example(rng, turns=rng.randint(1, TOOL_TURNS)))
-    first = [partial(world.image_example, question=world.ask_color, growth=1.0 if grown_first_stage else 0.0),
+    asks = [world.SCENE_QUESTIONS[name] for name in binding_questions]
+
+    def binding_question(rng, growth=1.0):
+        # one question name draws nothing from the stream, so colour alone replays the shipped runs' rows
+        ask = asks[0] if len(asks) == 1 else rng.choice(asks)
+        return world.image_example(rng, question=ask, growth=growth)
+
+    first = [partial(binding_question, growth=1.0) if grown_first_stage
+             else partial(world.image_example, question=world.ask_color, growth=0.0),
              copy_example, world.sum_example,
              partial(world.video_example, growth=0.0)]
     kinds, weights = list(mix), list(mix.values())
@@ -263,7 +283,7 @@ def training_examples(seed: int, first_stage: int = FIRST_STAGE, curriculum: int
     if binding_stage:  # without it the stream stays the shipped runs' draw for draw
         rng.shuffle(opening)
     for colour in opening:
-        yield world.image_example(rng, question=world.ask_color) if colour else world.sum_example(rng)
+        yield binding_question(rng) if colour else world.sum_example(rng)
     for drawn in range(first_stage):
         yield first[drawn % len(first)](rng)
     for drawn in itertools.count():
@@ -280,6 +300,15 @@ def training_examples(seed: int, first_stage: int = FIRST_STAGE, curriculum: int
                                        facts=1 + round(3 * min(1.0, growth / RECALL_FACTS_GROWTH)))
         else:
             yield generators[kind](rng)
+
+
+def question_shares(names) -> str:
+    """"color" for ("color",); "color 2/3, count 1/3" for ("color", "color", "count"): each name's share of the
+    draws, for the log."""
+    counts = Counter(names)
+    if len(counts) == 1:
+        return names[0]
+    return ", ".join(f"{name} {Fraction(count, len(names))}" for name, count in counts.items())
 
 
 def grown_share(drawn: int, rows: int) -> float:
@@ -299,7 +328,7 @@ def copy_example(rng: random.Random) -> dict:
 def world_rows(seed: int, processor, means: dict | None = None, scaffold_rows: int = 0, sum_stage: int = SUM_STAGE,
                first_stage: int = FIRST_STAGE, curriculum: int = CURRICULUM_EXAMPLES, mix: dict = TRAIN_MIX,
                picture_curriculum: int | None = None, grown_first_stage: bool = False, binding_stage: int = 0,
-               tower_first_stage: bool = False):
+               tower_first_stage: bool = False, binding_questions: tuple = ("color",)):
     """Endless training rows drawn from the world with `seed` (`training_examples`); with the tower's `means`
     (`vision_pretrain.class_means`), picture rows of the binding stage, among the first `scaffold_rows` of the
     mixed stage and, with `grown_first_stage` but not `tower_first_stage`, of the first stage carry the binding
@@ -312,7 +341,7 @@ def world_rows(seed: int, processor, means: dict | None = None, scaffold_rows: i
     scaffold_from = first_from if grown_first_stage and not tower_first_stage else mixed_from
     examples = training_examples(seed, first_stage=first_stage, curriculum=curriculum, sum_stage=sum_stage, mix=mix,
                                  picture_curriculum=picture_curriculum, grown_first_stage=grown_first_stage,
-                                 binding_stage=binding_stage)
+                                 binding_stage=binding_stage, binding_questions=binding_questions)
     for index, example in enumerate(examples):
         row = encode_example(example, processor, rng)
         on_scaffold = index < first_from or scaffold_from <= index < mixed_from + scaffold_rows
@@ -382,7 +411,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                   scaffold_rows: int = SCAFFOLD_ROWS, city_words: bool = CITY_WORDS, city_pieces: bool = CITY_PIECES,
                   tool_tail: int | None = None, picture_curriculum: int = PICTURE_CURRICULUM,
                   grown_first_stage: bool = GROWN_FIRST_STAGE, binding_stage: int = BINDING_STAGE,
-                  tower_first_stage: bool = TOWER_FIRST_STAGE, learning_rate: float = 2e-3,
+                  tower_first_stage: bool = TOWER_FIRST_STAGE, binding_questions: tuple = BINDING_QUESTIONS,
+                  learning_rate: float = 2e-3,
                   warmup: int = 100, log_every: int = 25, probe_every: int = 100, progress: bool = True) -> Path:
     """Train the default model into `output` (written atomically: weights, configs, tokenizer, training_log.txt).
     At logging steps that are multiples of `probe_every` (0: never) the log also gets held-out per-skill
@@ -392,7 +422,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     CITY_PIECES; `tool_tail`: the tool-heavy tail's steps, taken from `steps` (None: the recipe's
     TOOL_TAIL_STEPS of STEPS, in proportion);
     `picture_curriculum`: mixed rows over which single-picture scenes grow (PICTURE_CURRICULUM);
-    `grown_first_stage`: GROWN_FIRST_STAGE; `binding_stage`: BINDING_STAGE; `tower_first_stage`: TOWER_FIRST_STAGE."""
+    `grown_first_stage`: GROWN_FIRST_STAGE; `binding_stage`: BINDING_STAGE; `tower_first_stage`: TOWER_FIRST_STAGE;
+    `binding_questions`: BINDING_QUESTIONS."""
     import mlx.optimizers as optim
 
     from ..platform import cpu_setup
@@ -411,6 +442,9 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                          "tower already)")
     if city_pieces and not city_words:
         raise ValueError("city_pieces: only with city_words (the cities as tokens of their own in the call)")
+    unknown = [name for name in binding_questions if name not in SCAFFOLD_QUESTIONS]
+    if unknown or not binding_questions:
+        raise ValueError(f"binding_questions {tuple(binding_questions)}: one or more of {SCAFFOLD_QUESTIONS}")
     run_start = time.perf_counter()
     output = Path(output)
     partial = output.with_name(output.name + ".partial")
@@ -425,8 +459,10 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                  + (f", the last {tool_tail} steps tool-heavy (TOOL_TAIL_MIX)" if tool_tail else "")
                  + (f", picture scenes grown over {picture_curriculum} mixed rows"
                     if picture_curriculum != CURRICULUM_EXAMPLES else "")
-                 + (f", {binding_stage} colour questions among the sum stage's sums" if binding_stage else "")
-                 + (", the first stage's colour questions about the world's scenes" if grown_first_stage else "")
+                 + (f", {binding_stage} {question_shares(binding_questions)} questions among the sum stage's sums"
+                    if binding_stage else "")
+                 + (f", the first stage's {question_shares(binding_questions)} questions about the world's scenes"
+                    if grown_first_stage else "")
                  + (" through the tower" if grown_first_stage and tower_first_stage else "")]
     print(log_lines[0], file=sys.stderr)
 
@@ -466,7 +502,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
             + f" for the first {scaffold_rows} rows of the mixed stage")
     batches = length_batches(world_rows(seed, processor, means, scaffold_rows, picture_curriculum=picture_curriculum,
                                         grown_first_stage=grown_first_stage, binding_stage=binding_stage,
-                                        tower_first_stage=tower_first_stage),
+                                        tower_first_stage=tower_first_stage, binding_questions=binding_questions),
                              tokens_per_batch, seed=seed)
     probes = probe_rows(seed, processor) if probe_every else {}
     bar = _bar(steps, progress)
@@ -552,6 +588,9 @@ def main(argv=None) -> int:
     parser.add_argument("--binding-stage", type=int, default=BINDING_STAGE,
                         help="colour questions about the world's scenes, read through the binding scaffold, "
                         "shuffled among the sum stage's sums (0: none)")
+    parser.add_argument("--binding-questions", nargs="+", choices=SCAFFOLD_QUESTIONS, default=BINDING_QUESTIONS,
+                        help="what the binding stage and the grown first stage ask, one drawn at random a row "
+                        "(a name given twice is drawn twice as often)")
     parser.add_argument("--tower-first-stage", action=argparse.BooleanOptionalAction, default=TOWER_FIRST_STAGE,
                         help="with --grown-first-stage, the first stage's scenes read the tower, not the scaffold")
     parser.add_argument("--city-words", action=argparse.BooleanOptionalAction, default=CITY_WORDS,
@@ -585,7 +624,7 @@ def main(argv=None) -> int:
                   city_words=args.city_words, city_pieces=args.city_pieces, tool_tail=args.tool_tail,
                   picture_curriculum=args.picture_curriculum,
                   grown_first_stage=args.grown_first_stage, binding_stage=args.binding_stage,
-                  tower_first_stage=args.tower_first_stage)
+                  tower_first_stage=args.tower_first_stage, binding_questions=tuple(args.binding_questions))
     print(f"wrote {args.output}")
     return 0
 
