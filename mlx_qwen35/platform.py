@@ -156,8 +156,8 @@ def cpu_setup() -> str:
 
 
 def cpu_model() -> str:
-    """The processor's name and core count: float sums follow the CPU's vector width, so a seeded run is
-    bit-reproducible only on the same kind of CPU, and a log says which it ran on."""
+    """The processor's name, its widest vector extension and its core count: float sums follow the vector width,
+    so a seeded run is bit-reproducible only on the same kind of CPU, and a log says which it ran on."""
     try:
         with open("/proc/cpuinfo") as info:
             fields = dict(line.split(":", 1) for line in info.read().split("\n\n")[0].splitlines() if ":" in line)

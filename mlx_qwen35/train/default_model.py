@@ -586,8 +586,8 @@ def main(argv=None) -> int:
                         help="the first stage asks its colour questions about the world's scenes, read through the "
                         "binding scaffold, instead of about one large shape through the tower")
     parser.add_argument("--binding-stage", type=int, default=BINDING_STAGE,
-                        help="colour questions about the world's scenes, read through the binding scaffold, "
-                        "shuffled among the sum stage's sums (0: none)")
+                        help="questions about the world's scenes (--binding-questions), read through the binding "
+                        "scaffold, shuffled among the sum stage's sums (0: none)")
     parser.add_argument("--binding-questions", nargs="+", choices=SCAFFOLD_QUESTIONS, default=BINDING_QUESTIONS,
                         help="what the binding stage and the grown first stage ask, one drawn at random a row "
                         "(a name given twice is drawn twice as often)")
