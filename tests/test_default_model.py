@@ -435,7 +435,9 @@ def test_train_default_refuses_a_missing_vision_tower_before_writing(tmp_path, c
     with pytest.raises(SystemExit):
         main(["--output", str(tmp_path / "model"), "--steps", "4", "--tool-tail", "-1"])
     assert "--tool-tail -1: a number of steps from 0 to --steps (4)" in capsys.readouterr().err
-    for flag in ("--binding-stage", "--picture-curriculum", "--scaffold-rows"):
+    with pytest.raises(ValueError, match="sum_stage -1: a number of rows"):
+        train_default(tmp_path / "model", steps=1, sum_stage=-1)
+    for flag in ("--binding-stage", "--picture-curriculum", "--scaffold-rows", "--sum-stage"):
         with pytest.raises(SystemExit):
             main(["--output", str(tmp_path / "model"), flag, "-3"])
         assert f"{flag} -3: a number of rows, 0 or more" in capsys.readouterr().err

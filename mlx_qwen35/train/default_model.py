@@ -412,7 +412,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                   tool_tail: int | None = None, picture_curriculum: int = PICTURE_CURRICULUM,
                   grown_first_stage: bool = GROWN_FIRST_STAGE, binding_stage: int = BINDING_STAGE,
                   tower_first_stage: bool = TOWER_FIRST_STAGE, binding_questions: tuple = BINDING_QUESTIONS,
-                  learning_rate: float = 2e-3,
+                  sum_stage: int = SUM_STAGE, learning_rate: float = 2e-3,
                   warmup: int = 100, log_every: int = 25, probe_every: int = 100, progress: bool = True) -> Path:
     """Train the default model into `output` (written atomically: weights, configs, tokenizer, training_log.txt).
     At logging steps that are multiples of `probe_every` (0: never) the log also gets held-out per-skill
@@ -423,7 +423,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     TOOL_TAIL_STEPS of STEPS, in proportion);
     `picture_curriculum`: mixed rows over which single-picture scenes grow (PICTURE_CURRICULUM);
     `grown_first_stage`: GROWN_FIRST_STAGE; `binding_stage`: BINDING_STAGE; `tower_first_stage`: TOWER_FIRST_STAGE;
-    `binding_questions`: BINDING_QUESTIONS."""
+    `binding_questions`: BINDING_QUESTIONS; `sum_stage`: the opening's sums (SUM_STAGE)."""
     import mlx.optimizers as optim
 
     from ..platform import cpu_setup
@@ -435,6 +435,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
         raise FileNotFoundError(f"--vision-weights: no such file {vision_weights}")
     if tool_tail is None:
         tool_tail = round(TOOL_TAIL_STEPS * steps / STEPS)
+    if sum_stage < 0:
+        raise ValueError(f"sum_stage {sum_stage}: a number of rows, 0 or more")
     if not 0 <= tool_tail <= steps:
         raise ValueError(f"tool_tail {tool_tail}: a number of steps from 0 to steps ({steps})")
     if tower_first_stage and not grown_first_stage:
@@ -459,6 +461,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                  + (f", the last {tool_tail} steps tool-heavy (TOOL_TAIL_MIX)" if tool_tail else "")
                  + (f", picture scenes grown over {picture_curriculum} mixed rows"
                     if picture_curriculum != CURRICULUM_EXAMPLES else "")
+                 + (f", {sum_stage} sums in the sum stage" if sum_stage != SUM_STAGE else "")
                  + (f", {binding_stage} {question_shares(binding_questions)} questions among the sum stage's sums"
                     if binding_stage else "")
                  + (f", the first stage's {question_shares(binding_questions)} questions about the world's scenes"
@@ -502,7 +505,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
             + f" for the first {scaffold_rows} rows of the mixed stage")
     batches = length_batches(world_rows(seed, processor, means, scaffold_rows, picture_curriculum=picture_curriculum,
                                         grown_first_stage=grown_first_stage, binding_stage=binding_stage,
-                                        tower_first_stage=tower_first_stage, binding_questions=binding_questions),
+                                        tower_first_stage=tower_first_stage, binding_questions=binding_questions,
+                                        sum_stage=sum_stage),
                              tokens_per_batch, seed=seed)
     probes = probe_rows(seed, processor) if probe_every else {}
     bar = _bar(steps, progress)
@@ -591,6 +595,8 @@ def main(argv=None) -> int:
     parser.add_argument("--binding-questions", nargs="+", choices=SCAFFOLD_QUESTIONS, default=BINDING_QUESTIONS,
                         help="what the binding stage and the grown first stage ask, one drawn at random a row "
                         "(a name given twice is drawn twice as often)")
+    parser.add_argument("--sum-stage", type=int, default=SUM_STAGE,
+                        help="sums that open the curriculum, the binding stage's questions shuffled among them")
     parser.add_argument("--tower-first-stage", action=argparse.BooleanOptionalAction, default=TOWER_FIRST_STAGE,
                         help="with --grown-first-stage, the first stage's scenes read the tower, not the scaffold")
     parser.add_argument("--city-words", action=argparse.BooleanOptionalAction, default=CITY_WORDS,
@@ -603,6 +609,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.scaffold_rows < 0:
         parser.error(f"--scaffold-rows {args.scaffold_rows}: a number of rows, 0 or more")
+    if args.sum_stage < 0:
+        parser.error(f"--sum-stage {args.sum_stage}: a number of rows, 0 or more")
     if args.binding_stage < 0:
         parser.error(f"--binding-stage {args.binding_stage}: a number of rows, 0 or more")
     if args.tower_first_stage and not args.grown_first_stage:
@@ -624,7 +632,8 @@ def main(argv=None) -> int:
                   city_words=args.city_words, city_pieces=args.city_pieces, tool_tail=args.tool_tail,
                   picture_curriculum=args.picture_curriculum,
                   grown_first_stage=args.grown_first_stage, binding_stage=args.binding_stage,
-                  tower_first_stage=args.tower_first_stage, binding_questions=tuple(args.binding_questions))
+                  tower_first_stage=args.tower_first_stage, binding_questions=tuple(args.binding_questions),
+                  sum_stage=args.sum_stage)
     print(f"wrote {args.output}")
     return 0
 
