@@ -9,6 +9,8 @@ one run is one noisy measurement.
                                (a probe's own: "Is the {color} {shape} on the left or the right?" about a
                                unique shape in the left or right third: one lookup, where left_right needs two)
                                or left_right_of_two (the world's left/right about pictures of two shapes only)
+                               or left_right_reasoned (the world's left/right answered after a thinking block
+                               with each named shape's place across, 0-99; trained and asked thinking-on)
     --features oracle          the word embeddings (the fresh decoder's first, kept fixed) of each shape-centre
                                token's colour and kind, summed; zeros elsewhere
                spread          oracle, with the colour word also on every other token the shape's disc reaches
@@ -188,7 +190,23 @@ def ask_left_right_of_two(rng, scene):
     return world.ask_left_right(rng, scene) if len(scene.shapes) == 2 else None
 
 
-QUESTIONS = dict(world.SCENE_QUESTIONS, side=ask_side, left_right_of_two=ask_left_right_of_two)
+def ask_left_right_reasoned(rng, scene):
+    """The world's left/right question, answered after a thinking block that gives each named shape's place across
+    the picture (0-99): two one-place lookups, then comparing two numbers, where the bare answer needs both at once."""
+    pair = world.left_right_pair(rng, scene)
+    if pair is None:
+        return None
+    a, b = pair
+    answer = "Left." if world.horizontal_order(a, b) == "left" else "Right."
+    places = [min(99, round(100 * s.cx / scene.width)) for s in (a, b)]
+    return (f"Is the {a.name} left or right of the {b.name}?",
+            f"<think>\nThe {a.name} is at {places[0]}. The {b.name} is at {places[1]}.\n</think>\n\n{answer}")
+
+
+QUESTIONS = dict(world.SCENE_QUESTIONS, side=ask_side, left_right_of_two=ask_left_right_of_two,
+                 left_right_reasoned=ask_left_right_reasoned)
+REASONED = ("left_right_reasoned",)  # their answers open with a thinking block: trained and asked thinking-on
+THINK_END = "</think>\n\n"
 
 
 def present(ids: np.ndarray) -> mx.array:
@@ -273,6 +291,8 @@ def main():
                 row.words = no_words
             else:
                 example = world.image_example(rng, question, growth=0.0 if lone[0] else 1.0)
+                if args.question in REASONED:
+                    example["thinking"] = True
                 row = dm.encode_example(example, processor, thinking_rng)
                 row.words = features.words(example["scenes"][0], tuple(int(v) for v in row.image_grid_thw[0]))
             yield row
@@ -310,11 +330,14 @@ def main():
         rng, right, asked = random.Random(HELD_OUT_SEED), Counter(), Counter()
         for _ in range(args.held_out):
             example = world.image_example(rng, question)
-            case = evaluate.Case(evaluate._prompt(example), evaluate._answer(example))
+            case = evaluate.Case(evaluate._prompt(example), evaluate._answer(example).split(THINK_END)[-1],
+                                 thinking=args.question in REASONED)
             scene = example["scenes"][0]
             [(_, grid)] = processor.prepare(images=[world.draw(scene)])["image"]
             features.current = features.words(scene, tuple(int(v) for v in grid))
-            got, _ = evaluate.ask(model, processor, case)
+            got, raw = evaluate.ask(model, processor, case)
+            if case.thinking and not asked["all"]:
+                print(f"  first held-out: {evaluate._answer(example)!r} -> {raw!r}", flush=True)
             for key in (len(scene.shapes), "all"):
                 right[key] += got == case.expected
                 asked[key] += 1

@@ -173,3 +173,10 @@ def test_the_probes_own_questions_ask_what_they_say():
         ("Is the blue square left or right of the red circle?", "Right."))
     three = world.Scene(120, 60, (255, 255, 255), [*scene.shapes, world.Shape("triangle", "green", 60, 30, 8)])
     assert probe.ask_left_right_of_two(rng, three) is None
+    # the reasoned form gives each named shape's place across the picture (its centre, in hundredths of the width)
+    assert probe.ask_left_right_reasoned(rng, scene) in (
+        ("Is the red circle left or right of the blue square?",
+         "<think>\nThe red circle is at 12. The blue square is at 83.\n</think>\n\nLeft."),
+        ("Is the blue square left or right of the red circle?",
+         "<think>\nThe blue square is at 83. The red circle is at 12.\n</think>\n\nRight."))
+    assert probe.ask_left_right_reasoned(rng, middle) is None

@@ -166,12 +166,18 @@ def ask_count(rng, scene):
     return f"How many {kind}s are there?", f"{len(unique(scene, kind=kind))}."
 
 
-def ask_left_right(rng, scene):
+def left_right_pair(rng, scene):
+    """Two shapes named by colour and kind whose horizontal order is clear (a, b), or None."""
     named = [s for s in scene.shapes if len(unique(scene, kind=s.kind, color=s.color)) == 1]
     pairs = [(a, b) for a in named for b in named if a is not b and horizontal_order(a, b) is not None]
-    if not pairs:
+    return rng.choice(pairs) if pairs else None
+
+
+def ask_left_right(rng, scene):
+    pair = left_right_pair(rng, scene)
+    if pair is None:
         return None
-    a, b = rng.choice(pairs)
+    a, b = pair
     return (f"Is the {a.name} left or right of the {b.name}?",
             "Left." if horizontal_order(a, b) == "left" else "Right.")
 
