@@ -404,6 +404,20 @@ def test_train_default_writes_weights_and_a_log_with_held_out_checks(tmp_path):
     assert processor.tokenizer.encode("red") and model.config.text_config.num_experts == 8
 
 
+def test_a_stretched_opening_keeps_the_schedule_after_it():
+    """A longer opening passes through the schedule's opening part more slowly; from its end on every step sees
+    the rate the recipe's step that many steps earlier sees. Checked against a plain straight-line schedule."""
+    from mlx_qwen35.train.default_model import stretched_opening
+
+    def straight(step):
+        return 1.0 - step / 1000
+
+    stretched = stretched_opening(straight, 100, 2.5)
+    for step, recipe_step in ((0, 0), (50, 20), (249, 99.6), (250, 100), (251, 101), (900, 750)):
+        assert float(stretched(step)) == pytest.approx(straight(recipe_step), abs=1e-6), step
+    assert stretched_opening(straight, 100, 1.0) is straight and stretched_opening(straight, 100, 0.5) is straight
+
+
 def test_initial_weights_follow_the_seed_alone(tmp_path):
     """The same seed gives the same initial model whatever the random state before it (the modules draw
     their biases when they are built); another seed gives another model."""
@@ -437,6 +451,8 @@ def test_train_default_refuses_a_missing_vision_tower_before_writing(tmp_path, c
     assert "--tool-tail -1: a number of steps from 0 to --steps (4)" in capsys.readouterr().err
     with pytest.raises(ValueError, match="sum_stage -1: a number of rows"):
         train_default(tmp_path / "model", steps=1, sum_stage=-1)
+    with pytest.raises(ValueError, match="steps 1000: an opening of 59200 rows adds 925 steps"):
+        train_default(tmp_path / "model", steps=1000, sum_stage=40_000, binding_stage=19_200)
     for flag in ("--binding-stage", "--picture-curriculum", "--scaffold-rows", "--sum-stage"):
         with pytest.raises(SystemExit):
             main(["--output", str(tmp_path / "model"), flag, "-3"])

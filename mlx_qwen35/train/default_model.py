@@ -108,6 +108,11 @@ BINDING_QUESTIONS = ("color",)
 SCAFFOLD_QUESTIONS = ("color", "shape", "count")  # answered from kinds and colours, all the scaffold holds
 IMAGE_TURNS = 4
 STEPS = 3400
+# The recipe's opening (SUM_STAGE sums, BINDING_STAGE binding questions: 29,600 rows) fills about this many steps.
+# A longer opening is stretched over the same part of the learning-rate schedule (`stretched_opening`), so the
+# rows after it see the rates they see in the recipe: run 34 doubled the opening on one cosine over 4,000 steps,
+# and its mixed stage, at about half the recipe's rate summed over its steps, lost recall (50 %) and tool calls.
+OPENING_STEPS = 925
 # The vision tower first learns the world's shapes on its own (train/vision_pretrain.py), then trains with the
 # decoder at a tenth of the learning rate so the decoder's first, noisy gradients do not wash that out.
 VISION_PRETRAIN_STEPS = 3000
@@ -302,6 +307,23 @@ def training_examples(seed: int, first_stage: int = FIRST_STAGE, curriculum: int
             yield generators[kind](rng)
 
 
+def stretched_opening(schedule, opening_steps: int, stretch: float):
+    """`schedule` for a run whose opening takes `stretch` times its `opening_steps` steps: the opening passes
+    through the same part of the schedule, more slowly, and every step after it sees the rate that step less the
+    added steps sees in `schedule`. `stretch` 1 (or less) leaves `schedule` as it is."""
+    if stretch <= 1:
+        return schedule
+    import mlx.core as mx
+
+    long_opening = opening_steps * stretch
+
+    def stretched(step):
+        step = mx.array(step).astype(mx.float32)
+        return schedule(mx.where(step < long_opening, step / stretch, step - long_opening + opening_steps))
+
+    return stretched
+
+
 def question_shares(names) -> str:
     """"color" for ("color",); "color 2/3, count 1/3" for ("color", "color", "count"): each name's share of the
     draws, for the log."""
@@ -437,6 +459,11 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
         tool_tail = round(TOOL_TAIL_STEPS * steps / STEPS)
     if sum_stage < 0:
         raise ValueError(f"sum_stage {sum_stage}: a number of rows, 0 or more")
+    stretch = (sum_stage + binding_stage) / (SUM_STAGE + BINDING_STAGE)
+    added_steps = round(OPENING_STEPS * (stretch - 1)) if stretch > 1 else 0
+    if added_steps and steps <= added_steps + warmup:
+        raise ValueError(f"steps {steps}: an opening of {sum_stage + binding_stage} rows adds {added_steps} steps "
+                         f"to the schedule, and the rest must outlast the warm-up ({warmup})")
     if not 0 <= tool_tail <= steps:
         raise ValueError(f"tool_tail {tool_tail}: a number of steps from 0 to steps ({steps})")
     if tower_first_stage and not grown_first_stage:
@@ -462,6 +489,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                  + (f", picture scenes grown over {picture_curriculum} mixed rows"
                     if picture_curriculum != CURRICULUM_EXAMPLES else "")
                  + (f", {sum_stage} sums in the sum stage" if sum_stage != SUM_STAGE else "")
+                 + (f", the learning rate's opening stretched {stretch:.3g}x (+{added_steps} steps)"
+                    if added_steps else "")
                  + (f", {binding_stage} {question_shares(binding_questions)} questions among the sum stage's sums"
                     if binding_stage else "")
                  + (f", the first stage's {question_shares(binding_questions)} questions about the world's scenes"
@@ -489,7 +518,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     trainer = Trainer(model, None, train_config)
 
     def schedule_for(peak):
-        return warmup_cosine(peak, warmup, steps, start=peak * 5e-4, final=peak * 0.05)
+        return stretched_opening(warmup_cosine(peak, warmup, steps - added_steps, start=peak * 5e-4,
+                                               final=peak * 0.05), OPENING_STEPS, stretch)
 
     schedule = schedule_for(learning_rate)
     trainer.optimizer = optim.MultiOptimizer(
