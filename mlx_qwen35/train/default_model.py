@@ -108,11 +108,11 @@ BINDING_QUESTIONS = ("color",)
 SCAFFOLD_QUESTIONS = ("color", "shape", "count")  # answered from kinds and colours, all the scaffold holds
 IMAGE_TURNS = 4
 STEPS = 3400
-# The recipe's opening (SUM_STAGE sums, BINDING_STAGE binding questions: 29,600 rows) fills about this many steps.
-# A longer opening is stretched over the same part of the learning-rate schedule (`stretched_opening`), so the
-# rows after it see the rates they see in the recipe: run 34 doubled the opening on one cosine over 4,000 steps,
-# and its mixed stage, at about half the recipe's rate summed over its steps, lost recall (50 %) and tool calls.
-OPENING_STEPS = 925
+# Run 31's opening (20,000 sums and 9,600 binding questions) filled about 925 steps of its 3,400-step schedule. A
+# longer opening is stretched over the same part of the learning-rate schedule (`stretched_opening`), so the rows
+# after it see the rates they saw there: run 34 doubled the opening on one cosine over 4,000 steps, and its mixed
+# stage, at about half run 31's rate summed over its steps, lost recall (50 %) and tool calls (docs).
+OPENING_ROWS, OPENING_STEPS = 29_600, 925
 # The vision tower first learns the world's shapes on its own (train/vision_pretrain.py), then trains with the
 # decoder at a tenth of the learning rate so the decoder's first, noisy gradients do not wash that out.
 VISION_PRETRAIN_STEPS = 3000
@@ -459,7 +459,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
         tool_tail = round(TOOL_TAIL_STEPS * steps / STEPS)
     if sum_stage < 0:
         raise ValueError(f"sum_stage {sum_stage}: a number of rows, 0 or more")
-    stretch = (sum_stage + binding_stage) / (SUM_STAGE + BINDING_STAGE)
+    stretch = (sum_stage + binding_stage) / OPENING_ROWS
     added_steps = round(OPENING_STEPS * (stretch - 1)) if stretch > 1 else 0
     if added_steps and steps <= added_steps + warmup:
         raise ValueError(f"steps {steps}: an opening of {sum_stage + binding_stage} rows adds {added_steps} steps "
