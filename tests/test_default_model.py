@@ -452,7 +452,7 @@ def test_train_default_refuses_a_missing_vision_tower_before_writing(tmp_path, c
     with pytest.raises(ValueError, match="sum_stage -1: a number of rows"):
         train_default(tmp_path / "model", steps=1, sum_stage=-1)
     with pytest.raises(ValueError, match="steps 1000: an opening of 59200 rows adds 925 steps"):
-        train_default(tmp_path / "model", steps=1000, sum_stage=40_000, binding_stage=19_200)
+        train_default(tmp_path / "model", steps=1000, sum_stage=40_000, binding_stage=19_200, stretch_opening=True)
     for flag in ("--binding-stage", "--picture-curriculum", "--scaffold-rows", "--sum-stage"):
         with pytest.raises(SystemExit):
             main(["--output", str(tmp_path / "model"), flag, "-3"])

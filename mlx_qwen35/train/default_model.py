@@ -109,9 +109,10 @@ SCAFFOLD_QUESTIONS = ("color", "shape", "count")  # answered from kinds and colo
 IMAGE_TURNS = 4
 STEPS = 3400
 # Run 31's opening (20,000 sums and 9,600 binding questions) filled about 925 steps of its 3,400-step schedule. A
-# longer opening is stretched over the same part of the learning-rate schedule (`stretched_opening`), so the rows
-# after it see the rates they saw there: run 34 doubled the opening on one cosine over 4,000 steps, and its mixed
-# stage, at about half run 31's rate summed over its steps, lost recall (50 %) and tool calls (docs).
+# longer opening can be stretched over the same part of the learning-rate schedule (`stretched_opening`,
+# `--stretch-opening`), so the rows after it see the rates they saw there: run 34 doubled the opening on one
+# cosine over 4,000 steps, and its mixed stage, at about half run 31's rate summed over its steps, lost recall
+# (50 %) and tool calls; run 35 stretched it (docs).
 OPENING_ROWS, OPENING_STEPS = 29_600, 925
 # The vision tower first learns the world's shapes on its own (train/vision_pretrain.py), then trains with the
 # decoder at a tenth of the learning rate so the decoder's first, noisy gradients do not wash that out.
@@ -434,7 +435,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                   tool_tail: int | None = None, picture_curriculum: int = PICTURE_CURRICULUM,
                   grown_first_stage: bool = GROWN_FIRST_STAGE, binding_stage: int = BINDING_STAGE,
                   tower_first_stage: bool = TOWER_FIRST_STAGE, binding_questions: tuple = BINDING_QUESTIONS,
-                  sum_stage: int = SUM_STAGE, learning_rate: float = 2e-3,
+                  sum_stage: int = SUM_STAGE, stretch_opening: bool = False, learning_rate: float = 2e-3,
                   warmup: int = 100, log_every: int = 25, probe_every: int = 100, progress: bool = True) -> Path:
     """Train the default model into `output` (written atomically: weights, configs, tokenizer, training_log.txt).
     At logging steps that are multiples of `probe_every` (0: never) the log also gets held-out per-skill
@@ -445,7 +446,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     TOOL_TAIL_STEPS of STEPS, in proportion);
     `picture_curriculum`: mixed rows over which single-picture scenes grow (PICTURE_CURRICULUM);
     `grown_first_stage`: GROWN_FIRST_STAGE; `binding_stage`: BINDING_STAGE; `tower_first_stage`: TOWER_FIRST_STAGE;
-    `binding_questions`: BINDING_QUESTIONS; `sum_stage`: the opening's sums (SUM_STAGE)."""
+    `binding_questions`: BINDING_QUESTIONS; `sum_stage`: the opening's sums (SUM_STAGE); `stretch_opening`: an
+    opening longer than run 31's runs through its part of the learning-rate schedule (`stretched_opening`)."""
     import mlx.optimizers as optim
 
     from ..platform import cpu_setup
@@ -459,7 +461,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
         tool_tail = round(TOOL_TAIL_STEPS * steps / STEPS)
     if sum_stage < 0:
         raise ValueError(f"sum_stage {sum_stage}: a number of rows, 0 or more")
-    stretch = (sum_stage + binding_stage) / OPENING_ROWS
+    stretch = (sum_stage + binding_stage) / OPENING_ROWS if stretch_opening else 1.0
     added_steps = round(OPENING_STEPS * (stretch - 1)) if stretch > 1 else 0
     if added_steps and steps <= added_steps + warmup:
         raise ValueError(f"steps {steps}: an opening of {sum_stage + binding_stage} rows adds {added_steps} steps "
@@ -627,6 +629,9 @@ def main(argv=None) -> int:
                         "(a name given twice is drawn twice as often)")
     parser.add_argument("--sum-stage", type=int, default=SUM_STAGE,
                         help="sums that open the curriculum, the binding stage's questions shuffled among them")
+    parser.add_argument("--stretch-opening", action="store_true",
+                        help="an opening longer than run 31's runs through the same part of the learning-rate "
+                        "schedule, more slowly, so later steps see run 31's rates; --steps must add its steps")
     parser.add_argument("--tower-first-stage", action=argparse.BooleanOptionalAction, default=TOWER_FIRST_STAGE,
                         help="with --grown-first-stage, the first stage's scenes read the tower, not the scaffold")
     parser.add_argument("--city-words", action=argparse.BooleanOptionalAction, default=CITY_WORDS,
@@ -663,7 +668,7 @@ def main(argv=None) -> int:
                   picture_curriculum=args.picture_curriculum,
                   grown_first_stage=args.grown_first_stage, binding_stage=args.binding_stage,
                   tower_first_stage=args.tower_first_stage, binding_questions=tuple(args.binding_questions),
-                  sum_stage=args.sum_stage)
+                  sum_stage=args.sum_stage, stretch_opening=args.stretch_opening)
     print(f"wrote {args.output}")
     return 0
 
