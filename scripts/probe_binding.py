@@ -56,6 +56,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 import mlx_qwen35
+from mlx_qwen35.generation.parsing import THINK_END
 from mlx_qwen35.train import default_model as dm
 from mlx_qwen35.train import evaluate, world
 from mlx_qwen35.train import trainer as training
@@ -206,7 +207,6 @@ def ask_left_right_reasoned(rng, scene):
 QUESTIONS = dict(world.SCENE_QUESTIONS, side=ask_side, left_right_of_two=ask_left_right_of_two,
                  left_right_reasoned=ask_left_right_reasoned)
 REASONED = ("left_right_reasoned",)  # their answers open with a thinking block: trained and asked thinking-on
-THINK_END = "</think>\n\n"
 
 
 def present(ids: np.ndarray) -> mx.array:
@@ -330,7 +330,8 @@ def main():
         rng, right, asked = random.Random(HELD_OUT_SEED), Counter(), Counter()
         for _ in range(args.held_out):
             example = world.image_example(rng, question)
-            case = evaluate.Case(evaluate._prompt(example), evaluate._answer(example).split(THINK_END)[-1],
+            answer = evaluate._answer(example).split(THINK_END)[-1].strip()
+            case = evaluate.Case(evaluate._prompt(example), answer,
                                  thinking=args.question in REASONED)
             scene = example["scenes"][0]
             [(_, grid)] = processor.prepare(images=[world.draw(scene)])["image"]

@@ -314,8 +314,6 @@ def stretched_opening(schedule, opening_steps: int, stretch: float):
     added steps sees in `schedule`. `stretch` 1 (or less) leaves `schedule` as it is."""
     if stretch <= 1:
         return schedule
-    import mlx.core as mx
-
     long_opening = opening_steps * stretch
 
     def stretched(step):
