@@ -418,6 +418,21 @@ def test_a_stretched_opening_keeps_the_schedule_after_it():
     assert stretched_opening(straight, 100, 1.0) is straight and stretched_opening(straight, 100, 0.5) is straight
 
 
+def test_a_stretched_mixed_stage_keeps_the_opening_and_ends_where_the_schedule_ends():
+    """Steps after the opening pass through the rest of the schedule more slowly: the opening's rates are the
+    schedule's own, and the last step of the longer run sees the schedule's last rate. Checked against a plain
+    straight-line schedule."""
+    from mlx_qwen35.train.default_model import stretched_after_opening
+
+    def straight(step):
+        return 1.0 - step / 1000
+
+    stretched = stretched_after_opening(straight, 200, 1.5)  # 800 steps after the opening become 1,200
+    for step, recipe_step in ((0, 0), (199, 199), (200, 200), (350, 300), (1400, 1000)):
+        assert float(stretched(step)) == pytest.approx(straight(recipe_step), abs=1e-6), step
+    assert stretched_after_opening(straight, 200, 1.0) is straight
+
+
 def test_initial_weights_follow_the_seed_alone(tmp_path):
     """The same seed gives the same initial model whatever the random state before it (the modules draw
     their biases when they are built); another seed gives another model."""
@@ -453,6 +468,14 @@ def test_train_default_refuses_a_missing_vision_tower_before_writing(tmp_path, c
         train_default(tmp_path / "model", steps=1, sum_stage=-1)
     with pytest.raises(ValueError, match="steps 1000: an opening of 59200 rows adds 925 steps"):
         train_default(tmp_path / "model", steps=1000, sum_stage=40_000, binding_stage=19_200, stretch_opening=True)
+    with pytest.raises(ValueError, match="schedule_steps 900: more than the opening's ~925 steps"):
+        train_default(tmp_path / "model", steps=2000, schedule_steps=900)
+    with pytest.raises(ValueError, match="schedule_steps: not with stretch_opening"):
+        train_default(tmp_path / "model", steps=5000, schedule_steps=4000, sum_stage=40_000, binding_stage=19_200,
+                      stretch_opening=True)
+    with pytest.raises(SystemExit):
+        main(["--output", str(tmp_path / "model"), "--steps", "4000", "--schedule-steps", "4800"])
+    assert "--schedule-steps 4800: a number of steps from 1 to --steps (4000)" in capsys.readouterr().err
     for flag in ("--binding-stage", "--picture-curriculum", "--scaffold-rows", "--sum-stage"):
         with pytest.raises(SystemExit):
             main(["--output", str(tmp_path / "model"), flag, "-3"])

@@ -112,7 +112,8 @@ STEPS = 3400
 # longer opening can be stretched over the same part of the learning-rate schedule (`stretched_opening`,
 # `--stretch-opening`), so the rows after it see the rates they saw there: run 34 doubled the opening on one
 # cosine over 4,000 steps, and its mixed stage, at about half run 31's rate summed over its steps, lost recall
-# (50 %) and tool calls; run 35 stretched it (docs).
+# (50 %) and tool calls; run 35 stretched it (docs). `--schedule-steps` keeps an opening's rates and stretches
+# the steps after it instead (`stretched_after_opening`).
 OPENING_ROWS, OPENING_STEPS = 29_600, 925
 # The vision tower first learns the world's shapes on its own (train/vision_pretrain.py), then trains with the
 # decoder at a tenth of the learning rate so the decoder's first, noisy gradients do not wash that out.
@@ -323,6 +324,20 @@ def stretched_opening(schedule, opening_steps: int, stretch: float):
     return stretched
 
 
+def stretched_after_opening(schedule, opening_steps: int, stretch: float):
+    """`schedule` for a run whose steps after its first `opening_steps` take `stretch` times as many: the opening
+    sees `schedule` as it is, and the rest passes through the remainder of it, more slowly. `stretch` 1 (or
+    less) leaves `schedule` as it is."""
+    if stretch <= 1:
+        return schedule
+
+    def stretched(step):
+        step = mx.array(step).astype(mx.float32)
+        return schedule(mx.where(step < opening_steps, step, opening_steps + (step - opening_steps) / stretch))
+
+    return stretched
+
+
 def question_shares(names) -> str:
     """"color" for ("color",); "color 2/3, count 1/3" for ("color", "color", "count"): each name's share of the
     draws, for the log."""
@@ -433,7 +448,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                   tool_tail: int | None = None, picture_curriculum: int = PICTURE_CURRICULUM,
                   grown_first_stage: bool = GROWN_FIRST_STAGE, binding_stage: int = BINDING_STAGE,
                   tower_first_stage: bool = TOWER_FIRST_STAGE, binding_questions: tuple = BINDING_QUESTIONS,
-                  sum_stage: int = SUM_STAGE, stretch_opening: bool = False, learning_rate: float = 2e-3,
+                  sum_stage: int = SUM_STAGE, stretch_opening: bool = False, schedule_steps: int | None = None,
+                  learning_rate: float = 2e-3,
                   warmup: int = 100, log_every: int = 25, probe_every: int = 100, progress: bool = True) -> Path:
     """Train the default model into `output` (written atomically: weights, configs, tokenizer, training_log.txt).
     At logging steps that are multiples of `probe_every` (0: never) the log also gets held-out per-skill
@@ -445,7 +461,9 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     `picture_curriculum`: mixed rows over which single-picture scenes grow (PICTURE_CURRICULUM);
     `grown_first_stage`: GROWN_FIRST_STAGE; `binding_stage`: BINDING_STAGE; `tower_first_stage`: TOWER_FIRST_STAGE;
     `binding_questions`: BINDING_QUESTIONS; `sum_stage`: the opening's sums (SUM_STAGE); `stretch_opening`: an
-    opening longer than run 31's runs through its part of the learning-rate schedule (`stretched_opening`)."""
+    opening longer than run 31's runs through its part of the learning-rate schedule (`stretched_opening`);
+    `schedule_steps`: the schedule is that of a run of this many steps, and the steps after the opening pass
+    through its remainder more slowly to fill `steps` (`stretched_after_opening`; None: `steps`)."""
     import mlx.optimizers as optim
 
     from ..platform import cpu_setup
@@ -464,6 +482,15 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     if added_steps and steps <= added_steps + warmup:
         raise ValueError(f"steps {steps}: an opening of {sum_stage + binding_stage} rows adds {added_steps} steps "
                          f"to the schedule, and the rest must outlast the warm-up ({warmup})")
+    opening_steps = round(OPENING_STEPS * (sum_stage + binding_stage) / OPENING_ROWS)
+    schedule_steps = steps if schedule_steps is None else schedule_steps
+    if schedule_steps != steps:
+        if stretch_opening:
+            raise ValueError("schedule_steps: not with stretch_opening (one stretch of the schedule at a time)")
+        if not opening_steps + warmup < schedule_steps <= steps:
+            raise ValueError(f"schedule_steps {schedule_steps}: more than the opening's ~{opening_steps} steps and "
+                             f"the warm-up ({warmup}), and no more than steps ({steps})")
+    mix_stretch = (steps - opening_steps) / (schedule_steps - opening_steps) if schedule_steps != steps else 1.0
     if not 0 <= tool_tail <= steps:
         raise ValueError(f"tool_tail {tool_tail}: a number of steps from 0 to steps ({steps})")
     if tower_first_stage and not grown_first_stage:
@@ -491,6 +518,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                  + (f", {sum_stage} sums in the sum stage" if sum_stage != SUM_STAGE else "")
                  + (f", the learning rate's opening stretched {stretch:.3g}x (+{added_steps} steps)"
                     if added_steps else "")
+                 + (f", the schedule of {schedule_steps} steps, its part after the first {opening_steps} stretched "
+                    f"{mix_stretch:.3g}x" if mix_stretch > 1 else "")
                  + (f", {binding_stage} {question_shares(binding_questions)} questions among the sum stage's sums"
                     if binding_stage else "")
                  + (f", the first stage's {question_shares(binding_questions)} questions about the world's scenes"
@@ -518,8 +547,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     trainer = Trainer(model, None, train_config)
 
     def schedule_for(peak):
-        return stretched_opening(warmup_cosine(peak, warmup, steps - added_steps, start=peak * 5e-4,
-                                               final=peak * 0.05), OPENING_STEPS, stretch)
+        base = warmup_cosine(peak, warmup, schedule_steps - added_steps, start=peak * 5e-4, final=peak * 0.05)
+        return stretched_after_opening(stretched_opening(base, OPENING_STEPS, stretch), opening_steps, mix_stretch)
 
     schedule = schedule_for(learning_rate)
     trainer.optimizer = optim.MultiOptimizer(
@@ -630,6 +659,9 @@ def main(argv=None) -> int:
     parser.add_argument("--stretch-opening", action="store_true",
                         help="an opening longer than run 31's runs through the same part of the learning-rate "
                         "schedule, more slowly, so later steps see run 31's rates; --steps must add its steps")
+    parser.add_argument("--schedule-steps", type=int,
+                        help="the learning-rate schedule of a run of this many steps; the steps after the opening "
+                        "pass through its remainder more slowly to fill --steps (default: --steps)")
     parser.add_argument("--tower-first-stage", action=argparse.BooleanOptionalAction, default=TOWER_FIRST_STAGE,
                         help="with --grown-first-stage, the first stage's scenes read the tower, not the scaffold")
     parser.add_argument("--city-words", action=argparse.BooleanOptionalAction, default=CITY_WORDS,
@@ -655,6 +687,10 @@ def main(argv=None) -> int:
         parser.error(f"--picture-curriculum {args.picture_curriculum}: a number of rows, 0 or more")
     if args.tool_tail is not None and not 0 <= args.tool_tail <= args.steps:
         parser.error(f"--tool-tail {args.tool_tail}: a number of steps from 0 to --steps ({args.steps})")
+    if args.schedule_steps is not None and args.stretch_opening:
+        parser.error("--schedule-steps: not with --stretch-opening (one stretch of the schedule at a time)")
+    if args.schedule_steps is not None and not 0 < args.schedule_steps <= args.steps:
+        parser.error(f"--schedule-steps {args.schedule_steps}: a number of steps from 1 to --steps ({args.steps})")
     if args.vision_weights and not Path(args.vision_weights).is_file():
         parser.error(f"--vision-weights: no such file {args.vision_weights}")
     from .. import platform  # noqa: F401  (OpenBLAS before MLX runs anything)
@@ -666,7 +702,8 @@ def main(argv=None) -> int:
                   picture_curriculum=args.picture_curriculum,
                   grown_first_stage=args.grown_first_stage, binding_stage=args.binding_stage,
                   tower_first_stage=args.tower_first_stage, binding_questions=tuple(args.binding_questions),
-                  sum_stage=args.sum_stage, stretch_opening=args.stretch_opening)
+                  sum_stage=args.sum_stage, stretch_opening=args.stretch_opening,
+                  schedule_steps=args.schedule_steps)
     print(f"wrote {args.output}")
     return 0
 
