@@ -33,6 +33,9 @@ one run is one noisy measurement.
     --tower-lr-scale F         the tower's learning rate as a share of the decoder's (0: frozen)
     --aux-kind W               also train each shape-centre token's logits toward its kind's word, weight W
     --switch-at N --switch-to F  from step N on, the features F instead (a scaffold: bind on one, go on with another)
+    --also QUESTION:SHARE      training rows also ask QUESTION (any --question choice), that share of them; the
+                               held-out questions stay --question's (side:0.5 beside left_right: one lookup
+                               of a place learned beside the question that needs two)
     --lone-first               before --switch-at, each picture holds one large shape (world growth 0), as in
                                the recipe's first stage (the rows already pooled for batching finish as drawn)
     --sums-first ROWS          the world's sums alone before any picture, as the recipe's sum stage
@@ -228,6 +231,7 @@ def main():
     parser.add_argument("--aux-kind", type=float, default=0.0)
     parser.add_argument("--switch-at", type=int, default=0)
     parser.add_argument("--switch-to", default=None)
+    parser.add_argument("--also", help="QUESTION:SHARE, a second question for that share of the training rows")
     parser.add_argument("--lone-first", action="store_true")
     parser.add_argument("--sums-first", type=int, default=0)
     parser.add_argument("--sum-share", type=float, default=0.0)
@@ -256,6 +260,15 @@ def main():
         parser.error("--position adds to means: give --features means (or --switch-to means)")
     if args.layers < 1:
         parser.error(f"--layers {args.layers}: at least one layer")
+    also, also_share = None, 0.0
+    if args.also:
+        name, _, share = args.also.partition(":")
+        try:
+            also, also_share = QUESTIONS[name], float(share)
+        except (KeyError, ValueError):
+            parser.error(f"--also {args.also}: QUESTION:SHARE, QUESTION one of {sorted(QUESTIONS)}, SHARE a number")
+        if not 0 < also_share < 1 or name in REASONED:
+            parser.error(f"--also {args.also}: a share between 0 and 1, of a question answered without thinking")
     if args.tower and not args.tower.is_file():
         parser.error(f"--tower {args.tower}: no such file")
 
@@ -290,8 +303,9 @@ def main():
                 row = dm.encode_example(world.sum_example(rng), processor, thinking_rng)
                 row.words = no_words
             else:
-                example = world.image_example(rng, question, growth=0.0 if lone[0] else 1.0)
-                if args.question in REASONED:
+                asked = also if also and rng.random() < also_share else question
+                example = world.image_example(rng, asked, growth=0.0 if lone[0] else 1.0)
+                if asked is question and args.question in REASONED:
                     example["thinking"] = True
                 row = dm.encode_example(example, processor, thinking_rng)
                 row.words = features.words(example["scenes"][0], tuple(int(v) for v in row.image_grid_thw[0]))

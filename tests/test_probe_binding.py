@@ -97,6 +97,15 @@ def test_a_short_run_with_sums_first_and_mixed_answers_colour_and_sums():
     assert re.search(r"all: \d/2  sums \d+%$", line), line
 
 
+def test_a_second_question_trains_beside_the_asked_one():
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "probe_binding.py"), "--features", "oracle",
+                          "--question", "left_right", "--also", "side:0.5", "--steps", "2", "--every", "2",
+                          "--held-out", "3"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    line = [l for l in run.stdout.splitlines() if "held-out left_right right" in l][-1]
+    assert line.endswith("/3") and "step 2" in line
+
+
 def test_bad_arguments_are_named_before_anything_runs():
     for args, named in ((["--features", "kind+tower:abc"], "kind+tower:abc"), (["--features", "spread:2"], "spread:2"),
                         (["--tower", "/no/such/tower.safetensors"], "/no/such/tower.safetensors"),
@@ -104,7 +113,9 @@ def test_bad_arguments_are_named_before_anything_runs():
                         (["--switch-to", "tower"], "--switch-at"), (["--lone-first"], "--lone-first"),
                         (["--sums-first", "-5"], "--sums-first -5"), (["--sum-share", "1"], "--sum-share 1.0"),
                         (["--position"], "--position"), (["--question", "sides"], "sides"),
-                        (["--layers", "0"], "--layers 0")):
+                        (["--layers", "0"], "--layers 0"), (["--also", "sides:0.5"], "--also sides:0.5"),
+                        (["--also", "side:1"], "--also side:1"),
+                        (["--also", "left_right_reasoned:0.5"], "--also left_right_reasoned:0.5")):
         run = subprocess.run([sys.executable, str(ROOT / "scripts" / "probe_binding.py"), *args],
                              capture_output=True, text=True, timeout=120)
         assert run.returncode == 2 and named in run.stderr and not run.stdout
