@@ -11,6 +11,8 @@ one run is one noisy measurement.
                                or left_right_of_two (the world's left/right about pictures of two shapes only)
                                or left_right_reasoned (the world's left/right answered after a thinking block
                                with each named shape's place across, 0-99; trained and asked thinking-on)
+                               or multi_image (the world's "Which picture has the {color} {shape}?", split
+                               by the number of pictures)
     --features oracle          the word embeddings (the fresh decoder's first, kept fixed) of each shape-centre
                                token's colour and kind, summed; zeros elsewhere
                spread          oracle, with the colour word also on every other token the shape's disc reaches
@@ -102,9 +104,19 @@ class Features:
         self.mode, self.table, self.only_centres = parse_features(kind), mx.array(embeddings.weight), only_centres
         self.use_positions, self.position_scale = use_positions, position_scale
         self.kind_words, self.colour_words = word_ids(tokenizer, world.SHAPES), word_ids(tokenizer, world.COLORS)
-        self.current = None  # (kind word ids, colour word ids) of the images being encoded, -1: none
+        self._current, self.cursor = None, 0
         self.means = None  # (mean, kind offsets by word id, colour offsets by word id): fit_means
         self.positions = None  # [2, hidden]: the tower's directions for a centre's place across and down
+
+    @property
+    def current(self):
+        """(kind word ids, colour word ids, places) of the images being encoded, -1: none; generation encodes
+        one picture at a time, so each call takes the next picture's share (`cursor`)."""
+        return self._current
+
+    @current.setter
+    def current(self, words):
+        self._current, self.cursor = words, 0
 
     def fit_means(self, tower, processor, pictures: int = 400, seed: int = 11):
         """`class_means` of the tower over `pictures` world pictures, as tables indexed by the word ids `words`
@@ -119,6 +131,11 @@ class Features:
         self.means = (mx.array(means["mean"]), *tables)
         if self.use_positions:
             self.positions = mx.array(fit_positions(centres, means))
+
+    def words_of(self, scenes, grids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`words` of several pictures, their tokens one after another as the tower returns them."""
+        parts = [self.words(scene, tuple(int(v) for v in grid)) for scene, grid in zip(scenes, grids)]
+        return tuple(np.concatenate([part[j] for part in parts]) for j in range(3))
 
     def words(self, scene, grid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(kind word ids, colour word ids, centre places [tokens, 2]) of one picture's tokens (-1: none)."""
@@ -144,7 +161,11 @@ class Features:
         return self.table[mx.array(np.maximum(ids, 0))] * present(ids)
 
     def __call__(self, tower, pixels, grid):
-        kinds, colours, places = self.current
+        tokens = int(np.asarray(grid).reshape(-1, 3).prod(axis=1).sum()) // 4
+        if self.cursor + tokens > len(self._current[0]):
+            self.cursor = 0
+        kinds, colours, places = (part[self.cursor:self.cursor + tokens] for part in self._current)
+        self.cursor += tokens
         words = {"kind": self.embed(kinds), "colour": self.embed(colours)}
         name, scale = self.mode
         if name == MEANS:
@@ -207,9 +228,22 @@ def ask_left_right_reasoned(rng, scene):
             f"<think>\nThe {a.name} is at {places[0]}. The {b.name} is at {places[1]}.\n</think>\n\n{answer}")
 
 
+def ask_multi_image(rng, scene):
+    """A marker, not a scene question: `draw_example` draws the world's several-picture question instead."""
+    raise NotImplementedError
+
+
 QUESTIONS = dict(world.SCENE_QUESTIONS, side=ask_side, left_right_of_two=ask_left_right_of_two,
-                 left_right_reasoned=ask_left_right_reasoned)
+                 left_right_reasoned=ask_left_right_reasoned, multi_image=ask_multi_image)
 REASONED = ("left_right_reasoned",)  # their answers open with a thinking block: trained and asked thinking-on
+
+
+def draw_example(rng, ask, growth: float = 1.0) -> dict:
+    """One training or held-out example of question `ask` (growth as in `world.image_example`; the several-picture
+    question draws the world's own scenes)."""
+    if ask is ask_multi_image:
+        return world.multi_image_example(rng)
+    return world.image_example(rng, ask, growth=growth)
 
 
 def present(ids: np.ndarray) -> mx.array:
@@ -304,11 +338,11 @@ def main():
                 row.words = no_words
             else:
                 asked = also if also and rng.random() < also_share else question
-                example = world.image_example(rng, asked, growth=0.0 if lone[0] else 1.0)
+                example = draw_example(rng, asked, growth=0.0 if lone[0] else 1.0)
                 if asked is question and args.question in REASONED:
                     example["thinking"] = True
                 row = dm.encode_example(example, processor, thinking_rng)
-                row.words = features.words(example["scenes"][0], tuple(int(v) for v in row.image_grid_thw[0]))
+                row.words = features.words_of(example["scenes"], row.image_grid_thw)
             yield row
 
     def with_aux(batch_rows):
@@ -343,23 +377,24 @@ def main():
         model.eval()
         rng, right, asked = random.Random(HELD_OUT_SEED), Counter(), Counter()
         for _ in range(args.held_out):
-            example = world.image_example(rng, question)
+            example = draw_example(rng, question)
             answer = evaluate._answer(example).split(THINK_END)[-1].strip()
             case = evaluate.Case(evaluate._prompt(example), answer,
                                  thinking=args.question in REASONED)
-            scene = example["scenes"][0]
-            [(_, grid)] = processor.prepare(images=[world.draw(scene)])["image"]
-            features.current = features.words(scene, tuple(int(v) for v in grid))
+            scenes = example["scenes"]
+            grids = [grid for _, grid in processor.prepare(images=[world.draw(s) for s in scenes])["image"]]
+            features.current = features.words_of(scenes, grids)
             got, raw = evaluate.ask(model, processor, case)
             if case.thinking and not asked["all"]:
                 print(f"  first held-out: {evaluate._answer(example)!r} -> {raw!r}", flush=True)
-            for key in (len(scene.shapes), "all"):
+            for key in (len(scenes) if question is ask_multi_image else len(scenes[0].shapes), "all"):
                 right[key] += got == case.expected
                 asked[key] += 1
         sums = ""
         if args.sums_first or args.sum_share:
             sums = f"  sums {dm.answer_accuracy(dm.teacher_forced(model), held_out_sums):.0%}"
-        print(f"step {step}  held-out {args.question} right by shapes in the picture: "
+        split = "pictures" if question is ask_multi_image else "shapes in the picture"
+        print(f"step {step}  held-out {args.question} right by {split}: "
               + "  ".join(f"{k}: {right[k]}/{asked[k]}" for k in (1, 2, 3, 4, "all")) + sums, flush=True)
         model.train()
 

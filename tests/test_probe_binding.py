@@ -40,7 +40,7 @@ def test_oracle_words_sit_on_the_centre_token_and_spread_on_every_token_the_disc
     assert (kinds == np.where(expected == 0, square, -1)).all()
     assert (colours == np.where(expected == 0, blue, -1)).all()
     oracle.current = (kinds, colours, places)
-    features = np.array(oracle(None, None, None))
+    features = np.array(oracle(None, None, [(1, 8, 8)]))
     assert np.allclose(features[10], np.array(table[square] + table[blue]))
     assert not np.delete(features, 10, axis=0).any()
 
@@ -66,7 +66,7 @@ def test_tower_modes_add_the_named_words_at_centres_and_noise_has_its_scale(tmp_
     for mode, words in expected.items():
         features = probe.Features(mode, processor.tokenizer, embeddings)
         features.current = features.words(scene, (1, 4, 4))
-        out = np.array(features(lambda pixels, grid: tower_out, None, None))
+        out = np.array(features(lambda pixels, grid: tower_out, None, [(1, 4, 4)]))
         base = 1.0 if mode == "tower:2" else 0.5
         assert np.allclose(out[0], np.array(words + base), atol=1e-6), mode
         assert np.allclose(out[1:], base), mode
@@ -74,7 +74,7 @@ def test_tower_modes_add_the_named_words_at_centres_and_noise_has_its_scale(tmp_
     noisy.current = noisy.words(scene, (1, 8, 8))
     clean = probe.Features("oracle", processor.tokenizer, embeddings)
     clean.current = noisy.current
-    noise = np.array(mx.concatenate([noisy(None, None, None) - clean(None, None, None) for _ in range(200)]))
+    noise = np.array(mx.concatenate([noisy(None, None, [(1, 8, 8)]) - clean(None, None, [(1, 8, 8)]) for _ in range(200)]))
     assert abs(noise.std() - 0.3) < 0.02 and abs(noise.mean()) < 0.02
 
 
@@ -104,6 +104,36 @@ def test_a_second_question_trains_beside_the_asked_one():
     assert run.returncode == 0, run.stderr[-2000:]
     line = [l for l in run.stdout.splitlines() if "held-out left_right right" in l][-1]
     assert line.endswith("/3") and "step 2" in line
+
+
+def test_the_several_picture_question_reads_every_pictures_tokens_in_order():
+    """A run of the world's several-picture question trains and answers; its training rows' words are each
+    picture's own, one picture after another, as many as the rows' image tokens."""
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "probe_binding.py"), "--features", "oracle",
+                          "--question", "multi_image", "--steps", "2", "--every", "2", "--held-out", "3"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    line = [l for l in run.stdout.splitlines() if "held-out multi_image right by pictures" in l][-1]
+    assert line.endswith("/3") and "step 2" in line
+
+
+def test_words_of_several_pictures_are_each_pictures_words_in_turn(tmp_path):
+    _, processor = dm.write_skeleton(tmp_path, seed=0)
+    embeddings = type("Table", (), {"weight": mx.zeros((1024, 4))})()
+    oracle = probe.Features("oracle", processor.tokenizer, embeddings)
+    example = probe.draw_example(random.Random(5), probe.ask_multi_image)
+    scenes = example["scenes"]
+    assert 2 <= len(scenes) <= 4
+    grids = [(1, 2 * (s.height // 28 + 1), 2 * (s.width // 28 + 1)) for s in scenes]  # any grids of whole tokens
+    kinds, colours, places = oracle.words_of(scenes, grids)
+    at = 0
+    for scene, grid in zip(scenes, grids):
+        n = grid[1] * grid[2] // 4
+        assert (kinds[at:at + n] >= 0).sum() == len(scene.shapes)
+        assert sorted(colours[at:at + n][colours[at:at + n] >= 0].tolist()) == sorted(
+            processor.tokenizer.encode(" " + shape.color, add_special_tokens=False)[0] for shape in scene.shapes)
+        at += n
+    assert at == len(kinds) == len(colours) == len(places)
 
 
 def test_bad_arguments_are_named_before_anything_runs():
@@ -136,7 +166,7 @@ def test_means_mode_is_the_scaffold_of_the_towers_class_means(tmp_path):
                                                   world.Shape("square", "blue", 70, 40, 10)])
     features.current = features.words(scene, (1, 4, 6))
     expected = 2 * scaffold_features(class_means(rgb_tower, processor, pictures=40, seed=11), scene, (1, 4, 6))
-    np.testing.assert_allclose(np.array(features(None, None, None)), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.array(features(None, None, [(1, 4, 6)])), expected, rtol=1e-5, atol=1e-6)
     assert (np.abs(expected).sum(1) > 0).sum() == 2
 
 
@@ -162,9 +192,9 @@ def test_position_adds_each_centres_place_along_the_fitted_directions(tmp_path):
                                                   world.Shape("square", "blue", 70, 40, 10)])
     features.current = features.words(scene, (1, 4, 6))
     features.use_positions = False
-    without = np.array(features(None, None, None))
+    without = np.array(features(None, None, [(1, 4, 6)]))
     features.use_positions = True
-    added = np.array(features(None, None, None)) - without
+    added = np.array(features(None, None, [(1, 4, 6)])) - without
     expected = np.zeros((6, 3))  # 2x3 tokens of 32 px: the circle's centre in token 0, the square's in token 5
     expected[0, :2] = 3 * np.array([2 * 20 / 96 - 1, 2 * 20 / 64 - 1])
     expected[5, :2] = 3 * np.array([2 * 70 / 96 - 1, 2 * 40 / 64 - 1])
