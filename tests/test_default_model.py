@@ -469,7 +469,7 @@ def test_train_default_refuses_a_missing_vision_tower_before_writing(tmp_path, c
     with pytest.raises(ValueError, match="steps 1000: an opening of 59200 rows adds 925 steps"):
         train_default(tmp_path / "model", steps=1000, sum_stage=40_000, binding_stage=19_200, stretch_opening=True)
     with pytest.raises(ValueError, match="schedule_steps 900: more than the opening's ~925 steps"):
-        train_default(tmp_path / "model", steps=2000, schedule_steps=900)
+        train_default(tmp_path / "model", steps=2000, schedule_steps=900, sum_stage=20_000, binding_stage=9600)
     with pytest.raises(ValueError, match="schedule_steps: not with stretch_opening"):
         train_default(tmp_path / "model", steps=5000, schedule_steps=4000, sum_stage=40_000, binding_stage=19_200,
                       stretch_opening=True)

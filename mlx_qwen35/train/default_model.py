@@ -60,7 +60,8 @@ VIDEO_PREPROCESSOR = dict(PREPROCESSOR, fps=24.0, min_frames=4, max_frames=8)
 # with it: video 69 %, sums 95/98 % (docs/default-model.md).
 TRAIN_MIX = {"image": 0.40, "multi_image": 0.10, "video": 0.10, "sum": 0.20, "recall": 0.07, "tool": 0.10,
              "copy": 0.03}
-SUM_STAGE = 20_000
+# Since run 36 the opening holds twice run 31's rows (BINDING_STAGE below), sums keeping their share.
+SUM_STAGE = 40_000
 RECALL_MAX_TOKENS = 1200
 RECALL_QUESTIONS = 4
 RECALL_FACTS_GROWTH = 0.25
@@ -97,17 +98,19 @@ TOWER_FIRST_STAGE = True
 # (run 24); alone before the sums they formed it (148/150 in 200 steps; colour 80 % at the end, run 20 64 %) and
 # the sums then never jumped (run 25); shuffled 1:2 among sums a fresh decoder forms both (probe: 146/150 and sums
 # 64 % after 16,700 rows; docs). On since run 30 (colour 64 % to 92 % with TOWER_FIRST_STAGE, run 27).
-BINDING_STAGE = 9600
+# Since run 36: 9,600 colour and 9,600 shape questions (BINDING_QUESTIONS), so the opening grew (SUM_STAGE).
+BINDING_STAGE = 19_200
 # What the binding stage and the grown first stage ask, one drawn at random a row (a name given twice is drawn
 # twice as often). Run 31 (colour alone) names a shape 61/66 with one shape in the picture and 82/134 with two to
 # four, 50 of its 57 wrong answers another shape's kind, and answers "How many?" with "1." whatever the picture
 # holds, where a fresh decoder on the scaffold counts 75/100 after 9,600 rows. Colour, shape and count in turn (run
 # 32) took count from 42 to 66 % (mostly "0." for an absent kind), left shape where it was and colour fell from
-# 97 to 83 % (docs/default-model.md, twenty-seventh session).
-BINDING_QUESTIONS = ("color",)
+# 97 to 83 % (docs/default-model.md, twenty-seventh session). Colour and shape with 9,600 rows each in a doubled
+# opening (run 34) formed shape's lookup: 91 % against 68 (docs, twenty-eighth session). Since run 36.
+BINDING_QUESTIONS = ("color", "shape")
 SCAFFOLD_QUESTIONS = ("color", "shape", "count")  # answered from kinds and colours, all the scaffold holds
 IMAGE_TURNS = 4
-STEPS = 3400
+STEPS = 4800
 # Run 31's opening (20,000 sums and 9,600 binding questions) filled about 925 steps of its 3,400-step schedule. A
 # longer opening can be stretched over the same part of the learning-rate schedule (`stretched_opening`,
 # `--stretch-opening`), so the rows after it see the rates they saw there: run 34 doubled the opening on one
@@ -115,6 +118,10 @@ STEPS = 3400
 # (50 %) and tool calls; run 35 stretched it (docs). `--schedule-steps` keeps an opening's rates and stretches
 # the steps after it instead (`stretched_after_opening`).
 OPENING_ROWS, OPENING_STEPS = 29_600, 925
+# The recipe's schedule is run 34's, of 4,000 steps: its doubled opening (about 1,850 steps) at those rates, where
+# shape's lookup forms, and the 2,950 steps after it through the rest of that schedule (`stretched_after_opening`),
+# where run 34's 2,150 left recall at 50 % (run 36, docs). Used when `steps` is STEPS.
+SCHEDULE_STEPS = 4000
 # The vision tower first learns the world's shapes on its own (train/vision_pretrain.py), then trains with the
 # decoder at a tenth of the learning rate so the decoder's first, noisy gradients do not wash that out.
 VISION_PRETRAIN_STEPS = 3000
@@ -152,7 +159,7 @@ CITY_PIECES = True
 # TOOL_TAIL_MIX, tools about 31 % of the rows instead of 9 %. Run 19's weather calls were still improving at its
 # end (held-out tool lines 75-81 %), and 200 such steps after it called London, its one failing city, 13/13
 # (a continuation, docs). Run 20, the shipped model, took its last 300 steps so: 300 of 300 held-out calls.
-TOOL_TAIL_STEPS = 300
+TOOL_TAIL_STEPS = 353  # since run 36 (of 4,800 steps), as run 34 took (of 4,000)
 TOOL_TAIL_MIX = dict(TRAIN_MIX, tool=0.40)
 TOOL_TAIL_SEED = 99
 # AdamW's second-moment decay: 0.95 (GPT-3's, nanoGPT's) instead of 0.999 let the decoder learn in-context
@@ -463,7 +470,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     `binding_questions`: BINDING_QUESTIONS; `sum_stage`: the opening's sums (SUM_STAGE); `stretch_opening`: an
     opening longer than run 31's runs through its part of the learning-rate schedule (`stretched_opening`);
     `schedule_steps`: the schedule is that of a run of this many steps, and the steps after the opening pass
-    through its remainder more slowly to fill `steps` (`stretched_after_opening`; None: `steps`)."""
+    through its remainder more slowly to fill `steps` (`stretched_after_opening`; None: SCHEDULE_STEPS
+    for STEPS, else `steps`)."""
     import mlx.optimizers as optim
 
     from ..platform import cpu_setup
@@ -483,7 +491,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
         raise ValueError(f"steps {steps}: an opening of {sum_stage + binding_stage} rows adds {added_steps} steps "
                          f"to the schedule, and the rest must outlast the warm-up ({warmup})")
     opening_steps = round(OPENING_STEPS * (sum_stage + binding_stage) / OPENING_ROWS)
-    schedule_steps = steps if schedule_steps is None else schedule_steps
+    if schedule_steps is None:
+        schedule_steps = SCHEDULE_STEPS if steps == STEPS and not stretch_opening else steps
     if schedule_steps != steps:
         if stretch_opening:
             raise ValueError("schedule_steps: not with stretch_opening (one stretch of the schedule at a time)")
@@ -661,7 +670,8 @@ def main(argv=None) -> int:
                         "schedule, more slowly, so later steps see run 31's rates; --steps must add its steps")
     parser.add_argument("--schedule-steps", type=int,
                         help="the learning-rate schedule of a run of this many steps; the steps after the opening "
-                        "pass through its remainder more slowly to fill --steps (default: --steps)")
+                        "pass through its remainder more slowly to fill --steps (default: "
+                        f"{SCHEDULE_STEPS} for {STEPS} steps, else --steps)")
     parser.add_argument("--tower-first-stage", action=argparse.BooleanOptionalAction, default=TOWER_FIRST_STAGE,
                         help="with --grown-first-stage, the first stage's scenes read the tower, not the scaffold")
     parser.add_argument("--city-words", action=argparse.BooleanOptionalAction, default=CITY_WORDS,
