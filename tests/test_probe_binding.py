@@ -74,7 +74,8 @@ def test_tower_modes_add_the_named_words_at_centres_and_noise_has_its_scale(tmp_
     noisy.current = noisy.words(scene, (1, 8, 8))
     clean = probe.Features("oracle", processor.tokenizer, embeddings)
     clean.current = noisy.current
-    noise = np.array(mx.concatenate([noisy(None, None, [(1, 8, 8)]) - clean(None, None, [(1, 8, 8)]) for _ in range(200)]))
+    grid = [(1, 8, 8)]
+    noise = np.array(mx.concatenate([noisy(None, None, grid) - clean(None, None, grid) for _ in range(200)]))
     assert abs(noise.std() - 0.3) < 0.02 and abs(noise.mean()) < 0.02
 
 

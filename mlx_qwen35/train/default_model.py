@@ -485,12 +485,13 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
         tool_tail = round(TOOL_TAIL_STEPS * steps / STEPS)
     if sum_stage < 0:
         raise ValueError(f"sum_stage {sum_stage}: a number of rows, 0 or more")
-    stretch = (sum_stage + binding_stage) / OPENING_ROWS if stretch_opening else 1.0
+    opening_rows = sum_stage + binding_stage
+    opening_steps = round(OPENING_STEPS * opening_rows / OPENING_ROWS)
+    stretch = opening_rows / OPENING_ROWS if stretch_opening else 1.0
     added_steps = round(OPENING_STEPS * (stretch - 1)) if stretch > 1 else 0
     if added_steps and steps <= added_steps + warmup:
-        raise ValueError(f"steps {steps}: an opening of {sum_stage + binding_stage} rows adds {added_steps} steps "
+        raise ValueError(f"steps {steps}: an opening of {opening_rows} rows adds {added_steps} steps "
                          f"to the schedule, and the rest must outlast the warm-up ({warmup})")
-    opening_steps = round(OPENING_STEPS * (sum_stage + binding_stage) / OPENING_ROWS)
     if schedule_steps is None:
         schedule_steps = SCHEDULE_STEPS if steps == STEPS and not stretch_opening else steps
     if schedule_steps != steps:
