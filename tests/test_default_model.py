@@ -395,13 +395,49 @@ def test_train_default_writes_weights_and_a_log_with_held_out_checks(tmp_path):
     from mlx_qwen35.train.default_model import train_default
 
     output = train_default(tmp_path / "model", steps=2, tokens_per_batch=512, warmup=1, log_every=1,
-                           probe_every=2, progress=False, vision_steps=2, scaffold_rows=100, tool_tail=1)
+                           probe_every=2, progress=False, vision_steps=2, scaffold_rows=100, tool_tail=1,
+                           settle_steps=1)
     assert not (tmp_path / "model.partial").exists()
     log = (output / "training_log.txt").read_text()
     assert "vision step    2" in log and "step     2" in log and "held-out answers right: color" in log
     assert "binding scaffold" in log and "the last 1 steps tool-heavy" in log
+    assert "then 1 steps at the final learning rate" in log
+    rates = dict(re.findall(r"^step +(\d+) .*  lr (\S+)", log, re.M))
+    assert rates["3"] == rates["2"]  # the settling step keeps the schedule's last rate
     model, processor = load(output)
     assert processor.tokenizer.encode("red") and model.config.text_config.num_experts == 8
+
+
+def test_train_default_with_no_flags_is_the_shipped_recipe(tmp_path, monkeypatch):
+    """`train-default` with no flags runs the shipped model's recipe: the same learning rate at every logged step
+    of the shipped log. The training itself is stubbed out (a run
+    takes 80 minutes); the schedule, the stages and the log are the real code's."""
+    import mlx_qwen35.platform as platform
+    import mlx_qwen35.train.data as data
+    import mlx_qwen35.train.vision_pretrain as vision_pretrain
+    from mlx_qwen35.loading import DEFAULT_MODEL_PATH
+    from mlx_qwen35.train import default_model
+    from mlx_qwen35.train.trainer import Trainer
+
+    shipped = (DEFAULT_MODEL_PATH / "training_log.txt").read_text().splitlines()
+    cpu = re.search(r"parameters, (.*? cores)", shipped[0]).group(1)
+    monkeypatch.setattr(platform, "cpu_setup", lambda: cpu)
+    monkeypatch.setattr(vision_pretrain, "pretrain_vision", lambda *args, **kwargs: None)
+    monkeypatch.setattr(vision_pretrain, "class_means", lambda *args, **kwargs: {})
+    monkeypatch.setattr(default_model, "world_rows", lambda *args, **kwargs: iter(()))
+    monkeypatch.setattr(default_model, "length_batches", lambda *args, **kwargs: itertools.repeat(None))
+    monkeypatch.setattr(data, "collate", lambda *args, **kwargs: None)
+    monkeypatch.setattr(Trainer, "train_step", lambda self, batch: {"loss": 1.0, "ce": 1.0, "tokens": 1})
+    monkeypatch.setattr(default_model, "save_weights", lambda model, file: None)
+    monkeypatch.setattr(default_model, "probe_rows", lambda *args, **kwargs: {})
+
+    assert default_model.main(["--output", str(tmp_path / "model")]) == 0
+    ours = (tmp_path / "model" / "training_log.txt").read_text().splitlines()
+
+    def rates(lines):
+        return [re.search(r"^step +(\d+) .*  lr (\S+)", line).groups() for line in lines if line.startswith("step ")]
+
+    assert len(rates(shipped)) > 100 and rates(ours) == rates(shipped)
 
 
 def test_a_stretched_opening_keeps_the_schedule_after_it():
@@ -464,6 +500,11 @@ def test_train_default_refuses_a_missing_vision_tower_before_writing(tmp_path, c
     with pytest.raises(SystemExit):
         main(["--output", str(tmp_path / "model"), "--steps", "4", "--tool-tail", "-1"])
     assert "--tool-tail -1: a number of steps from 0 to --steps (4)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="settle_steps -1: a number of steps"):
+        train_default(tmp_path / "model", steps=1, settle_steps=-1)
+    with pytest.raises(SystemExit):
+        main(["--output", str(tmp_path / "model"), "--settle", "-1"])
+    assert "--settle -1: a number of steps, 0 or more" in capsys.readouterr().err
     with pytest.raises(ValueError, match="sum_stage -1: a number of rows"):
         train_default(tmp_path / "model", steps=1, sum_stage=-1)
     with pytest.raises(ValueError, match="steps 1000: an opening of 59200 rows adds 925 steps"):

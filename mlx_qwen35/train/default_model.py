@@ -162,6 +162,12 @@ CITY_PIECES = True
 TOOL_TAIL_STEPS = 353  # since run 36 (of 4,800 steps), as run 34 took (of 4,000)
 TOOL_TAIL_MIX = dict(TRAIN_MIX, tool=0.40)
 TOOL_TAIL_SEED = 99
+# Settling steps: after the schedule ends, SETTLE_STEPS more at its final rate draw a fresh stream (world seed +
+# SETTLE_SEED) with SETTLE_MIX. Run 36 went on for 300 such steps (a continuation, docs): video 62 -> 68 %, recall
+# 96 -> 100 %, shape 91 -> 93 %, the several-picture question 29 -> 41 %, tool calls kept.
+SETTLE_STEPS = 0
+SETTLE_MIX = dict(TRAIN_MIX, video=0.40)
+SETTLE_SEED = 777
 # AdamW's second-moment decay: 0.95 (GPT-3's, nanoGPT's) instead of 0.999 let the decoder learn in-context
 # binding ("The circle is red. ... What color is the circle?") in 4,000 rows instead of never (docs).
 ADAM_BETAS = [0.9, 0.95]
@@ -456,7 +462,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                   grown_first_stage: bool = GROWN_FIRST_STAGE, binding_stage: int = BINDING_STAGE,
                   tower_first_stage: bool = TOWER_FIRST_STAGE, binding_questions: tuple = BINDING_QUESTIONS,
                   sum_stage: int = SUM_STAGE, stretch_opening: bool = False, schedule_steps: int | None = None,
-                  learning_rate: float = 2e-3,
+                  settle_steps: int = SETTLE_STEPS, learning_rate: float = 2e-3,
                   warmup: int = 100, log_every: int = 25, probe_every: int = 100, progress: bool = True) -> Path:
     """Train the default model into `output` (written atomically: weights, configs, tokenizer, training_log.txt).
     At logging steps that are multiples of `probe_every` (0: never) the log also gets held-out per-skill
@@ -471,7 +477,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     opening longer than run 31's runs through its part of the learning-rate schedule (`stretched_opening`);
     `schedule_steps`: the schedule is that of a run of this many steps, and the steps after the opening pass
     through its remainder more slowly to fill `steps` (`stretched_after_opening`; None: SCHEDULE_STEPS
-    for STEPS, else `steps`)."""
+    for STEPS, else `steps`); `settle_steps`: steps added after `steps` at the schedule's final rate, drawing
+    SETTLE_MIX (SETTLE_STEPS)."""
     import mlx.optimizers as optim
 
     from ..platform import cpu_setup
@@ -501,6 +508,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
             raise ValueError(f"schedule_steps {schedule_steps}: more than the opening's ~{opening_steps} steps and "
                              f"the warm-up ({warmup}), and no more than steps ({steps})")
     mix_stretch = (steps - opening_steps) / (schedule_steps - opening_steps) if schedule_steps != steps else 1.0
+    if settle_steps < 0:
+        raise ValueError(f"settle_steps {settle_steps}: a number of steps, 0 or more")
     if not 0 <= tool_tail <= steps:
         raise ValueError(f"tool_tail {tool_tail}: a number of steps from 0 to steps ({steps})")
     if tower_first_stage and not grown_first_stage:
@@ -523,6 +532,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                  f"{cpu_setup()}" + (", cities as words of their own in the tokenizer" if city_words else "")
                  + (", in pieces after a space" if city_pieces else "")
                  + (f", the last {tool_tail} steps tool-heavy (TOOL_TAIL_MIX)" if tool_tail else "")
+                 + (f", then {settle_steps} steps at the final learning rate (SETTLE_MIX)" if settle_steps else "")
                  + (f", picture scenes grown over {picture_curriculum} mixed rows"
                     if picture_curriculum != CURRICULUM_EXAMPLES else "")
                  + (f", {sum_stage} sums in the sum stage" if sum_stage != SUM_STAGE else "")
@@ -558,7 +568,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
 
     def schedule_for(peak):
         base = warmup_cosine(peak, warmup, schedule_steps - added_steps, start=peak * 5e-4, final=peak * 0.05)
-        return stretched_after_opening(stretched_opening(base, OPENING_STEPS, stretch), opening_steps, mix_stretch)
+        stretched = stretched_after_opening(stretched_opening(base, OPENING_STEPS, stretch), opening_steps, mix_stretch)
+        return lambda step: stretched(mx.minimum(step, steps))  # settling steps keep the final rate
 
     schedule = schedule_for(learning_rate)
     trainer.optimizer = optim.MultiOptimizer(
@@ -578,17 +589,21 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                                         sum_stage=sum_stage),
                              tokens_per_batch, seed=seed)
     probes = probe_rows(seed, processor) if probe_every else {}
-    bar = _bar(steps, progress)
+    last = steps + settle_steps
+    bar = _bar(last, progress)
     start, tokens, window = time.perf_counter(), 0, []
-    for step in range(1, steps + 1):
+    for step in range(1, last + 1):
         if step == steps - tool_tail + 1:
             batches = length_batches(world_rows(seed + TOOL_TAIL_SEED, processor, sum_stage=0, first_stage=0,
                                                 curriculum=0, mix=TOOL_TAIL_MIX), tokens_per_batch, seed=seed)
+        if step == steps + 1:
+            batches = length_batches(world_rows(seed + SETTLE_SEED, processor, sum_stage=0, first_stage=0,
+                                                curriculum=0, mix=SETTLE_MIX), tokens_per_batch, seed=seed)
         batch = collate(next(batches), pad_id=0, spatial_merge=VISION_CONFIG["spatial_merge_size"])
         record = trainer.train_step(batch)
         tokens += record["tokens"]
         window.append(record)
-        if step % log_every == 0 or step == steps:
+        if step % log_every == 0 or step == last:
             elapsed = time.perf_counter() - start
             finite = [r for r in window if not r.get("skipped")]
             mean = {k: sum(r[k] for r in finite) / len(finite) for k in ("loss", "ce", "aux", "mtp")
@@ -597,7 +612,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
             line = (f"step {step:5d}  " + "  ".join(f"{k} {v:.4f}" for k, v in mean.items()) + skipped
                     + f"  lr {float(schedule(step)):.2e}  tokens {tokens}  {tokens / elapsed:.0f} tok/s  "
                     f"elapsed {elapsed / 60:.1f} min")
-            if probe_every and (step % probe_every == 0 or step == steps):
+            if probe_every and (step % probe_every == 0 or step == last):
                 model.eval()
                 scores = {kind: answer_accuracy(teacher_forced(model), rows)
                           for kind, rows in probes.items()}
@@ -682,6 +697,8 @@ def main(argv=None) -> int:
                         "translates them (CITY_PIECES)")
     parser.add_argument("--tool-tail", type=int, help="the last steps draw a tool-heavy mix (TOOL_TAIL_MIX; 0: none; "
                         f"default: {TOOL_TAIL_STEPS} of {STEPS} steps, in proportion)")
+    parser.add_argument("--settle", type=int, default=SETTLE_STEPS, help="steps added after --steps at the "
+                        "schedule's final learning rate, drawing a video-heavy mix (SETTLE_MIX; 0: none)")
     args = parser.parse_args(argv)
     if args.scaffold_rows < 0:
         parser.error(f"--scaffold-rows {args.scaffold_rows}: a number of rows, 0 or more")
@@ -698,6 +715,8 @@ def main(argv=None) -> int:
         parser.error(f"--picture-curriculum {args.picture_curriculum}: a number of rows, 0 or more")
     if args.tool_tail is not None and not 0 <= args.tool_tail <= args.steps:
         parser.error(f"--tool-tail {args.tool_tail}: a number of steps from 0 to --steps ({args.steps})")
+    if args.settle < 0:
+        parser.error(f"--settle {args.settle}: a number of steps, 0 or more")
     if args.schedule_steps is not None and args.stretch_opening:
         parser.error("--schedule-steps: not with --stretch-opening (one stretch of the schedule at a time)")
     if args.schedule_steps is not None and not 0 < args.schedule_steps <= args.steps:
@@ -714,7 +733,7 @@ def main(argv=None) -> int:
                   grown_first_stage=args.grown_first_stage, binding_stage=args.binding_stage,
                   tower_first_stage=args.tower_first_stage, binding_questions=tuple(args.binding_questions),
                   sum_stage=args.sum_stage, stretch_opening=args.stretch_opening,
-                  schedule_steps=args.schedule_steps)
+                  schedule_steps=args.schedule_steps, settle_steps=args.settle)
     print(f"wrote {args.output}")
     return 0
 
