@@ -409,8 +409,8 @@ def test_train_default_writes_weights_and_a_log_with_held_out_checks(tmp_path):
 
 
 def test_train_default_with_no_flags_is_the_shipped_recipe(tmp_path, monkeypatch):
-    """`train-default` with no flags runs the shipped model's recipe: the same learning rate at every logged step
-    of the shipped log. The training itself is stubbed out (a run
+    """`train-default` with no flags runs the shipped model's recipe: the same header (every recipe flag) and the
+    same learning rate at every logged step of the shipped log. The training itself is stubbed out (a run
     takes 80 minutes); the schedule, the stages and the log are the real code's."""
     import mlx_qwen35.platform as platform
     import mlx_qwen35.train.data as data
@@ -437,6 +437,7 @@ def test_train_default_with_no_flags_is_the_shipped_recipe(tmp_path, monkeypatch
     def rates(lines):
         return [re.search(r"^step +(\d+) .*  lr (\S+)", line).groups() for line in lines if line.startswith("step ")]
 
+    assert ours[0] == shipped[0]
     assert len(rates(shipped)) > 100 and rates(ours) == rates(shipped)
 
 
