@@ -41,6 +41,8 @@ one run is one noisy measurement.
     --lone-first               before --switch-at, each picture holds one large shape (world growth 0), as in
                                the recipe's first stage (the rows already pooled for batching finish as drawn)
     --sums-first ROWS          the world's sums alone before any picture, as the recipe's sum stage
+    --vision-ids               the chat template's picture labels ("Picture 1: " before each picture, its
+                               `add_vision_id`) in training rows and held-out prompts alike
     --sum-share F              then each row a sum with probability F (a stage of sums and colour questions mixed);
                                with sums in the stream the held-out line also gives 64 held-out sums (teacher-forced)
 
@@ -52,6 +54,7 @@ import itertools
 import random
 import time
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import mlx_qwen35.platform  # noqa: F401  (OpenBLAS before MLX runs anything)
@@ -63,7 +66,7 @@ from mlx.utils import tree_flatten
 import mlx_qwen35
 from mlx_qwen35.generation.parsing import THINK_END
 from mlx_qwen35.train import default_model as dm
-from mlx_qwen35.train import evaluate, world
+from mlx_qwen35.train import data, evaluate, world
 from mlx_qwen35.train import trainer as training
 from mlx_qwen35.train.data import collate
 from mlx_qwen35.train.vision_pretrain import COLOR_IDS, KIND_IDS, centre_outputs, means_of, token_labels
@@ -246,6 +249,13 @@ def draw_example(rng, ask, growth: float = 1.0) -> dict:
     return world.image_example(rng, ask, growth=growth)
 
 
+def label_pictures(processor):
+    """The chat template's picture labels ("Picture 1: " before each picture, `add_vision_id`) in training rows
+    (`data.render_chat`) and in prompts (the processor's `apply_chat_template`) alike."""
+    data.render_chat = partial(data.render_chat, add_vision_id=True)
+    processor.apply_chat_template = partial(processor.apply_chat_template, add_vision_id=True)
+
+
 def present(ids: np.ndarray) -> mx.array:
     """[tokens, 1]: 1 where a word id is given, 0 where it is -1."""
     return mx.array((ids >= 0)[:, None].astype(np.float32))
@@ -269,6 +279,7 @@ def main():
     parser.add_argument("--lone-first", action="store_true")
     parser.add_argument("--sums-first", type=int, default=0)
     parser.add_argument("--sum-share", type=float, default=0.0)
+    parser.add_argument("--vision-ids", action="store_true")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--tokens-per-batch", type=int, default=1024)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
@@ -316,6 +327,8 @@ def main():
         shipped, _ = mlx_qwen35.load()
         model.model.visual.load_weights(list(tree_flatten(shipped.model.visual.parameters())))
         del shipped
+    if args.vision_ids:
+        label_pictures(processor)
     features = Features(args.features, processor.tokenizer, model.model.language_model.embed_tokens,
                         args.only_centres, use_positions=args.position, position_scale=args.position_scale)
     question = QUESTIONS[args.question]

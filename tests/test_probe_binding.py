@@ -118,6 +118,29 @@ def test_the_several_picture_question_reads_every_pictures_tokens_in_order():
     assert line.endswith("/3") and "step 2" in line
 
 
+def test_picture_labels_reach_training_rows_and_prompts_alike(tmp_path, monkeypatch):
+    """--vision-ids: "Picture n: " before each picture both in what the decoder trains on and in what it is
+    asked; without it, in neither (the world's own rows)."""
+    from mlx_qwen35.generation.api import encode_prompt_with_media
+    from mlx_qwen35.train import evaluate
+
+    _, processor = dm.write_skeleton(tmp_path, seed=0)
+    example = world.multi_image_example(random.Random(3))
+    count = len(example["scenes"])
+
+    def texts():
+        row = dm.encode_example(example, processor, random.Random(0))
+        ids, _ = encode_prompt_with_media(processor, evaluate._prompt(example), enable_thinking=False)
+        return processor.tokenizer.decode(row.input_ids.tolist()), processor.tokenizer.decode(ids)
+
+    assert not any("Picture 1: " in text for text in texts())
+    monkeypatch.setattr(probe.data, "render_chat", probe.data.render_chat)  # restored after the test
+    probe.label_pictures(processor)
+    for text in texts():
+        assert all(f"Picture {n}: <|vision_start|>" in text for n in range(1, count + 1)), text
+        assert f"Picture {count + 1}: " not in text
+
+
 def test_words_of_several_pictures_are_each_pictures_words_in_turn(tmp_path):
     _, processor = dm.write_skeleton(tmp_path, seed=0)
     embeddings = type("Table", (), {"weight": mx.zeros((1024, 4))})()
