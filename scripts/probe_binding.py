@@ -66,7 +66,7 @@ from mlx.utils import tree_flatten
 import mlx_qwen35
 from mlx_qwen35.generation.parsing import THINK_END
 from mlx_qwen35.train import default_model as dm
-from mlx_qwen35.train import data, evaluate, world
+from mlx_qwen35.train import evaluate, world
 from mlx_qwen35.train import trainer as training
 from mlx_qwen35.train.data import collate
 from mlx_qwen35.train.vision_pretrain import COLOR_IDS, KIND_IDS, centre_outputs, means_of, token_labels
@@ -250,9 +250,9 @@ def draw_example(rng, ask, growth: float = 1.0) -> dict:
 
 
 def label_pictures(processor):
-    """The chat template's picture labels ("Picture 1: " before each picture, `add_vision_id`) in training rows
-    (`data.render_chat`) and in prompts (the processor's `apply_chat_template`) alike."""
-    data.render_chat = partial(data.render_chat, add_vision_id=True)
+    """The chat template's picture labels ("Picture 1: " before each picture, `add_vision_id`) in the prompts
+    generation renders (the processor's `apply_chat_template`); training rows take `encode_example`'s
+    `add_vision_id`."""
     processor.apply_chat_template = partial(processor.apply_chat_template, add_vision_id=True)
 
 
@@ -354,7 +354,7 @@ def main():
                 example = draw_example(rng, asked, growth=0.0 if lone[0] else 1.0)
                 if asked is question and args.question in REASONED:
                     example["thinking"] = True
-                row = dm.encode_example(example, processor, thinking_rng)
+                row = dm.encode_example(example, processor, thinking_rng, add_vision_id=args.vision_ids)
                 row.words = features.words_of(example["scenes"], row.image_grid_thw)
             yield row
 

@@ -118,7 +118,7 @@ def test_the_several_picture_question_reads_every_pictures_tokens_in_order():
     assert line.endswith("/3") and "step 2" in line
 
 
-def test_picture_labels_reach_training_rows_and_prompts_alike(tmp_path, monkeypatch):
+def test_picture_labels_reach_training_rows_and_prompts_alike(tmp_path):
     """--vision-ids: "Picture n: " before each picture both in what the decoder trains on and in what it is
     asked; without it, in neither (the world's own rows)."""
     from mlx_qwen35.generation.api import encode_prompt_with_media
@@ -128,15 +128,14 @@ def test_picture_labels_reach_training_rows_and_prompts_alike(tmp_path, monkeypa
     example = world.multi_image_example(random.Random(3))
     count = len(example["scenes"])
 
-    def texts():
-        row = dm.encode_example(example, processor, random.Random(0))
+    def texts(labelled):
+        row = dm.encode_example(example, processor, random.Random(0), add_vision_id=labelled)
         ids, _ = encode_prompt_with_media(processor, evaluate._prompt(example), enable_thinking=False)
         return processor.tokenizer.decode(row.input_ids.tolist()), processor.tokenizer.decode(ids)
 
-    assert not any("Picture 1: " in text for text in texts())
-    monkeypatch.setattr(probe.data, "render_chat", probe.data.render_chat)  # restored after the test
+    assert not any("Picture 1: " in text for text in texts(False))
     probe.label_pictures(processor)
-    for text in texts():
+    for text in texts(True):
         assert all(f"Picture {n}: <|vision_start|>" in text for n in range(1, count + 1)), text
         assert f"Picture {count + 1}: " not in text
 

@@ -103,13 +103,14 @@ def validate(example, row=None) -> tuple[list, list | None, list, list]:
     return list(messages), tools, media["image"], media["video"]
 
 
-def encode(example, processor, row=None, enable_thinking: bool = True) -> Row:
+def encode(example, processor, row=None, enable_thinking: bool = True, add_vision_id: bool = False) -> Row:
     """One row -> Row. `processor` is the Processor (images and video) or a bare tokenizer (text only);
-    either needs `encode(text, add_special_tokens=False)`."""
+    either needs `encode(text, add_special_tokens=False)`. `add_vision_id`: the template's "Picture n: " labels."""
     messages, tools, images, videos = validate(example, row)
     where = _where(row)
     try:
-        text = render_chat(messages, tools=tools, add_generation_prompt=False, enable_thinking=enable_thinking)
+        text = render_chat(messages, tools=tools, add_generation_prompt=False, enable_thinking=enable_thinking,
+                           add_vision_id=add_vision_id)
     except ValueError as error:
         raise DataError(f"{where}: {error}") from None
     pieces, start = [], 0

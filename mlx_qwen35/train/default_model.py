@@ -257,14 +257,16 @@ def build_model(directory: Path, seed: int):
     return model
 
 
-def encode_example(example, processor, rng: random.Random):
+def encode_example(example, processor, rng: random.Random, add_vision_id: bool = False):
     """A world example as a training Row, rendered as a thinking-on or thinking-off conversation: sums as the
-    world says, other questions thinking-off with probability THINKING_OFF (their answers are the same)."""
+    world says, other questions thinking-off with probability THINKING_OFF (their answers are the same);
+    `add_vision_id`: the template's "Picture n: " before each picture."""
     from .data import encode
 
     thinking = example.get("thinking")
     thinking = rng.random() >= THINKING_OFF if thinking is None else thinking
-    return encode({k: v for k, v in example.items() if k != "thinking"}, processor, enable_thinking=thinking)
+    return encode({k: v for k, v in example.items() if k != "thinking"}, processor, enable_thinking=thinking,
+                  add_vision_id=add_vision_id)
 
 
 def training_examples(seed: int, first_stage: int = FIRST_STAGE, curriculum: int = CURRICULUM_EXAMPLES,
@@ -592,13 +594,16 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     last = steps + settle_steps
     bar = _bar(last, progress)
     start, tokens, window = time.perf_counter(), 0, []
+
+    def full_grown_stream(seed_offset, mix):  # the tails' own rows, apart from the curriculum's stream
+        return length_batches(world_rows(seed + seed_offset, processor, sum_stage=0, first_stage=0, curriculum=0,
+                                         mix=mix), tokens_per_batch, seed=seed)
+
     for step in range(1, last + 1):
-        if step == steps - tool_tail + 1:
-            batches = length_batches(world_rows(seed + TOOL_TAIL_SEED, processor, sum_stage=0, first_stage=0,
-                                                curriculum=0, mix=TOOL_TAIL_MIX), tokens_per_batch, seed=seed)
         if step == steps + 1:
-            batches = length_batches(world_rows(seed + SETTLE_SEED, processor, sum_stage=0, first_stage=0,
-                                                curriculum=0, mix=SETTLE_MIX), tokens_per_batch, seed=seed)
+            batches = full_grown_stream(SETTLE_SEED, SETTLE_MIX)
+        elif step == steps - tool_tail + 1:
+            batches = full_grown_stream(TOOL_TAIL_SEED, TOOL_TAIL_MIX)
         batch = collate(next(batches), pad_id=0, spatial_merge=VISION_CONFIG["spatial_merge_size"])
         record = trainer.train_step(batch)
         tokens += record["tokens"]
