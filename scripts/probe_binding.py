@@ -13,6 +13,8 @@ one run is one noisy measurement.
                                with each named shape's place across, 0-99; trained and asked thinking-on)
                                or multi_image (the world's "Which picture has the {color} {shape}?", split
                                by the number of pictures)
+                               or count_balanced (the recipe's counting rows, `count_example`: the world's
+                               count question, each answer 0-4 equally often; as --also beside count)
     --features oracle          the word embeddings (the fresh decoder's first, kept fixed) of each shape-centre
                                token's colour and kind, summed; zeros elsewhere
                spread          oracle, with the colour word also on every other token the shape's disc reaches
@@ -236,8 +238,14 @@ def ask_multi_image(rng, scene):
     raise NotImplementedError
 
 
+def ask_count_balanced(rng, scene):
+    """A marker: `draw_example` draws the recipe's counting rows (`count_example`: each count 0-4 equally often)."""
+    raise NotImplementedError
+
+
 QUESTIONS = dict(world.SCENE_QUESTIONS, side=ask_side, left_right_of_two=ask_left_right_of_two,
-                 left_right_reasoned=ask_left_right_reasoned, multi_image=ask_multi_image)
+                 left_right_reasoned=ask_left_right_reasoned, multi_image=ask_multi_image,
+                 count_balanced=ask_count_balanced)
 REASONED = ("left_right_reasoned",)  # their answers open with a thinking block: trained and asked thinking-on
 
 
@@ -246,6 +254,8 @@ def draw_example(rng, ask, growth: float = 1.0) -> dict:
     question draws the world's own scenes)."""
     if ask is ask_multi_image:
         return world.multi_image_example(rng)
+    if ask is ask_count_balanced:
+        return dm.count_example(rng)
     return world.image_example(rng, ask, growth=growth)
 
 
@@ -389,6 +399,7 @@ def main():
     def held_out_accuracy(step):
         model.eval()
         rng, right, asked = random.Random(HELD_OUT_SEED), Counter(), Counter()
+        right_by_answer, asked_by_answer = Counter(), Counter()
         for _ in range(args.held_out):
             example = draw_example(rng, question)
             answer = evaluate._answer(example).split(THINK_END)[-1].strip()
@@ -403,12 +414,17 @@ def main():
             for key in (len(scenes) if question is ask_multi_image else len(scenes[0].shapes), "all"):
                 right[key] += got == case.expected
                 asked[key] += 1
+            right_by_answer[case.expected] += got == case.expected
+            asked_by_answer[case.expected] += 1
         sums = ""
         if args.sums_first or args.sum_share:
             sums = f"  sums {dm.answer_accuracy(dm.teacher_forced(model), held_out_sums):.0%}"
         split = "pictures" if question is ask_multi_image else "shapes in the picture"
         print(f"step {step}  held-out {args.question} right by {split}: "
               + "  ".join(f"{k}: {right[k]}/{asked[k]}" for k in (1, 2, 3, 4, "all")) + sums, flush=True)
+        if len(asked_by_answer) <= 6:
+            print("  by the right answer: " + "  ".join(f"{k!r} {right_by_answer[k]}/{asked_by_answer[k]}"
+                                                       for k in sorted(asked_by_answer)), flush=True)
         model.train()
 
     trainer = training.Trainer(model, None, training.TrainConfig(

@@ -506,6 +506,11 @@ def test_train_default_refuses_a_missing_vision_tower_before_writing(tmp_path, c
     with pytest.raises(SystemExit):
         main(["--output", str(tmp_path / "model"), "--settle", "-1"])
     assert "--settle -1: a number of steps, 0 or more" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="count_rows -0.1: a weight, 0 or more"):
+        train_default(tmp_path / "model", steps=1, count_rows=-0.1)
+    with pytest.raises(SystemExit):
+        main(["--output", str(tmp_path / "model"), "--count-rows", "-0.1"])
+    assert "--count-rows -0.1: a weight, 0 or more" in capsys.readouterr().err
     with pytest.raises(ValueError, match="sum_stage -1: a number of rows"):
         train_default(tmp_path / "model", steps=1, sum_stage=-1)
     with pytest.raises(ValueError, match="steps 1000: an opening of 59200 rows adds 925 steps"):
@@ -722,3 +727,38 @@ def test_binding_questions_the_scaffold_cannot_answer_are_refused_before_anythin
     with pytest.raises(ValueError, match=r"binding_questions \('describe',\): one or more of \('color', 'shape', "):
         train_default(tmp_path / "model", binding_questions=("describe",))
     assert not any(tmp_path.iterdir())
+
+
+def test_counting_rows_ask_the_worlds_count_question_with_every_count_about_as_often():
+    from collections import Counter
+
+    from mlx_qwen35.train import world
+    from mlx_qwen35.train.default_model import count_example
+
+    rng, answers = random.Random(5), Counter()
+    for _ in range(600):
+        example = count_example(rng)
+        [scene] = example["scenes"]
+        question = example["messages"][0]["content"][-1]["text"]
+        kind = re.fullmatch(r"How many (circle|square|triangle)s are there\?", question).group(1)
+        answer = example["messages"][1]["content"]
+        assert answer == f"{sum(shape.kind == kind for shape in scene.shapes)}."
+        assert 1 <= len(scene.shapes) <= world.MAX_SHAPES
+        answers[answer] += 1
+    assert sorted(answers) == ["0.", "1.", "2.", "3.", "4."]
+    assert all(90 <= n <= 150 for n in answers.values()), answers  # 120 each expected
+
+
+def test_counting_rows_join_the_mixed_stage_at_their_weight_and_not_the_tails():
+    from mlx_qwen35.train.default_model import SETTLE_MIX, TOOL_TAIL_MIX, TRAIN_MIX, training_examples
+
+    def single_count_questions(mix, rows=400):
+        stream = training_examples(0, first_stage=0, sum_stage=0, mix=mix)
+        return sum(len(row["messages"]) == 2 and isinstance(content := row["messages"][0]["content"], list)
+                   and content[-1]["text"].startswith("How many") for row in itertools.islice(stream, rows))
+
+    world_only = single_count_questions(TRAIN_MIX)  # one-turn image conversations that ask "How many?"
+    assert world_only <= 25, world_only  # 0.4 of the rows x 1/4 one-turn x 1/5 count: about 8
+    with_counting = single_count_questions(dict(TRAIN_MIX, count=0.25))
+    assert 50 <= with_counting - world_only <= 110, (world_only, with_counting)  # 0.25 / 1.25 of 400 = 80
+    assert "count" not in TRAIN_MIX and "count" not in SETTLE_MIX and "count" not in TOOL_TAIL_MIX

@@ -60,6 +60,12 @@ VIDEO_PREPROCESSOR = dict(PREPROCESSOR, fps=24.0, min_frames=4, max_frames=8)
 # with it: video 69 %, sums 95/98 % (docs/default-model.md).
 TRAIN_MIX = {"image": 0.40, "multi_image": 0.10, "video": 0.10, "sum": 0.20, "recall": 0.07, "tool": 0.10,
              "copy": 0.03}
+# Counting rows (`count_example`: the world's count question, each answer 0-4 equally often) in the mixed stage,
+# at this weight beside TRAIN_MIX's (0: none). The world's pictures answer 0 or 1 four times in five, and every
+# run answered "How many?" from presence alone ("2." at most 4 of 30); a fresh decoder on the tower's output,
+# trained on the world's count questions alone, answered "2." 0 of 20 after 600 steps, and with half of its rows
+# counting rows 9 of 20 (docs/default-model.md, thirty-first session).
+COUNT_ROWS = 0.0
 # Since run 36 the opening holds twice run 31's rows (BINDING_STAGE below), sums keeping their share.
 SUM_STAGE = 40_000
 RECALL_MAX_TOKENS = 1200
@@ -286,7 +292,7 @@ def training_examples(seed: int, first_stage: int = FIRST_STAGE, curriculum: int
     from . import world
 
     rng = random.Random(seed)
-    generators = dict(world.GENERATORS, copy=copy_example,
+    generators = dict(world.GENERATORS, copy=copy_example, count=count_example,
                       tool=lambda rng: world.tool_example(rng, turns=rng.randint(1, TOOL_TURNS)))
     asks = [world.SCENE_QUESTIONS[name] for name in binding_questions]
 
@@ -374,6 +380,25 @@ def copy_example(rng: random.Random) -> dict:
 
     code = f"{rng.randint(0, 9999):04d}"
     return world._chat({"role": "user", "content": f"Repeat: {code}"}, f"{code}.")
+
+
+def count_example(rng: random.Random) -> dict:
+    """The world's "How many {shape}s are there?" about a picture of the world's 1-4 shapes holding 0-4 of the
+    asked kind, each count equally often, the rest of other kinds: a curriculum row, not a world question."""
+    from . import world
+
+    kind = rng.choice(world.SHAPES)
+    n = rng.randint(0, world.MAX_SHAPES)
+    others = [k for k in world.SHAPES if k != kind]
+    rest = rng.randint(n == 0, world.MAX_SHAPES - n)
+    pairs = ([(kind, rng.choice(list(world.COLORS))) for _ in range(n)]
+             + [(rng.choice(others), rng.choice(list(world.COLORS))) for _ in range(rest)])
+    rng.shuffle(pairs)
+    scene = world.random_scene(rng, count=len(pairs), fixed=pairs)
+    picture = {"type": "image", "image": world.draw(scene)}
+    example = world._chat(world._user([picture], f"How many {kind}s are there?"), f"{n}.")
+    example["scenes"] = [scene]
+    return example
 
 
 def world_rows(seed: int, processor, means: dict | None = None, scaffold_rows: int = 0, sum_stage: int = SUM_STAGE,
@@ -464,7 +489,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                   grown_first_stage: bool = GROWN_FIRST_STAGE, binding_stage: int = BINDING_STAGE,
                   tower_first_stage: bool = TOWER_FIRST_STAGE, binding_questions: tuple = BINDING_QUESTIONS,
                   sum_stage: int = SUM_STAGE, stretch_opening: bool = False, schedule_steps: int | None = None,
-                  settle_steps: int = SETTLE_STEPS, learning_rate: float = 2e-3,
+                  settle_steps: int = SETTLE_STEPS, count_rows: float = COUNT_ROWS, learning_rate: float = 2e-3,
                   warmup: int = 100, log_every: int = 25, probe_every: int = 100, progress: bool = True) -> Path:
     """Train the default model into `output` (written atomically: weights, configs, tokenizer, training_log.txt).
     At logging steps that are multiples of `probe_every` (0: never) the log also gets held-out per-skill
@@ -480,7 +505,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     `schedule_steps`: the schedule is that of a run of this many steps, and the steps after the opening pass
     through its remainder more slowly to fill `steps` (`stretched_after_opening`; None: SCHEDULE_STEPS
     for STEPS, else `steps`); `settle_steps`: steps added after `steps` at the schedule's final rate, drawing
-    SETTLE_MIX (SETTLE_STEPS)."""
+    SETTLE_MIX (SETTLE_STEPS); `count_rows`: the mixed stage's weight of counting rows (`count_example`,
+    COUNT_ROWS) beside TRAIN_MIX's."""
     import mlx.optimizers as optim
 
     from ..platform import cpu_setup
@@ -512,6 +538,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     mix_stretch = (steps - opening_steps) / (schedule_steps - opening_steps) if schedule_steps != steps else 1.0
     if settle_steps < 0:
         raise ValueError(f"settle_steps {settle_steps}: a number of steps, 0 or more")
+    if count_rows < 0:
+        raise ValueError(f"count_rows {count_rows}: a weight, 0 or more")
     if not 0 <= tool_tail <= steps:
         raise ValueError(f"tool_tail {tool_tail}: a number of steps from 0 to steps ({steps})")
     if tower_first_stage and not grown_first_stage:
@@ -535,6 +563,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                  + (", in pieces after a space" if city_pieces else "")
                  + (f", the last {tool_tail} steps tool-heavy (TOOL_TAIL_MIX)" if tool_tail else "")
                  + (f", then {settle_steps} steps at the final learning rate (SETTLE_MIX)" if settle_steps else "")
+                 + (f", counting rows at weight {count_rows} in the mixed stage" if count_rows else "")
                  + (f", picture scenes grown over {picture_curriculum} mixed rows"
                     if picture_curriculum != CURRICULUM_EXAMPLES else "")
                  + (f", {sum_stage} sums in the sum stage" if sum_stage != SUM_STAGE else "")
@@ -588,7 +617,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     batches = length_batches(world_rows(seed, processor, means, scaffold_rows, picture_curriculum=picture_curriculum,
                                         grown_first_stage=grown_first_stage, binding_stage=binding_stage,
                                         tower_first_stage=tower_first_stage, binding_questions=binding_questions,
-                                        sum_stage=sum_stage),
+                                        sum_stage=sum_stage,
+                                        mix=dict(TRAIN_MIX, count=count_rows) if count_rows else TRAIN_MIX),
                              tokens_per_batch, seed=seed)
     probes = probe_rows(seed, processor) if probe_every else {}
     last = steps + settle_steps
@@ -702,6 +732,8 @@ def main(argv=None) -> int:
                         "translates them (CITY_PIECES)")
     parser.add_argument("--tool-tail", type=int, help="the last steps draw a tool-heavy mix (TOOL_TAIL_MIX; 0: none; "
                         f"default: {TOOL_TAIL_STEPS} of {STEPS} steps, in proportion)")
+    parser.add_argument("--count-rows", type=float, default=COUNT_ROWS, help="the mixed stage's weight of counting "
+                        "rows (each count 0-4 equally often) beside TRAIN_MIX's (COUNT_ROWS; 0: none)")
     parser.add_argument("--settle", type=int, default=SETTLE_STEPS, help="steps added after --steps at the "
                         "schedule's final learning rate, drawing a video-heavy mix (SETTLE_MIX; 0: none)")
     args = parser.parse_args(argv)
@@ -722,6 +754,8 @@ def main(argv=None) -> int:
         parser.error(f"--tool-tail {args.tool_tail}: a number of steps from 0 to --steps ({args.steps})")
     if args.settle < 0:
         parser.error(f"--settle {args.settle}: a number of steps, 0 or more")
+    if args.count_rows < 0:
+        parser.error(f"--count-rows {args.count_rows}: a weight, 0 or more")
     if args.schedule_steps is not None and args.stretch_opening:
         parser.error("--schedule-steps: not with --stretch-opening (one stretch of the schedule at a time)")
     if args.schedule_steps is not None and not 0 < args.schedule_steps <= args.steps:
@@ -738,7 +772,7 @@ def main(argv=None) -> int:
                   grown_first_stage=args.grown_first_stage, binding_stage=args.binding_stage,
                   tower_first_stage=args.tower_first_stage, binding_questions=tuple(args.binding_questions),
                   sum_stage=args.sum_stage, stretch_opening=args.stretch_opening,
-                  schedule_steps=args.schedule_steps, settle_steps=args.settle)
+                  schedule_steps=args.schedule_steps, settle_steps=args.settle, count_rows=args.count_rows)
     print(f"wrote {args.output}")
     return 0
 
