@@ -61,10 +61,11 @@ VIDEO_PREPROCESSOR = dict(PREPROCESSOR, fps=24.0, min_frames=4, max_frames=8)
 TRAIN_MIX = {"image": 0.40, "multi_image": 0.10, "video": 0.10, "sum": 0.20, "recall": 0.07, "tool": 0.10,
              "copy": 0.03}
 # Counting rows (`count_example`: the world's count question, each answer 0-4 equally often) in the mixed stage,
-# at this weight beside TRAIN_MIX's (0: none). The world's pictures answer 0 or 1 four times in five, and every
-# run answered "How many?" from presence alone ("2." at most 4 of 30); a fresh decoder on the tower's output,
-# trained on the world's count questions alone, answered "2." 0 of 20 after 600 steps, and with half of its rows
-# counting rows 9 of 20 (docs/default-model.md, thirty-first session).
+# at this weight beside TRAIN_MIX's (0: none). The world's pictures answer 0 or 1 four times in five, and no run
+# has answered "2." more than 4 times in 30; a fresh decoder on the tower's output, trained on the world's count
+# questions alone, answered "2." 0 of 20 after 600 steps, and with half of its rows counting rows 9 of 20. At 0.1
+# (run 38) the full recipe still did not count ("2." 2 of 30, count 40.7 % against run 37's 43.7), so it stays
+# off (docs/default-model.md, thirty-first session).
 COUNT_ROWS = 0.0
 # Since run 36 the opening holds twice run 31's rows (BINDING_STAGE below), sums keeping their share.
 SUM_STAGE = 40_000
