@@ -714,6 +714,10 @@ def test_binding_questions_draw_colour_and_shape_questions_in_the_binding_and_fi
     colour = sum(q.startswith("What color") for q in questions)
     count = sum(q.startswith("How many") for q in questions)
     assert colour + count == len(questions) and 1.3 * count < colour < 3 * count  # two in three, not one in two
+    counting = list(itertools.islice(training_examples(0, binding_questions=("color", "counting"), **stages), total))
+    answers = [e["messages"][1]["content"] for e in counting
+               if e.get("scenes") and e["messages"][0]["content"][-1]["text"].startswith("How many")]
+    assert len(answers) >= binding_stage // 4 and {"2.", "3.", "4."} <= set(answers)  # balanced counts, not the world's
     colour_only = list(itertools.islice(training_examples(0, binding_questions=("color",), **stages), total))
     assert all(e["messages"][0]["content"][-1]["text"].startswith("What color is the")
                for e in colour_only if e.get("scenes") and e["messages"][0]["content"][0]["type"] == "image")

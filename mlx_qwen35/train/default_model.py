@@ -115,7 +115,10 @@ BINDING_STAGE = 19_200
 # 97 to 83 % (docs/default-model.md, twenty-seventh session). Colour and shape with 9,600 rows each in a doubled
 # opening (run 34) formed shape's lookup: 91 % against 68 (docs, twenty-eighth session). Since run 36.
 BINDING_QUESTIONS = ("color", "shape")
-SCAFFOLD_QUESTIONS = ("color", "shape", "count")  # answered from kinds and colours, all the scaffold holds
+# Answered from kinds and colours, all the scaffold holds; "counting" is `count_example`'s counting rows, which
+# on the scaffold count two and carry to the tower where through the tower alone they do not (probes, docs/
+# default-model.md, thirty-first session).
+SCAFFOLD_QUESTIONS = ("color", "shape", "count", "counting")
 IMAGE_TURNS = 4
 STEPS = 4800
 # Run 31's opening (20,000 sums and 9,600 binding questions) filled about 925 steps of its 3,400-step schedule. A
@@ -295,12 +298,13 @@ def training_examples(seed: int, first_stage: int = FIRST_STAGE, curriculum: int
     rng = random.Random(seed)
     generators = dict(world.GENERATORS, copy=copy_example, count=count_example,
                       tool=lambda rng: world.tool_example(rng, turns=rng.randint(1, TOOL_TURNS)))
-    asks = [world.SCENE_QUESTIONS[name] for name in binding_questions]
+    asks = [(lambda rng, growth: count_example(rng)) if name == "counting"
+            else partial(world.image_example, question=world.SCENE_QUESTIONS[name]) for name in binding_questions]
 
     def binding_question(rng, growth=1.0):
         # one question name draws nothing from the stream, so colour alone replays the shipped runs' rows
         ask = asks[0] if len(asks) == 1 else rng.choice(asks)
-        return world.image_example(rng, question=ask, growth=growth)
+        return ask(rng, growth=growth)
 
     first = [partial(binding_question, growth=1.0) if grown_first_stage
              else partial(world.image_example, question=world.ask_color, growth=0.0),
@@ -714,7 +718,8 @@ def main(argv=None) -> int:
                         "scaffold, shuffled among the sum stage's sums (0: none)")
     parser.add_argument("--binding-questions", nargs="+", choices=SCAFFOLD_QUESTIONS, default=BINDING_QUESTIONS,
                         help="what the binding stage and the grown first stage ask, one drawn at random a row "
-                        "(a name given twice is drawn twice as often)")
+                        "(a name given twice is drawn twice as often; counting: the counting rows, each count 0-4 "
+                        "equally often)")
     parser.add_argument("--sum-stage", type=int, default=SUM_STAGE,
                         help="sums that open the curriculum, the binding stage's questions shuffled among them")
     parser.add_argument("--stretch-opening", action="store_true",
