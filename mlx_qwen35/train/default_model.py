@@ -400,8 +400,8 @@ def count_example(rng: random.Random) -> dict:
              + [(rng.choice(others), rng.choice(list(world.COLORS))) for _ in range(rest)])
     rng.shuffle(pairs)
     scene = world.random_scene(rng, count=len(pairs), fixed=pairs)
-    picture = {"type": "image", "image": world.draw(scene)}
-    example = world._chat(world._user([picture], f"How many {kind}s are there?"), f"{n}.")
+    question, answer = world.ask_count(rng, scene, kind=kind)
+    example = world._chat(world._user([{"type": "image", "image": world.draw(scene)}], question), answer)
     example["scenes"] = [scene]
     return example
 

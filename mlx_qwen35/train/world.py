@@ -161,8 +161,8 @@ def ask_shape(rng, scene):
     return f"What shape is {color}?", f"A {unique(scene, color=color)[0].kind}."
 
 
-def ask_count(rng, scene):
-    kind = rng.choice(SHAPES)
+def ask_count(rng, scene, kind: str | None = None):
+    kind = kind or rng.choice(SHAPES)
     return f"How many {kind}s are there?", f"{len(unique(scene, kind=kind))}."
 
 
