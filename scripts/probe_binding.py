@@ -10,9 +10,14 @@ one run is one noisy measurement.
                                unique shape in the left or right third: one lookup, where left_right needs two)
                                or left_right_of_two (the world's left/right about pictures of two shapes only)
                                or left_right_reasoned (the world's left/right answered after a thinking block
-                               with each named shape's place across, 0-99; trained and asked thinking-on)
+                               with each named shape's place across, 0 to --places - 1; trained and asked
+                               thinking-on)
+                               or left_right_stated (the world's left/right with both places stated before it
+                               in words, "The {color} {shape} is at {place}.": the comparison alone)
                                or multi_image (the world's "Which picture has the {color} {shape}?", split
                                by the number of pictures)
+                               or multi_image_lone (the same with every other picture blank: naming the
+                               picture that holds a shape, with finding it left out)
                                or count_balanced (the recipe's counting rows, `count_example`: the world's
                                count question, each answer 0-4 equally often; as --also beside count)
     --features oracle          the word embeddings (the fresh decoder's first, kept fixed) of each shape-centre
@@ -29,6 +34,8 @@ one run is one noisy measurement.
                means[:S]       the tower's own mean output at shape centres plus its kind's and colour's offsets
                                from it (over 400 world pictures; times S), on centre tokens, zeros elsewhere:
                                the oracle in the tower's directions
+    --places N                 left_right_reasoned's and left_right_stated's places across a picture (100:
+                               hundredths; 10: tenths)
     --position                 with means: also the tower's position directions at each shape centre, times
                                the centre's place in the picture (-1 to 1 across and down; fit_positions)
     --position-scale S         those position directions times S
@@ -220,22 +227,65 @@ def ask_left_right_of_two(rng, scene):
     return world.ask_left_right(rng, scene) if len(scene.shapes) == 2 else None
 
 
+PLACES = [100]  # --places: how many places across a picture the probe's stated and reasoned places tell apart
+
+
+def places_across(scene, *shapes) -> list[int]:
+    """Each shape's place across the picture, 0 to PLACES - 1 (its centre's share of the width)."""
+    return [min(PLACES[0] - 1, int(PLACES[0] * s.cx / scene.width)) for s in shapes]
+
+
 def ask_left_right_reasoned(rng, scene):
     """The world's left/right question, answered after a thinking block that gives each named shape's place across
-    the picture (0-99): two one-place lookups, then comparing two numbers, where the bare answer needs both at once."""
+    the picture (0 to PLACES - 1): two one-place lookups, then comparing two numbers, where the bare answer needs
+    both at once. Pairs whose places are equal are not asked (the thinking would not decide the answer)."""
     pair = world.left_right_pair(rng, scene)
-    if pair is None:
+    if pair is None or len(set(places := places_across(scene, *pair))) == 1:
         return None
     a, b = pair
     answer = "Left." if world.horizontal_order(a, b) == "left" else "Right."
-    places = [min(99, round(100 * s.cx / scene.width)) for s in (a, b)]
     return (f"Is the {a.name} left or right of the {b.name}?",
             f"<think>\nThe {a.name} is at {places[0]}. The {b.name} is at {places[1]}.\n</think>\n\n{answer}")
+
+
+def ask_left_right_stated(rng, scene):
+    """The world's left/right question with both places stated before it in words (as left_right_reasoned's
+    thinking gives them): the comparison and which named shape is which, with no place to read from the picture."""
+    pair = world.left_right_pair(rng, scene)
+    if pair is None or len(set(places := places_across(scene, *pair))) == 1:
+        return None
+    a, b = pair
+    told = [f"The {a.name} is at {places[0]}.", f"The {b.name} is at {places[1]}."]
+    rng.shuffle(told)
+    return (f"{' '.join(told)} Is the {a.name} left or right of the {b.name}?",
+            "Left." if world.horizontal_order(a, b) == "left" else "Right.")
 
 
 def ask_multi_image(rng, scene):
     """A marker, not a scene question: `draw_example` draws the world's several-picture question instead."""
     raise NotImplementedError
+
+
+def ask_multi_image_lone(rng, scene):
+    """A marker: `draw_example` draws `multi_image_lone_example` (the several-picture question, the other
+    pictures blank)."""
+    raise NotImplementedError
+
+
+def multi_image_lone_example(rng) -> dict:
+    """The world's several-picture question where only the asked picture holds shapes (1-3, the asked one among
+    them) and the others are blank: finding the picture is a lookup of any shape, so what is left to learn is
+    naming the picture the shape is in."""
+    example = world.multi_image_example(rng)
+    target = int(example["messages"][-1]["content"].split()[-1].rstrip(".")) - 1
+    scenes = [scene if i == target else world.Scene(scene.width, scene.height, scene.background, [])
+              for i, scene in enumerate(example["scenes"])]
+    images = iter(scenes)
+    for part in example["messages"][0]["content"]:
+        if part.get("type") == "image":
+            part["image"] = world.draw(next(images))
+    example["scenes"] = scenes
+    return example
 
 
 def ask_count_balanced(rng, scene):
@@ -244,7 +294,8 @@ def ask_count_balanced(rng, scene):
 
 
 QUESTIONS = dict(world.SCENE_QUESTIONS, side=ask_side, left_right_of_two=ask_left_right_of_two,
-                 left_right_reasoned=ask_left_right_reasoned, multi_image=ask_multi_image,
+                 left_right_reasoned=ask_left_right_reasoned, left_right_stated=ask_left_right_stated,
+                 multi_image=ask_multi_image, multi_image_lone=ask_multi_image_lone,
                  count_balanced=ask_count_balanced)
 REASONED = ("left_right_reasoned",)  # their answers open with a thinking block: trained and asked thinking-on
 
@@ -254,6 +305,8 @@ def draw_example(rng, ask, growth: float = 1.0) -> dict:
     question draws the world's own scenes)."""
     if ask is ask_multi_image:
         return world.multi_image_example(rng)
+    if ask is ask_multi_image_lone:
+        return multi_image_lone_example(rng)
     if ask is ask_count_balanced:
         return dm.count_example(rng)
     return world.image_example(rng, ask, growth=growth)
@@ -278,6 +331,7 @@ def main():
     parser.add_argument("--tower-lr-scale", type=float, default=dm.VISION_LR_SCALE,
                         help="the tower's learning rate as a share of the decoder's; 0 freezes it")
     parser.add_argument("--question", choices=sorted(QUESTIONS), default="color")
+    parser.add_argument("--places", type=int, default=PLACES[0])
     parser.add_argument("--position", action="store_true")
     parser.add_argument("--position-scale", type=float, default=1.0)
     parser.add_argument("--layers", type=int, default=dm.TEXT_CONFIG["num_hidden_layers"])
@@ -313,6 +367,9 @@ def main():
         parser.error(f"--sum-share {args.sum_share}: a share from 0 up to (not including) 1")
     if args.position and MEANS not in modes:
         parser.error("--position adds to means: give --features means (or --switch-to means)")
+    if not 2 <= args.places <= 100:
+        parser.error(f"--places {args.places}: from 2 to 100 places across a picture")
+    PLACES[0] = args.places
     if args.layers < 1:
         parser.error(f"--layers {args.layers}: at least one layer")
     also, also_share = None, 0.0
@@ -411,7 +468,8 @@ def main():
             got, raw = evaluate.ask(model, processor, case)
             if case.thinking and not asked["all"]:
                 print(f"  first held-out: {evaluate._answer(example)!r} -> {raw!r}", flush=True)
-            for key in (len(scenes) if question is ask_multi_image else len(scenes[0].shapes), "all"):
+            several = question in (ask_multi_image, ask_multi_image_lone)
+            for key in (len(scenes) if several else len(scenes[0].shapes), "all"):
                 right[key] += got == case.expected
                 asked[key] += 1
             right_by_answer[case.expected] += got == case.expected
@@ -419,7 +477,7 @@ def main():
         sums = ""
         if args.sums_first or args.sum_share:
             sums = f"  sums {dm.answer_accuracy(dm.teacher_forced(model), held_out_sums):.0%}"
-        split = "pictures" if question is ask_multi_image else "shapes in the picture"
+        split = "pictures" if question in (ask_multi_image, ask_multi_image_lone) else "shapes in the picture"
         print(f"step {step}  held-out {args.question} right by {split}: "
               + "  ".join(f"{k}: {right[k]}/{asked[k]}" for k in (1, 2, 3, 4, "all")) + sums, flush=True)
         if len(asked_by_answer) <= 6:

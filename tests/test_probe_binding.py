@@ -118,6 +118,28 @@ def test_the_several_picture_question_reads_every_pictures_tokens_in_order():
     assert line.endswith("/3") and "step 2" in line
 
 
+def test_the_lone_several_picture_question_leaves_only_the_asked_picture_with_shapes():
+    """multi_image_lone: the world's several-picture question and answer, the asked picture as drawn, every other
+    picture blank (its background alone, in its own size), and the scenes the features read say the same."""
+    rng = random.Random(4)
+    for _ in range(20):
+        example = probe.multi_image_lone_example(rng)
+        question, answer = example["messages"][0]["content"][-1]["text"], example["messages"][-1]["content"]
+        assert re.fullmatch(r"Which picture has the (\w+) (\w+)\?", question) and re.fullmatch(r"Picture \d\.", answer)
+        color, kind = question[len("Which picture has the "):-1].split()
+        images = [part["image"] for part in example["messages"][0]["content"] if part.get("type") == "image"]
+        target = int(answer[8]) - 1
+        assert 2 <= len(images) == len(example["scenes"]) <= 4
+        for i, (image, scene) in enumerate(zip(images, example["scenes"])):
+            pixels = np.asarray(image)
+            assert pixels.shape[:2] == (scene.height, scene.width)
+            if i == target:
+                assert (color, kind) in {(s.color, s.kind) for s in scene.shapes}
+                assert (pixels == np.array(world.COLORS[color])).all(-1).any()
+            else:
+                assert scene.shapes == [] and (pixels == np.array(scene.background)).all()
+
+
 def test_picture_labels_reach_training_rows_and_prompts_alike(tmp_path):
     """--vision-ids: "Picture n: " before each picture both in what the decoder trains on and in what it is
     asked; without it, in neither (the world's own rows)."""
@@ -167,7 +189,7 @@ def test_bad_arguments_are_named_before_anything_runs():
                         (["--sums-first", "-5"], "--sums-first -5"), (["--sum-share", "1"], "--sum-share 1.0"),
                         (["--position"], "--position"), (["--question", "sides"], "sides"),
                         (["--layers", "0"], "--layers 0"), (["--also", "sides:0.5"], "--also sides:0.5"),
-                        (["--also", "side:1"], "--also side:1"),
+                        (["--also", "side:1"], "--also side:1"), (["--places", "1"], "--places 1"),
                         (["--also", "left_right_reasoned:0.5"], "--also left_right_reasoned:0.5")):
         run = subprocess.run([sys.executable, str(ROOT / "scripts" / "probe_binding.py"), *args],
                              capture_output=True, text=True, timeout=120)
@@ -244,3 +266,21 @@ def test_the_probes_own_questions_ask_what_they_say():
         ("Is the blue square left or right of the red circle?",
          "<think>\nThe blue square is at 83. The red circle is at 12.\n</think>\n\nRight."))
     assert probe.ask_left_right_reasoned(rng, middle) is None
+    # --places 10: tenths of the width (15/120 -> 1, 100/120 -> 8); the stated form tells both, in either order,
+    # before the world's question; a pair in the same tenth is not asked (its places would not decide it)
+    probe.PLACES[0] = 10
+    try:
+        thinking = probe.ask_left_right_reasoned(rng, scene)[1]
+        assert "The red circle is at 1. The blue square is at 8." in thinking \
+            or "The blue square is at 8. The red circle is at 1." in thinking
+        stated = {probe.ask_left_right_stated(random.Random(seed), scene) for seed in range(40)}
+        told = ("The red circle is at 1. The blue square is at 8.", "The blue square is at 8. The red circle is at 1.")
+        assert stated == {(f"{t} Is the {a} left or right of the {b}?", answer) for t in told
+                          for a, b, answer in (("red circle", "blue square", "Left."),
+                                               ("blue square", "red circle", "Right."))}
+        near = world.Scene(120, 60, (255, 255, 255), [world.Shape("circle", "red", 61, 30, 1),
+                                                      world.Shape("square", "blue", 71, 30, 1)])
+        assert world.left_right_pair(rng, near) is not None
+        assert probe.ask_left_right_stated(rng, near) is None and probe.ask_left_right_reasoned(rng, near) is None
+    finally:
+        probe.PLACES[0] = 100

@@ -94,6 +94,48 @@ def test_video_labels_follow_the_moving_shape_frame_pair_by_frame_pair():
         assert grid[0] >= 2 and positions[0] != positions[-1]  # the mover's centre moved
 
 
+def slot_pixels(pixels, grid, slot, frame):
+    """[H, W, 3] RGB in 0-255 of one frame of one temporal slot, put back together from the tower's input rows."""
+    per_slot, cols = grid[1] * grid[2] // 4, grid[2] // 2
+    tokens = token_pixels(pixels, frame)[slot * per_slot:(slot + 1) * per_slot].reshape(-1, 2, 2, 16, 16, 3)
+    rows = tokens.reshape(-1, cols, 2, 2, 16, 16, 3).transpose(0, 2, 4, 1, 3, 5, 6)
+    return rows.reshape(grid[1] * 16, grid[2] * 16, 3)
+
+
+def test_motion_labels_say_which_way_the_pixels_of_the_labelled_colour_move():
+    """In a clip, each centre token of a slot whose two frames differ says which way its shape moves between
+    them: where the labels say a shape moves, the pixels of its colour move that way between the slot's two
+    frames (shapes of that colour that stay still do not shift their mean); every other labelled centre says
+    still; pictures carry no motion labels."""
+    rng = random.Random(8)
+    moves = 0
+    for _ in range(20):
+        pixels, grid, labels = vp.video_item(rng, PROCESSOR)
+        per_slot = grid[1] * grid[2] // 4
+        motion = labels["motion"].reshape(grid[0], per_slot)
+        assert set(np.unique(labels["motion"][labels["has_centre"]])) <= {vp.IGNORE, 0, *vp.MOTION_IDS.values()}
+        assert (labels["motion"][~labels["has_centre"]] == vp.IGNORE).all()
+        for slot in range(grid[0]):
+            for token in np.nonzero(motion[slot] > 0)[0]:
+                rgb = np.array(COLOR_OF_ID[int(labels["colour"][slot * per_slot + token])])
+                means = []
+                for frame in (0, 1):
+                    ys, xs = np.nonzero((np.abs(slot_pixels(pixels, grid, slot, frame) - rgb).max(-1) <= 2))
+                    means.append(np.array([xs.mean(), ys.mean(), len(xs)]))
+                if min(means[0][2], means[1][2]) < 10:  # a shape that resizing left a few pixels of its colour
+                    continue
+                dx, dy, _ = means[1] - means[0]
+                direction = {1: "left", 2: "right", 3: "up", 4: "down"}[int(motion[slot, token])]
+                assert vp.MOTION_IDS[direction] == int(motion[slot, token])
+                along, across = {"left": (-dx, dy), "right": (dx, dy), "up": (-dy, dx), "down": (dy, dx)}[direction]
+                assert along > 0.5 and abs(across) < 0.5 * along
+                moves += 1
+            assert (motion[slot] > 0).sum() <= 1  # one shape moves
+    assert moves >= 30
+    for _ in range(10):
+        assert (vp.picture_item(rng, PROCESSOR)[2]["motion"] == vp.IGNORE).all()
+
+
 def test_sincos_position_table_is_linearly_readable():
     """The tower's initial position table: a least-squares line from its entries recovers row and column."""
     table = np.array(dm.sincos_positions(196, 128), np.float64)
@@ -116,6 +158,12 @@ def test_pretraining_changes_the_tower_and_nothing_else():
     assert all(np.isfinite(v) for v in scores.values()) and 0 <= scores["colour"] <= 1
     with pytest.raises(ValueError, match="max_shapes=0"):
         vp.pretrain_vision(tower, PROCESSOR, steps=1, max_shapes=0, log=lambda line: None)
+    lines = []
+    scores = vp.pretrain_vision(tower, PROCESSOR, steps=2, pictures=2, videos=2, motion_weight=1.0, log=lines.append)
+    assert set(dict(tree_flatten(tower.parameters()))) == set(before) and 0 <= scores["motion"] <= 1
+    assert "moving shapes' direction" in lines[-1]
+    with pytest.raises(ValueError, match="motion_weight=-1: a loss weight"):
+        vp.pretrain_vision(tower, PROCESSOR, steps=1, motion_weight=-1, log=lambda line: None)
 
 
 def test_class_means_and_the_scaffold_built_from_them():

@@ -24,6 +24,7 @@ COLOR_IDS = {name: i + 1 for i, name in enumerate(world.COLORS)}  # 0: no shape 
 KIND_IDS = {name: i + 1 for i, name in enumerate(world.SHAPES)}
 SPLITS = [len(COLOR_IDS) + 1, len(COLOR_IDS) + len(KIND_IDS) + 2]  # head columns: colour | kind | centre (x, y)
 HEAD_SIZE = SPLITS[-1] + 2
+MOTION_IDS = {name: i + 1 for i, name in enumerate(world.DIRECTIONS)}  # 0: a shape that stays still
 IGNORE = -1
 # Colour is read off the centre token at once (95 % after 300 steps); kind needs the shape's outline, gathered
 # from neighbouring patches, and is what the picture questions lack. Weighting its loss 3x gave 57 % kind at
@@ -34,26 +35,32 @@ KIND_WEIGHT = 3.0
 DENSE_AREA_PER_SHAPE = 3000
 
 
-def token_labels(scenes, grid) -> dict:
+def token_labels(scenes, grid, motion: tuple | None = None) -> dict:
     """Labels of one picture's (or video's) merged tokens in the tower's output order (temporal slot, then the
-    2x2 blocks row by row); `scenes` holds the scene of each temporal slot (its first frame)."""
+    2x2 blocks row by row); `scenes` holds the scene of each temporal slot (its first frame). `motion`, for a
+    clip: (the moving shape's index, its direction, the slots whose two frames differ); the "motion" labels then
+    give each centre token of those slots its shape's direction (MOTION_IDS; 0 for a shape that stays still),
+    and IGNORE everywhere else and in pictures."""
     t, gh, gw = grid
     rows, cols = gh // 2, gw // 2
     colour = np.zeros((t, rows, cols), np.int32)
     kind = np.zeros((t, rows, cols), np.int32)
     centre = np.zeros((t, rows, cols, 2), np.float32)
+    moving = np.full((t, rows, cols), IGNORE, np.int32)
     for slot, scene in enumerate(scenes):
         seen = np.zeros((rows, cols), np.int32)
-        for shape in scene.shapes:
+        for index, shape in enumerate(scene.shapes):
             r = min(int(shape.cy / scene.height * rows), rows - 1)
             c = min(int(shape.cx / scene.width * cols), cols - 1)
             seen[r, c] += 1
             colour[slot, r, c], kind[slot, r, c] = COLOR_IDS[shape.color], KIND_IDS[shape.kind]
             centre[slot, r, c] = (2 * shape.cx / scene.width - 1, 2 * shape.cy / scene.height - 1)
-        colour[slot][seen > 1] = kind[slot][seen > 1] = IGNORE  # two centres in one token: say nothing
+            if motion is not None and slot in motion[2]:
+                moving[slot, r, c] = MOTION_IDS[motion[1]] if index == motion[0] else 0
+        colour[slot][seen > 1] = kind[slot][seen > 1] = moving[slot][seen > 1] = IGNORE  # two centres: say nothing
     n = t * rows * cols
     return {"colour": colour.reshape(n), "kind": kind.reshape(n), "centre": centre.reshape(n, 2),
-            "has_centre": (colour > 0).reshape(n)}
+            "has_centre": (colour > 0).reshape(n), "motion": moving.reshape(n)}
 
 
 def picture_item(rng: random.Random, processor, max_shapes: int = world.MAX_SHAPES):
@@ -86,10 +93,11 @@ def dense_scene(rng: random.Random, max_shapes: int, growth: float) -> world.Sce
 
 
 def video_item(rng: random.Random, processor):
-    scenes, _, _ = world.video_scenes(rng)
+    scenes, mover, direction = world.video_scenes(rng)
     [(pixels, grid, _)] = processor.prepare(videos=[[world.draw(s) for s in scenes]])["video"]
     grid = tuple(int(v) for v in grid)
-    return pixels, grid, token_labels(scenes[::2][:grid[0]], grid)
+    paired = {slot for slot in range(grid[0]) if 2 * slot + 1 < len(scenes)}  # not a last frame padded by itself
+    return pixels, grid, token_labels(scenes[::2][:grid[0]], grid, motion=(mover, direction, paired))
 
 
 def batch(rng: random.Random, processor, pictures: int, videos: int, max_shapes: int = world.MAX_SHAPES) -> dict:
@@ -103,16 +111,19 @@ def batch(rng: random.Random, processor, pictures: int, videos: int, max_shapes:
 
 
 class Probe(nn.Module):
-    """The tower with the linear label head on its merged tokens."""
+    """The tower with the linear label head on its merged tokens (`motion`: with a head for each centre token's
+    motion within its frame pair too)."""
 
-    def __init__(self, visual):
+    def __init__(self, visual, motion: bool = False):
         super().__init__()
         self.visual = visual
-        self.head = nn.Linear(visual.config.out_hidden_size, HEAD_SIZE)
+        self.head = nn.Linear(visual.config.out_hidden_size, HEAD_SIZE + (len(MOTION_IDS) + 1 if motion else 0))
 
     def __call__(self, pixels, grid):
-        colour, kind, centre = mx.split(self.head(self.visual(pixels, grid)), SPLITS, axis=-1)
-        return {"colour": colour, "kind": kind, "centre": centre}
+        colour, kind, centre, *motion = mx.split(self.head(self.visual(pixels, grid)),
+                                                 SPLITS + [HEAD_SIZE] * (self.head.weight.shape[0] > HEAD_SIZE),
+                                                 axis=-1)
+        return {"colour": colour, "kind": kind, "centre": centre, **({"motion": motion[0]} if motion else {})}
 
 
 def _ce(logits, labels):
@@ -126,11 +137,14 @@ def _balanced_ce(logits, labels, at):
     return _ce(logits, mx.where(at, labels, IGNORE)) + _ce(logits, mx.where(at | (labels == IGNORE), IGNORE, labels))
 
 
-def loss(probe, b, kind_weight: float = KIND_WEIGHT) -> mx.array:
+def loss(probe, b, kind_weight: float = KIND_WEIGHT, motion_weight: float = 0.0) -> mx.array:
     out, at = probe(b["pixels"], b["grid"]), b["has_centre"]
     centre = (((out["centre"] - b["centre"]) ** 2).sum(-1) * at).sum() / mx.maximum(at.sum(), 1)
-    return (_balanced_ce(out["colour"], b["colour"], at) + kind_weight * _balanced_ce(out["kind"], b["kind"], at)
-            + centre)
+    total = (_balanced_ce(out["colour"], b["colour"], at) + kind_weight * _balanced_ce(out["kind"], b["kind"], at)
+             + centre)
+    if motion_weight:
+        total = total + motion_weight * _ce(out["motion"], b["motion"])
+    return total
 
 
 def accuracy(probe, b) -> dict:
@@ -138,29 +152,37 @@ def accuracy(probe, b) -> dict:
     centre error (in halves of the picture's width and height)."""
     out, at = probe(b["pixels"], b["grid"]), b["has_centre"]
     centres = max(float(at.sum()), 1.0)
-    return {"colour": float(((out["colour"].argmax(-1) == b["colour"]) & at).sum()) / centres,
-            "kind": float(((out["kind"].argmax(-1) == b["kind"]) & at).sum()) / centres,
-            "centre_error": float((mx.abs(out["centre"] - b["centre"]).mean(-1) * at).sum()) / centres}
+    scores = {"colour": float(((out["colour"].argmax(-1) == b["colour"]) & at).sum()) / centres,
+              "kind": float(((out["kind"].argmax(-1) == b["kind"]) & at).sum()) / centres,
+              "centre_error": float((mx.abs(out["centre"] - b["centre"]).mean(-1) * at).sum()) / centres}
+    if "motion" in out:  # over the moving shapes' centre tokens alone: "still" is most of the rest
+        movers = b["motion"] > 0
+        scores["motion"] = float(((out["motion"].argmax(-1) == b["motion"]) & movers).sum()) / max(
+            float(movers.sum()), 1.0)
+    return scores
 
 
 def pretrain_vision(visual, processor, steps: int, seed: int = 0,
                     pictures: int = 24, videos: int = 4, learning_rate: float = 1e-3, log=print,
                     log_every: int = 100, kind_weight: float = KIND_WEIGHT,
-                    max_shapes: int = world.MAX_SHAPES) -> dict:
+                    max_shapes: int = world.MAX_SHAPES, motion_weight: float = 0.0) -> dict:
     """Train `visual` in place on the world's labels for `steps` AdamW steps, pictures (of up to `max_shapes`
     shapes) and clips prepared by `processor` (the model's); returns the last held-out accuracy (`accuracy` on
-    96 fresh pictures of the world and 16 clips)."""
+    96 fresh pictures of the world and 16 clips). `motion_weight` above 0 also trains each clip's centre tokens
+    to tell which way their shape moves within the token's frame pair, with that weight (0: no motion head)."""
     if max_shapes < 1:
         raise ValueError(f"max_shapes={max_shapes}: a picture holds at least one shape")
+    if motion_weight < 0:
+        raise ValueError(f"motion_weight={motion_weight}: a loss weight, 0 (off) or more")
     rng = random.Random(seed + 5_000_011)
-    probe = Probe(visual)
+    probe = Probe(visual, motion=motion_weight > 0)
     probe.head.weight = 0.02 * mx.random.normal(probe.head.weight.shape, key=mx.random.key(seed))
     probe.head.bias = mx.zeros_like(probe.head.bias)
     warmup = min(50, steps)
     schedule = warmup_cosine(learning_rate, warmup, steps, start=1e-6, final=learning_rate * 0.1)
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
     held_out = batch(random.Random(seed + 5_000_077), processor, 96, 16)
-    step_fn = nn.value_and_grad(probe, partial(loss, kind_weight=kind_weight))
+    step_fn = nn.value_and_grad(probe, partial(loss, kind_weight=kind_weight, motion_weight=motion_weight))
     start, scores = time.perf_counter(), {}
     for step in range(1, steps + 1):
         value, grads = step_fn(probe, batch(rng, processor, pictures, videos, max_shapes))
@@ -171,7 +193,8 @@ def pretrain_vision(visual, processor, steps: int, seed: int = 0,
             scores = accuracy(probe, held_out)
             log(f"vision step {step:4d}  loss {float(value):.3f}  held-out shape centres: colour "
                 f"{scores['colour']:.1%}  kind {scores['kind']:.1%}  centre error {scores['centre_error']:.3f}  "
-                f"{time.perf_counter() - start:.0f} s")
+                + (f"moving shapes' direction {scores['motion']:.1%}  " if "motion" in scores else "")
+                + f"{time.perf_counter() - start:.0f} s")
     return scores
 
 
