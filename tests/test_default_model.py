@@ -511,6 +511,11 @@ def test_train_default_refuses_a_missing_vision_tower_before_writing(tmp_path, c
     with pytest.raises(SystemExit):
         main(["--output", str(tmp_path / "model"), "--count-rows", "-0.1"])
     assert "--count-rows -0.1: a weight, 0 or more" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="vision_motion -1.0: a weight, 0 or more"):
+        train_default(tmp_path / "model", steps=1, vision_motion=-1.0)
+    with pytest.raises(SystemExit):
+        main(["--output", str(tmp_path / "model"), "--vision-motion", "-1"])
+    assert "--vision-motion -1.0: a weight, 0 or more" in capsys.readouterr().err
     with pytest.raises(ValueError, match="sum_stage -1: a number of rows"):
         train_default(tmp_path / "model", steps=1, sum_stage=-1)
     with pytest.raises(ValueError, match="steps 1000: an opening of 59200 rows adds 925 steps"):

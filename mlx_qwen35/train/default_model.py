@@ -105,16 +105,20 @@ TOWER_FIRST_STAGE = True
 # (run 24); alone before the sums they formed it (148/150 in 200 steps; colour 80 % at the end, run 20 64 %) and
 # the sums then never jumped (run 25); shuffled 1:2 among sums a fresh decoder forms both (probe: 146/150 and sums
 # 64 % after 16,700 rows; docs). On since run 30 (colour 64 % to 92 % with TOWER_FIRST_STAGE, run 27).
-# Since run 36: 9,600 colour and 9,600 shape questions (BINDING_QUESTIONS), so the opening grew (SUM_STAGE).
-BINDING_STAGE = 19_200
+# Since run 36: 9,600 colour and 9,600 shape questions (BINDING_QUESTIONS), so the opening grew (SUM_STAGE); since
+# run 40, 24,000 rows, so counting rows join them with shape's 12,000 kept.
+BINDING_STAGE = 24_000
 # What the binding stage and the grown first stage ask, one drawn at random a row (a name given twice is drawn
 # twice as often). Run 31 (colour alone) names a shape 61/66 with one shape in the picture and 82/134 with two to
 # four, 50 of its 57 wrong answers another shape's kind, and answers "How many?" with "1." whatever the picture
 # holds, where a fresh decoder on the scaffold counts 75/100 after 9,600 rows. Colour, shape and count in turn (run
 # 32) took count from 42 to 66 % (mostly "0." for an absent kind), left shape where it was and colour fell from
 # 97 to 83 % (docs/default-model.md, twenty-seventh session). Colour and shape with 9,600 rows each in a doubled
-# opening (run 34) formed shape's lookup: 91 % against 68 (docs, twenty-eighth session). Since run 36.
-BINDING_QUESTIONS = ("color", "shape")
+# opening (run 34) formed shape's lookup: 91 % against 68 (docs, twenty-eighth session). A third each colour, shape
+# and counting rows (run 39, 6,400 each) took count from 44 to 72 of 100 and shape's lookup from 92 to 70; 6,000
+# colour, 12,000 shape and 6,000 counting rows (run 40): count 83.7 % of 300, shape 91.3 %, colour 97.3 % (docs,
+# thirty-second and thirty-third sessions). Since run 40.
+BINDING_QUESTIONS = ("color", "shape", "shape", "counting")
 # Answered from kinds and colours, all the scaffold holds; "counting" is `count_example`'s counting rows, which
 # on the scaffold count two and carry to the tower where through the tower alone they do not (probes, docs/
 # default-model.md, thirty-first session).
@@ -141,6 +145,11 @@ VISION_LR_SCALE = 0.1
 # runs 15-30 kept 4. Run 31 took them again, with cities in pieces and the tool tail: kind 85.9 % against 83.4 %,
 # tool calls 300/300, video 70 % against 59 (docs/default-model.md). On since run 31.
 VISION_MAX_SHAPES = 8
+# A head that reads, at each clip's shape-centre tokens, which way the shape moves within the token's frame pair
+# (vision_pretrain's `motion_weight`; 0: none). The decoder answers video direction 68-73 % in runs 31-40: over a
+# whole clip the mover may cross less than one 32 px token, so its place alone tells the direction poorly, while
+# the tower's first layer sees both frames of a pair in one patch. Off until a full run shows it pays.
+VISION_MOTION_WEIGHT = 0.0
 # The binding scaffold (docs/default-model.md, "Forming the binding"): a decoder does not form choosing one of
 # several shapes by kind on the tower's output (84-94/150 colour questions in probes, whatever was tried), forms
 # it on clean keys (the tower's class means at the shapes' centres, zeros elsewhere: 146/150 after 4,800 rows)
@@ -494,7 +503,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                   grown_first_stage: bool = GROWN_FIRST_STAGE, binding_stage: int = BINDING_STAGE,
                   tower_first_stage: bool = TOWER_FIRST_STAGE, binding_questions: tuple = BINDING_QUESTIONS,
                   sum_stage: int = SUM_STAGE, stretch_opening: bool = False, schedule_steps: int | None = None,
-                  settle_steps: int = SETTLE_STEPS, count_rows: float = COUNT_ROWS, learning_rate: float = 2e-3,
+                  settle_steps: int = SETTLE_STEPS, count_rows: float = COUNT_ROWS,
+                  vision_motion: float = VISION_MOTION_WEIGHT, learning_rate: float = 2e-3,
                   warmup: int = 100, log_every: int = 25, probe_every: int = 100, progress: bool = True) -> Path:
     """Train the default model into `output` (written atomically: weights, configs, tokenizer, training_log.txt).
     At logging steps that are multiples of `probe_every` (0: never) the log also gets held-out per-skill
@@ -511,7 +521,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     through its remainder more slowly to fill `steps` (`stretched_after_opening`; None: SCHEDULE_STEPS
     for STEPS, else `steps`); `settle_steps`: steps added after `steps` at the schedule's final rate, drawing
     SETTLE_MIX (SETTLE_STEPS); `count_rows`: the mixed stage's weight of counting rows (`count_example`,
-    COUNT_ROWS) beside TRAIN_MIX's."""
+    COUNT_ROWS) beside TRAIN_MIX's; `vision_motion`: the tower pretraining's motion head weight
+    (VISION_MOTION_WEIGHT)."""
     import mlx.optimizers as optim
 
     from ..platform import cpu_setup
@@ -545,6 +556,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
         raise ValueError(f"settle_steps {settle_steps}: a number of steps, 0 or more")
     if count_rows < 0:
         raise ValueError(f"count_rows {count_rows}: a weight, 0 or more")
+    if vision_motion < 0:
+        raise ValueError(f"vision_motion {vision_motion}: a weight, 0 or more")
     if not 0 <= tool_tail <= steps:
         raise ValueError(f"tool_tail {tool_tail}: a number of steps from 0 to steps ({steps})")
     if tower_first_stage and not grown_first_stage:
@@ -569,6 +582,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                  + (f", the last {tool_tail} steps tool-heavy (TOOL_TAIL_MIX)" if tool_tail else "")
                  + (f", then {settle_steps} steps at the final learning rate (SETTLE_MIX)" if settle_steps else "")
                  + (f", counting rows at weight {count_rows} in the mixed stage" if count_rows else "")
+                 + (f", the tower pretrained to read motion too (weight {vision_motion})" if vision_motion else "")
                  + (f", picture scenes grown over {picture_curriculum} mixed rows"
                     if picture_curriculum != CURRICULUM_EXAMPLES else "")
                  + (f", {sum_stage} sums in the sum stage" if sum_stage != SUM_STAGE else "")
@@ -595,7 +609,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
             raise ValueError(f"--vision-weights {vision_weights} is not a vision tower of this model: {error}") from None
         log(f"# vision tower loaded from {vision_weights} (pretrained beforehand, not in this run's time)")
     elif vision_steps:
-        pretrain_vision(model.model.visual, processor, vision_steps, seed=seed, log=log, max_shapes=VISION_MAX_SHAPES)
+        pretrain_vision(model.model.visual, processor, vision_steps, seed=seed, log=log, max_shapes=VISION_MAX_SHAPES,
+                        motion_weight=vision_motion)
 
     train_config = TrainConfig(steps=steps, learning_rate=learning_rate, moe_aux_weight=0.01, mtp_weight=0.3,
                                seed=seed, progress=False, grad_clip=1.0, weight_decay=0.01,
@@ -740,6 +755,9 @@ def main(argv=None) -> int:
                         f"default: {TOOL_TAIL_STEPS} of {STEPS} steps, in proportion)")
     parser.add_argument("--count-rows", type=float, default=COUNT_ROWS, help="the mixed stage's weight of counting "
                         "rows (each count 0-4 equally often) beside TRAIN_MIX's (COUNT_ROWS; 0: none)")
+    parser.add_argument("--vision-motion", type=float, default=VISION_MOTION_WEIGHT, help="the tower pretraining "
+                        "also reads which way each clip's shapes move, at this loss weight (VISION_MOTION_WEIGHT; "
+                        "0: not)")
     parser.add_argument("--settle", type=int, default=SETTLE_STEPS, help="steps added after --steps at the "
                         "schedule's final learning rate, drawing a video-heavy mix (SETTLE_MIX; 0: none)")
     args = parser.parse_args(argv)
@@ -762,6 +780,8 @@ def main(argv=None) -> int:
         parser.error(f"--settle {args.settle}: a number of steps, 0 or more")
     if args.count_rows < 0:
         parser.error(f"--count-rows {args.count_rows}: a weight, 0 or more")
+    if args.vision_motion < 0:
+        parser.error(f"--vision-motion {args.vision_motion}: a weight, 0 or more")
     if args.schedule_steps is not None and args.stretch_opening:
         parser.error("--schedule-steps: not with --stretch-opening (one stretch of the schedule at a time)")
     if args.schedule_steps is not None and not 0 < args.schedule_steps <= args.steps:
@@ -778,7 +798,8 @@ def main(argv=None) -> int:
                   grown_first_stage=args.grown_first_stage, binding_stage=args.binding_stage,
                   tower_first_stage=args.tower_first_stage, binding_questions=tuple(args.binding_questions),
                   sum_stage=args.sum_stage, stretch_opening=args.stretch_opening,
-                  schedule_steps=args.schedule_steps, settle_steps=args.settle, count_rows=args.count_rows)
+                  schedule_steps=args.schedule_steps, settle_steps=args.settle, count_rows=args.count_rows,
+                  vision_motion=args.vision_motion)
     print(f"wrote {args.output}")
     return 0
 
