@@ -14,6 +14,8 @@ one run is one noisy measurement.
                                thinking-on)
                                or left_right_stated (the world's left/right with both places stated before it
                                in words, "The {color} {shape} is at {place}.": the comparison alone)
+                               or compare_digits ("Is {a} left or right of {b}?" about two digits: the
+                               comparison without the names)
                                or multi_image (the world's "Which picture has the {color} {shape}?", split
                                by the number of pictures)
                                or multi_image_lone (the same with every other picture blank: naming the
@@ -261,6 +263,13 @@ def ask_left_right_stated(rng, scene):
             "Left." if world.horizontal_order(a, b) == "left" else "Right.")
 
 
+def ask_compare_digits(rng, scene):
+    """left_right_stated's comparison alone: "Is {a} left or right of {b}?" about two different digits, "Left."
+    when a is the smaller (the picture is there but says nothing)."""
+    a, b = rng.sample(range(10), 2)
+    return f"Is {a} left or right of {b}?", "Left." if a < b else "Right."
+
+
 def ask_multi_image(rng, scene):
     """A marker, not a scene question: `draw_example` draws the world's several-picture question instead."""
     raise NotImplementedError
@@ -295,6 +304,7 @@ def ask_count_balanced(rng, scene):
 
 QUESTIONS = dict(world.SCENE_QUESTIONS, side=ask_side, left_right_of_two=ask_left_right_of_two,
                  left_right_reasoned=ask_left_right_reasoned, left_right_stated=ask_left_right_stated,
+                 compare_digits=ask_compare_digits,
                  multi_image=ask_multi_image, multi_image_lone=ask_multi_image_lone,
                  count_balanced=ask_count_balanced)
 REASONED = ("left_right_reasoned",)  # their answers open with a thinking block: trained and asked thinking-on

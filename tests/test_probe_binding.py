@@ -266,6 +266,11 @@ def test_the_probes_own_questions_ask_what_they_say():
         ("Is the blue square left or right of the red circle?",
          "<think>\nThe blue square is at 83. The red circle is at 12.\n</think>\n\nRight."))
     assert probe.ask_left_right_reasoned(rng, middle) is None
+    compared = [probe.ask_compare_digits(random.Random(seed), scene) for seed in range(60)]
+    for question, answer in compared:
+        a, b = map(int, re.fullmatch(r"Is (\d) left or right of (\d)\?", question).groups())
+        assert a != b and answer == ("Left." if a < b else "Right.")
+    assert {answer for _, answer in compared} == {"Left.", "Right."}
     # --places 10: tenths of the width (15/120 -> 1, 100/120 -> 8); the stated form tells both, in either order,
     # before the world's question; a pair in the same tenth is not asked (its places would not decide it)
     probe.PLACES[0] = 10
