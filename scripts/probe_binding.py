@@ -16,6 +16,9 @@ one run is one noisy measurement.
                                in words, "The {color} {shape} is at {place}.": the comparison alone)
                                or compare_digits ("Is {a} left or right of {b}?" about two digits: the
                                comparison without the names)
+                               or left_right_one_fact (one shape's place stated, compared with a digit:
+                               "The {color} {shape} is at {p}. Is the {color} {shape} left or right of {q}?")
+                               or left_right_one_of_two (the same with the other shape's place stated too)
                                or multi_image (the world's "Which picture has the {color} {shape}?", split
                                by the number of pictures)
                                or multi_image_lone (the same with every other picture blank: naming the
@@ -263,6 +266,32 @@ def ask_left_right_stated(rng, scene):
             "Left." if world.horizontal_order(a, b) == "left" else "Right.")
 
 
+def ask_left_right_one_fact(rng, scene):
+    """Between compare_digits and left_right_stated: one shape's place stated, compared with a bare digit ("The
+    {color} {shape} is at {p}. Is the {color} {shape} left or right of {q}?"): one binding to read back."""
+    pair = world.left_right_pair(rng, scene)
+    if pair is None:
+        return None
+    shape = pair[0]
+    [place] = places_across(scene, shape)
+    other = rng.choice([q for q in range(PLACES[0]) if q != place])
+    return (f"The {shape.name} is at {place}. Is the {shape.name} left or right of {other}?",
+            "Left." if place < other else "Right.")
+
+
+def ask_left_right_one_of_two(rng, scene):
+    """left_right_one_fact with the other shape's place stated too, in either order: the asked shape's place must
+    be found among two before the comparison with the digit."""
+    pair = world.left_right_pair(rng, scene)
+    if pair is None or len(set(places := places_across(scene, *pair))) == 1:
+        return None
+    told = [f"The {shape.name} is at {place}." for shape, place in zip(pair, places)]
+    rng.shuffle(told)
+    other = rng.choice([q for q in range(PLACES[0]) if q != places[0]])
+    return (f"{' '.join(told)} Is the {pair[0].name} left or right of {other}?",
+            "Left." if places[0] < other else "Right.")
+
+
 def ask_compare_digits(rng, scene):
     """left_right_stated's comparison alone: "Is {a} left or right of {b}?" about two different digits, "Left."
     when a is the smaller (the picture is there but says nothing)."""
@@ -304,7 +333,8 @@ def ask_count_balanced(rng, scene):
 
 QUESTIONS = dict(world.SCENE_QUESTIONS, side=ask_side, left_right_of_two=ask_left_right_of_two,
                  left_right_reasoned=ask_left_right_reasoned, left_right_stated=ask_left_right_stated,
-                 compare_digits=ask_compare_digits,
+                 compare_digits=ask_compare_digits, left_right_one_fact=ask_left_right_one_fact,
+                 left_right_one_of_two=ask_left_right_one_of_two,
                  multi_image=ask_multi_image, multi_image_lone=ask_multi_image_lone,
                  count_balanced=ask_count_balanced)
 REASONED = ("left_right_reasoned",)  # their answers open with a thinking block: trained and asked thinking-on

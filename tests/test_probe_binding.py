@@ -271,6 +271,19 @@ def test_the_probes_own_questions_ask_what_they_say():
         a, b = map(int, re.fullmatch(r"Is (\d) left or right of (\d)\?", question).groups())
         assert a != b and answer == ("Left." if a < b else "Right.")
     assert {answer for _, answer in compared} == {"Left.", "Right."}
+    for seed in range(40):  # one fact: a named shape's place (hundredths: 12 or 83) against another number
+        question, answer = probe.ask_left_right_one_fact(random.Random(seed), scene)
+        name, place, again, other = re.fullmatch(r"The (\w+ \w+) is at (\d+)\. Is the (\w+ \w+) left or right of "
+                                                 r"(\d+)\?", question).groups()
+        assert name == again and int(place) == {"red circle": 12, "blue square": 83}[name] and place != other
+        assert answer == ("Left." if int(place) < int(other) else "Right.")
+    for seed in range(40):  # one of two: both places told, in either order, one of them asked against a number
+        question, answer = probe.ask_left_right_one_of_two(random.Random(seed), scene)
+        told, asked, other = re.fullmatch(r"(.*) Is the (\w+ \w+) left or right of (\d+)\?", question).groups()
+        assert told in ("The red circle is at 12. The blue square is at 83.",
+                        "The blue square is at 83. The red circle is at 12.")
+        place = {"red circle": 12, "blue square": 83}[asked]
+        assert int(other) != place and answer == ("Left." if place < int(other) else "Right.")
     # --places 10: tenths of the width (15/120 -> 1, 100/120 -> 8); the stated form tells both, in either order,
     # before the world's question; a pair in the same tenth is not asked (its places would not decide it)
     probe.PLACES[0] = 10
