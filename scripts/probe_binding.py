@@ -39,8 +39,8 @@ one run is one noisy measurement.
                means[:S]       the tower's own mean output at shape centres plus its kind's and colour's offsets
                                from it (over 400 world pictures; times S), on centre tokens, zeros elsewhere:
                                the oracle in the tower's directions
-    --places N                 left_right_reasoned's and left_right_stated's places across a picture (100:
-                               hundredths; 10: tenths)
+    --places N                 the places across a picture that the left_right_reasoned, _stated, _one_fact
+                               and _one_of_two questions give (100: hundredths; 10: tenths)
     --position                 with means: also the tower's position directions at each shape centre, times
                                the centre's place in the picture (-1 to 1 across and down; fit_positions)
     --position-scale S         those position directions times S
@@ -240,14 +240,22 @@ def places_across(scene, *shapes) -> list[int]:
     return [min(PLACES[0] - 1, int(PLACES[0] * s.cx / scene.width)) for s in shapes]
 
 
-def ask_left_right_reasoned(rng, scene):
-    """The world's left/right question, answered after a thinking block that gives each named shape's place across
-    the picture (0 to PLACES - 1): two one-place lookups, then comparing two numbers, where the bare answer needs
-    both at once. Pairs whose places are equal are not asked (the thinking would not decide the answer)."""
+def placed_pair(rng, scene):
+    """`world.left_right_pair` and the two shapes' places (`places_across`), or None where there is no pair or
+    both share a place (stated places would not decide the answer)."""
     pair = world.left_right_pair(rng, scene)
     if pair is None or len(set(places := places_across(scene, *pair))) == 1:
         return None
-    a, b = pair
+    return pair, places
+
+
+def ask_left_right_reasoned(rng, scene):
+    """The world's left/right question, answered after a thinking block that gives each named shape's place across
+    the picture (0 to PLACES - 1): two one-place lookups, then comparing two numbers, where the bare answer needs
+    both at once. Pairs whose places are equal are not asked (`placed_pair`)."""
+    if (placed := placed_pair(rng, scene)) is None:
+        return None
+    (a, b), places = placed
     answer = "Left." if world.horizontal_order(a, b) == "left" else "Right."
     return (f"Is the {a.name} left or right of the {b.name}?",
             f"<think>\nThe {a.name} is at {places[0]}. The {b.name} is at {places[1]}.\n</think>\n\n{answer}")
@@ -256,10 +264,9 @@ def ask_left_right_reasoned(rng, scene):
 def ask_left_right_stated(rng, scene):
     """The world's left/right question with both places stated before it in words (as left_right_reasoned's
     thinking gives them): the comparison and which named shape is which, with no place to read from the picture."""
-    pair = world.left_right_pair(rng, scene)
-    if pair is None or len(set(places := places_across(scene, *pair))) == 1:
+    if (placed := placed_pair(rng, scene)) is None:
         return None
-    a, b = pair
+    (a, b), places = placed
     told = [f"The {a.name} is at {places[0]}.", f"The {b.name} is at {places[1]}."]
     rng.shuffle(told)
     return (f"{' '.join(told)} Is the {a.name} left or right of the {b.name}?",
@@ -282,9 +289,9 @@ def ask_left_right_one_fact(rng, scene):
 def ask_left_right_one_of_two(rng, scene):
     """left_right_one_fact with the other shape's place stated too, in either order: the asked shape's place must
     be found among two before the comparison with the digit."""
-    pair = world.left_right_pair(rng, scene)
-    if pair is None or len(set(places := places_across(scene, *pair))) == 1:
+    if (placed := placed_pair(rng, scene)) is None:
         return None
+    pair, places = placed
     told = [f"The {shape.name} is at {place}." for shape, place in zip(pair, places)]
     rng.shuffle(told)
     other = rng.choice([q for q in range(PLACES[0]) if q != places[0]])
@@ -493,6 +500,8 @@ def main():
     held_out_sums = [dm.encode_example(world.sum_example(sum_rng, thinking=False), processor, sum_rng)
                      for _ in range(64)]
 
+    several = question in (ask_multi_image, ask_multi_image_lone)  # held-out answers split by pictures
+
     def held_out_accuracy(step):
         model.eval()
         rng, right, asked = random.Random(HELD_OUT_SEED), Counter(), Counter()
@@ -508,7 +517,6 @@ def main():
             got, raw = evaluate.ask(model, processor, case)
             if case.thinking and not asked["all"]:
                 print(f"  first held-out: {evaluate._answer(example)!r} -> {raw!r}", flush=True)
-            several = question in (ask_multi_image, ask_multi_image_lone)
             for key in (len(scenes) if several else len(scenes[0].shapes), "all"):
                 right[key] += got == case.expected
                 asked[key] += 1
@@ -517,7 +525,7 @@ def main():
         sums = ""
         if args.sums_first or args.sum_share:
             sums = f"  sums {dm.answer_accuracy(dm.teacher_forced(model), held_out_sums):.0%}"
-        split = "pictures" if question in (ask_multi_image, ask_multi_image_lone) else "shapes in the picture"
+        split = "pictures" if several else "shapes in the picture"
         print(f"step {step}  held-out {args.question} right by {split}: "
               + "  ".join(f"{k}: {right[k]}/{asked[k]}" for k in (1, 2, 3, 4, "all")) + sums, flush=True)
         if len(asked_by_answer) <= 6:

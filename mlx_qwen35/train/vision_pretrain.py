@@ -117,13 +117,12 @@ class Probe(nn.Module):
     def __init__(self, visual, motion: bool = False):
         super().__init__()
         self.visual = visual
+        self.splits = SPLITS + [HEAD_SIZE] if motion else SPLITS
         self.head = nn.Linear(visual.config.out_hidden_size, HEAD_SIZE + (len(MOTION_IDS) + 1 if motion else 0))
 
     def __call__(self, pixels, grid):
-        colour, kind, centre, *motion = mx.split(self.head(self.visual(pixels, grid)),
-                                                 SPLITS + [HEAD_SIZE] * (self.head.weight.shape[0] > HEAD_SIZE),
-                                                 axis=-1)
-        return {"colour": colour, "kind": kind, "centre": centre, **({"motion": motion[0]} if motion else {})}
+        parts = mx.split(self.head(self.visual(pixels, grid)), self.splits, axis=-1)
+        return dict(zip(("colour", "kind", "centre", "motion"), parts))
 
 
 def _ce(logits, labels):
