@@ -23,6 +23,18 @@ one run is one noisy measurement.
                                by the number of pictures)
                                or multi_image_lone (the same with every other picture blank: naming the
                                picture that holds a shape, with finding it left out)
+                               or multi_image_distinct (one shape in each picture, the others sharing
+                               neither colour nor kind with the asked one: a one-word lookup across pictures)
+                               or multi_image_shared (one shape in each picture, each of the others sharing
+                               the colour or the kind: only both words find it)
+                               or multi_image_kind (multi_image_distinct asked by kind alone: "Which
+                               picture has the circle?")
+                               or multi_image_color (the colour question across 2-4 pictures of one shape
+                               each, the asked kind in one of them)
+                               or left_right_one_of_two_distinct (left_right_one_of_two about pairs that
+                               share neither colour nor kind)
+                               or left_right_one_of_two_kinds (left_right_one_of_two with shapes named by
+                               kind alone, pairs of two kinds)
                                or count_balanced (the recipe's counting rows, `count_example`: the world's
                                count question, each answer 0-4 equally often; as --also beside count)
     --features oracle          the word embeddings (the fresh decoder's first, kept fixed) of each shape-centre
@@ -49,6 +61,7 @@ one run is one noisy measurement.
     --tower-lr-scale F         the tower's learning rate as a share of the decoder's (0: frozen)
     --aux-kind W               also train each shape-centre token's logits toward its kind's word, weight W
     --switch-at N --switch-to F  from step N on, the features F instead (a scaffold: bind on one, go on with another)
+    --first QUESTION --switch-at N  train QUESTION before step N, --question from then on (a curriculum)
     --also QUESTION:SHARE      training rows also ask QUESTION (any --question choice), that share of them; the
                                held-out questions stay --question's (side:0.5 beside left_right: one lookup
                                of a place learned beside the question that needs two)
@@ -57,6 +70,8 @@ one run is one noisy measurement.
     --sums-first ROWS          the world's sums alone before any picture, as the recipe's sum stage
     --vision-ids               the chat template's picture labels ("Picture 1: " before each picture, its
                                `add_vision_id`) in training rows and held-out prompts alike
+    --picture-index S          each picture's digit ("1" for the first; its word embedding scaled to norm S)
+                               added at its shape-centre tokens: the picture a token is in, given
     --sum-share F              then each row a sum with probability F (a stage of sums and colour questions mixed);
                                with sums in the stream the held-out line also gives 64 held-out sums (teacher-forced)
 
@@ -66,6 +81,7 @@ one run is one noisy measurement.
 import argparse
 import itertools
 import random
+import re
 import time
 from collections import Counter
 from functools import partial
@@ -124,6 +140,7 @@ class Features:
         self._current, self.cursor = None, 0
         self.means = None  # (mean, kind offsets by word id, colour offsets by word id): fit_means
         self.positions = None  # [2, hidden]: the tower's directions for a centre's place across and down
+        self.picture_words = None  # --picture-index: each picture's digit ("1" for the first) at its centre tokens
 
     @property
     def current(self):
@@ -133,6 +150,9 @@ class Features:
 
     @current.setter
     def current(self, words):
+        """`words` of one picture, or `words_of` several (which adds each token's picture)."""
+        if len(words) == 3:
+            words = (*words, np.ones(len(words[0]), int))
         self._current, self.cursor = words, 0
 
     def fit_means(self, tower, processor, pictures: int = 400, seed: int = 11):
@@ -149,10 +169,12 @@ class Features:
         if self.use_positions:
             self.positions = mx.array(fit_positions(centres, means))
 
-    def words_of(self, scenes, grids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """`words` of several pictures, their tokens one after another as the tower returns them."""
+    def words_of(self, scenes, grids) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """`words` of several pictures, their tokens one after another as the tower returns them, and each
+        token's picture (1 for the first)."""
         parts = [self.words(scene, tuple(int(v) for v in grid)) for scene, grid in zip(scenes, grids)]
-        return tuple(np.concatenate([part[j] for part in parts]) for j in range(3))
+        pictures = [np.full(len(part[0]), n) for n, part in enumerate(parts, 1)]
+        return (*(np.concatenate([part[j] for part in parts]) for j in range(3)), np.concatenate(pictures))
 
     def words(self, scene, grid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(kind word ids, colour word ids, centre places [tokens, 2]) of one picture's tokens (-1: none)."""
@@ -181,7 +203,7 @@ class Features:
         tokens = int(np.asarray(grid).reshape(-1, 3).prod(axis=1).sum()) // 4
         if self.cursor + tokens > len(self._current[0]):
             self.cursor = 0
-        kinds, colours, places = (part[self.cursor:self.cursor + tokens] for part in self._current)
+        kinds, colours, places, pictures = (part[self.cursor:self.cursor + tokens] for part in self._current)
         self.cursor += tokens
         words = {"kind": self.embed(kinds), "colour": self.embed(colours)}
         name, scale = self.mode
@@ -199,6 +221,8 @@ class Features:
             out = words["kind"] + words["colour"]
             if name == "oracle+noise":  # fresh each call: nothing in it to learn
                 out = out + scale * mx.random.normal(out.shape)
+        if self.picture_words is not None:
+            out = out + self.picture_words[mx.array(pictures)] * present(kinds)
         return out * present(kinds) if self.only_centres else out
 
 
@@ -291,11 +315,32 @@ def ask_left_right_one_of_two(rng, scene):
     be found among two before the comparison with the digit."""
     if (placed := placed_pair(rng, scene)) is None:
         return None
-    pair, places = placed
-    told = [f"The {shape.name} is at {place}." for shape, place in zip(pair, places)]
+    return one_of_two(rng, *placed, lambda shape: shape.name)
+
+
+def ask_left_right_one_of_two_kinds(rng, scene):
+    """left_right_one_of_two with each shape named by its kind alone ("The circle is at 3. The square is at 8. Is
+    the circle left or right of 5?"), pairs of two kinds only: a one-word name, as in the colour form that binds."""
+    if (placed := placed_pair(rng, scene)) is None or placed[0][0].kind == placed[0][1].kind:
+        return None
+    return one_of_two(rng, *placed, lambda shape: shape.kind)
+
+
+def ask_left_right_one_of_two_distinct(rng, scene):
+    """left_right_one_of_two about pairs that share neither colour nor kind: either word of the two-word name
+    alone finds the asked fact."""
+    if (placed := placed_pair(rng, scene)) is None or {placed[0][0].kind, placed[0][0].color} & {
+            placed[0][1].kind, placed[0][1].color}:
+        return None
+    return one_of_two(rng, *placed, lambda shape: shape.name)
+
+
+def one_of_two(rng, pair, places, name):
+    """Both places stated ("The {name} is at {place}.", in either order), the first shape asked against a digit."""
+    told = [f"The {name(shape)} is at {place}." for shape, place in zip(pair, places)]
     rng.shuffle(told)
     other = rng.choice([q for q in range(PLACES[0]) if q != places[0]])
-    return (f"{' '.join(told)} Is the {pair[0].name} left or right of {other}?",
+    return (f"{' '.join(told)} Is the {name(pair[0])} left or right of {other}?",
             "Left." if places[0] < other else "Right.")
 
 
@@ -333,6 +378,74 @@ def multi_image_lone_example(rng) -> dict:
     return example
 
 
+def ask_multi_image_distinct(rng, scene):
+    """A marker: `draw_example` draws `multi_image_one_each(rng, shared=False)`."""
+    raise NotImplementedError
+
+
+def ask_multi_image_shared(rng, scene):
+    """A marker: `draw_example` draws `multi_image_one_each(rng, shared=True)`."""
+    raise NotImplementedError
+
+
+def ask_multi_image_color(rng, scene):
+    """A marker: `draw_example` draws `multi_image_color_example`."""
+    raise NotImplementedError
+
+
+def multi_image_color_example(rng) -> dict:
+    """The world's colour question across 2-4 pictures of one shape each, the asked kind in one picture only:
+    the single picture's lookup (by kind, reading the colour) with the candidates spread over pictures."""
+    count = rng.randint(2, 4)
+    kind = rng.choice(world.SHAPES)
+    target = rng.randrange(count)
+    pairs = [(kind if i == target else rng.choice([k for k in world.SHAPES if k != kind]),
+              rng.choice(list(world.COLORS))) for i in range(count)]
+    scenes = [world.random_scene(rng, count=1, fixed=[pair]) for pair in pairs]
+    parts = [{"type": "image", "image": world.draw(s)} for s in scenes]
+    example = world._chat(world._user(parts, f"What color is the {kind}?"), f"{pairs[target][1]}.")
+    example["scenes"] = scenes
+    return example
+
+
+def ask_multi_image_kind(rng, scene):
+    """A marker: `draw_example` draws `multi_image_kind_example`."""
+    raise NotImplementedError
+
+
+def multi_image_kind_example(rng) -> dict:
+    """multi_image_distinct's pictures asked about by kind alone ("Which picture has the circle?"): a one-word name,
+    the asked kind in one picture only."""
+    example = multi_image_one_each(rng, shared=False)
+    question = example["messages"][0]["content"][-1]
+    question["text"] = re.sub(r"the \w+ (\w+)\?$", r"the \1?", question["text"])
+    return example
+
+
+def multi_image_one_each(rng, shared: bool) -> dict:
+    """The world's several-picture question with one shape in each picture. The other pictures' shapes share
+    neither colour nor kind with the asked one (shared=False: either word alone finds it), or each exactly one of
+    the two (shared=True: only both words together find it)."""
+    count = rng.randint(2, 4)
+    kind, color = rng.choice(world.SHAPES), rng.choice(list(world.COLORS))
+    target = rng.randrange(count)
+    pairs = []
+    for i in range(count):
+        other_kind = rng.choice([k for k in world.SHAPES if k != kind])
+        other_color = rng.choice([c for c in world.COLORS if c != color])
+        if i == target:
+            pairs.append((kind, color))
+        elif shared:
+            pairs.append(rng.choice([(kind, other_color), (other_kind, color)]))
+        else:
+            pairs.append((other_kind, other_color))
+    scenes = [world.random_scene(rng, count=1, fixed=[pair]) for pair in pairs]
+    parts = [{"type": "image", "image": world.draw(s)} for s in scenes]
+    example = world._chat(world._user(parts, f"Which picture has the {color} {kind}?"), f"Picture {target + 1}.")
+    example["scenes"] = scenes
+    return example
+
+
 def ask_count_balanced(rng, scene):
     """A marker: `draw_example` draws the recipe's counting rows (`count_example`: each count 0-4 equally often)."""
     raise NotImplementedError
@@ -342,7 +455,11 @@ QUESTIONS = dict(world.SCENE_QUESTIONS, side=ask_side, left_right_of_two=ask_lef
                  left_right_reasoned=ask_left_right_reasoned, left_right_stated=ask_left_right_stated,
                  compare_digits=ask_compare_digits, left_right_one_fact=ask_left_right_one_fact,
                  left_right_one_of_two=ask_left_right_one_of_two,
+                 left_right_one_of_two_kinds=ask_left_right_one_of_two_kinds,
+                 left_right_one_of_two_distinct=ask_left_right_one_of_two_distinct,
                  multi_image=ask_multi_image, multi_image_lone=ask_multi_image_lone,
+                 multi_image_distinct=ask_multi_image_distinct, multi_image_shared=ask_multi_image_shared,
+                 multi_image_color=ask_multi_image_color, multi_image_kind=ask_multi_image_kind,
                  count_balanced=ask_count_balanced)
 REASONED = ("left_right_reasoned",)  # their answers open with a thinking block: trained and asked thinking-on
 
@@ -354,6 +471,12 @@ def draw_example(rng, ask, growth: float = 1.0) -> dict:
         return world.multi_image_example(rng)
     if ask is ask_multi_image_lone:
         return multi_image_lone_example(rng)
+    if ask in (ask_multi_image_distinct, ask_multi_image_shared):
+        return multi_image_one_each(rng, shared=ask is ask_multi_image_shared)
+    if ask is ask_multi_image_kind:
+        return multi_image_kind_example(rng)
+    if ask is ask_multi_image_color:
+        return multi_image_color_example(rng)
     if ask is ask_count_balanced:
         return dm.count_example(rng)
     return world.image_example(rng, ask, growth=growth)
@@ -386,11 +509,13 @@ def main():
     parser.add_argument("--aux-kind", type=float, default=0.0)
     parser.add_argument("--switch-at", type=int, default=0)
     parser.add_argument("--switch-to", default=None)
+    parser.add_argument("--first", choices=sorted(QUESTIONS), help="the question trained before --switch-at")
     parser.add_argument("--also", help="QUESTION:SHARE, a second question for that share of the training rows")
     parser.add_argument("--lone-first", action="store_true")
     parser.add_argument("--sums-first", type=int, default=0)
     parser.add_argument("--sum-share", type=float, default=0.0)
     parser.add_argument("--vision-ids", action="store_true")
+    parser.add_argument("--picture-index", type=float, default=0.0)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--tokens-per-batch", type=int, default=1024)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
@@ -404,8 +529,8 @@ def main():
             modes.append(parse_features(text)[0] if text else None)
         except ValueError as error:
             parser.error(f"{flag} {error}")
-    if bool(args.switch_to) != bool(args.switch_at):
-        parser.error("--switch-at and --switch-to go together")
+    if bool(args.switch_to or args.first) != bool(args.switch_at):
+        parser.error("--switch-at goes with --switch-to or --first")
     if args.lone_first and not args.switch_at:
         parser.error("--lone-first needs --switch-at (where the world's pictures begin)")
     if args.sums_first < 0:
@@ -445,6 +570,12 @@ def main():
         label_pictures(processor)
     features = Features(args.features, processor.tokenizer, model.model.language_model.embed_tokens,
                         args.only_centres, use_positions=args.position, position_scale=args.position_scale)
+    if args.picture_index:
+        digits = word_ids(processor.tokenizer, []).tolist() + [
+            processor.tokenizer.encode(str(n), add_special_tokens=False)[0] for n in range(1, 5)]
+        words = features.table[mx.array(digits)]
+        features.picture_words = args.picture_index * words / mx.linalg.norm(words[1:], axis=-1).mean()
+        print(f"# picture digits at centre tokens, norm {args.picture_index}", flush=True)
     question = QUESTIONS[args.question]
     tower = model.model.visual.__call__
     if MEANS in modes:
@@ -455,16 +586,17 @@ def main():
     image_token = model.config.image_token_id
 
     lone = [args.lone_first]
+    first = [QUESTIONS[args.first] if args.first else None]
 
     def rows():
         rng, thinking_rng = random.Random(args.seed + 123), random.Random(args.seed + 124)
-        no_words = (np.zeros(0, int), np.zeros(0, int), np.zeros((0, 2), np.float32))
+        no_words = (np.zeros(0, int), np.zeros(0, int), np.zeros((0, 2), np.float32), np.zeros(0, int))
         for drawn in itertools.count():
             if drawn < args.sums_first or (args.sum_share and rng.random() < args.sum_share):
                 row = dm.encode_example(world.sum_example(rng), processor, thinking_rng)
                 row.words = no_words
             else:
-                asked = also if also and rng.random() < also_share else question
+                asked = also if also and rng.random() < also_share else (first[0] or question)
                 example = draw_example(rng, asked, growth=0.0 if lone[0] else 1.0)
                 if asked is question and args.question in REASONED:
                     example["thinking"] = True
@@ -481,7 +613,7 @@ def main():
             kinds = row.words[0]
             targets[i, at[kinds >= 0]], weight[i, at[kinds >= 0]] = kinds[kinds >= 0], args.aux_kind
         batch["aux_targets"], batch["aux_weight"] = mx.array(targets), mx.array(weight)
-        features.current = tuple(np.concatenate([row.words[j] for row in batch_rows]) for j in (0, 1, 2))
+        features.current = tuple(np.concatenate([row.words[j] for row in batch_rows]) for j in range(4))
         return batch
 
     next_token_losses = training.token_losses
@@ -500,7 +632,8 @@ def main():
     held_out_sums = [dm.encode_example(world.sum_example(sum_rng, thinking=False), processor, sum_rng)
                      for _ in range(64)]
 
-    several = question in (ask_multi_image, ask_multi_image_lone)  # held-out answers split by pictures
+    several = question in (ask_multi_image, ask_multi_image_lone, ask_multi_image_distinct,
+                           ask_multi_image_shared, ask_multi_image_color, ask_multi_image_kind)  # held-out answers split by pictures
 
     def held_out_accuracy(step):
         model.eval()
@@ -555,6 +688,9 @@ def main():
     for step in range(1, args.steps + 1):
         batch_rows = next(batches)
         seen += len(batch_rows)
+        if args.first and step == args.switch_at:
+            first[0] = None
+            print(f"step {step}  training rows now ask {args.question}", flush=True)
         if args.switch_to and step == args.switch_at:
             features.mode = parse_features(args.switch_to)
             lone[0] = False

@@ -170,15 +170,16 @@ def test_words_of_several_pictures_are_each_pictures_words_in_turn(tmp_path):
     scenes = example["scenes"]
     assert 2 <= len(scenes) <= 4
     grids = [(1, 2 * (s.height // 28 + 1), 2 * (s.width // 28 + 1)) for s in scenes]  # any grids of whole tokens
-    kinds, colours, places = oracle.words_of(scenes, grids)
+    kinds, colours, places, pictures = oracle.words_of(scenes, grids)
     at = 0
-    for scene, grid in zip(scenes, grids):
+    for number, (scene, grid) in enumerate(zip(scenes, grids), 1):
         n = grid[1] * grid[2] // 4
+        assert (pictures[at:at + n] == number).all()
         assert (kinds[at:at + n] >= 0).sum() == len(scene.shapes)
         assert sorted(colours[at:at + n][colours[at:at + n] >= 0].tolist()) == sorted(
             processor.tokenizer.encode(" " + shape.color, add_special_tokens=False)[0] for shape in scene.shapes)
         at += n
-    assert at == len(kinds) == len(colours) == len(places)
+    assert at == len(kinds) == len(colours) == len(places) == len(pictures)
 
 
 def test_bad_arguments_are_named_before_anything_runs():
@@ -302,3 +303,58 @@ def test_the_probes_own_questions_ask_what_they_say():
         assert probe.ask_left_right_stated(rng, near) is None and probe.ask_left_right_reasoned(rng, near) is None
     finally:
         probe.PLACES[0] = 100
+
+
+def test_one_of_two_variants_name_by_kind_or_only_pairs_sharing_nothing():
+    distinct = world.Scene(120, 60, (255, 255, 255), [world.Shape("circle", "red", 15, 30, 8),
+                                                      world.Shape("square", "blue", 100, 30, 8)])
+    same_kind = world.Scene(120, 60, (255, 255, 255), [world.Shape("circle", "red", 15, 30, 8),
+                                                       world.Shape("circle", "blue", 100, 30, 8)])
+    same_colour = world.Scene(120, 60, (255, 255, 255), [world.Shape("circle", "red", 15, 30, 8),
+                                                         world.Shape("square", "red", 100, 30, 8)])
+    for seed in range(20):
+        question, answer = probe.ask_left_right_one_of_two_kinds(random.Random(seed), distinct)
+        told, asked, other = re.fullmatch(r"(.*) Is the (\w+) left or right of (\d+)\?", question).groups()
+        assert told in ("The circle is at 12. The square is at 83.", "The square is at 83. The circle is at 12.")
+        place = {"circle": 12, "square": 83}[asked]
+        assert answer == ("Left." if place < int(other) else "Right.")
+        assert probe.ask_left_right_one_of_two_distinct(random.Random(seed), distinct)[0].count(" is at ") == 2
+        assert probe.ask_left_right_one_of_two_kinds(random.Random(seed), same_kind) is None
+        assert probe.ask_left_right_one_of_two_distinct(random.Random(seed), same_kind) is None
+        assert probe.ask_left_right_one_of_two_distinct(random.Random(seed), same_colour) is None
+        assert probe.ask_left_right_one_of_two_kinds(random.Random(seed), same_colour) is not None
+
+
+def test_one_shape_pictures_share_what_the_question_says():
+    for seed in range(30):
+        for shared in (False, True):
+            example = probe.multi_image_one_each(random.Random(seed), shared)
+            color, kind = re.fullmatch(r"Which picture has the (\w+) (\w+)\?",
+                                       example["messages"][0]["content"][-1]["text"]).groups()
+            target = int(re.fullmatch(r"Picture (\d)\.", example["messages"][-1]["content"]).group(1)) - 1
+            for i, scene in enumerate(example["scenes"]):
+                [shape] = scene.shapes
+                same = (shape.kind == kind) + (shape.color == color)
+                assert same == (2 if i == target else 1 if shared else 0)
+        example = probe.multi_image_color_example(random.Random(seed))
+        kind = re.fullmatch(r"What color is the (\w+)\?", example["messages"][0]["content"][-1]["text"]).group(1)
+        holders = [scene.shapes[0] for scene in example["scenes"] if scene.shapes[0].kind == kind]
+        assert len(holders) == 1 and example["messages"][-1]["content"] == f"{holders[0].color}."
+
+
+def test_picture_index_puts_each_pictures_digit_at_its_centres(tmp_path):
+    _, processor = dm.write_skeleton(tmp_path, seed=0)
+    table = mx.random.normal((1024, 8), key=mx.random.key(2))
+    embeddings = type("Table", (), {"weight": table})()
+    scenes = [world.Scene(64, 64, (255, 255, 255), [world.Shape("circle", "red", 20, 20, 10)]),
+              world.Scene(64, 64, (255, 255, 255), [world.Shape("square", "blue", 40, 40, 10)])]
+    features = probe.Features("oracle", processor.tokenizer, embeddings)
+    features.picture_words = mx.array(np.arange(5 * 8, dtype=np.float32).reshape(5, 8))
+    features.current = features.words_of(scenes, [(1, 4, 4), (1, 4, 4)])
+    out = np.array(features(None, None, np.array([(1, 4, 4), (1, 4, 4)])))
+    plain = probe.Features("oracle", processor.tokenizer, embeddings)
+    plain.current = features.current
+    extra = out - np.array(plain(None, None, np.array([(1, 4, 4), (1, 4, 4)])))
+    # the first picture's centre is its first token, the second's its last (of 2x2 tokens each)
+    assert np.allclose(extra[0], np.arange(8, 16)) and np.allclose(extra[7], np.arange(16, 24))
+    assert not np.delete(extra, [0, 7], axis=0).any()
