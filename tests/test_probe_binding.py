@@ -336,6 +336,11 @@ def test_one_shape_pictures_share_what_the_question_says():
                 [shape] = scene.shapes
                 same = (shape.kind == kind) + (shape.color == color)
                 assert same == (2 if i == target else 1 if shared else 0)
+        example = probe.multi_image_kind_example(random.Random(seed))
+        kind = re.fullmatch(r"Which picture has the (\w+)\?", example["messages"][0]["content"][-1]["text"]).group(1)
+        target = int(re.fullmatch(r"Picture (\d)\.", example["messages"][-1]["content"]).group(1)) - 1
+        assert [scene.shapes[0].kind == kind for scene in example["scenes"]] == [
+            i == target for i in range(len(example["scenes"]))]
         example = probe.multi_image_color_example(random.Random(seed))
         kind = re.fullmatch(r"What color is the (\w+)\?", example["messages"][0]["content"][-1]["text"]).group(1)
         holders = [scene.shapes[0] for scene in example["scenes"] if scene.shapes[0].kind == kind]
