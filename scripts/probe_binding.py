@@ -401,11 +401,7 @@ def multi_image_color_example(rng) -> dict:
     target = rng.randrange(count)
     pairs = [(kind if i == target else rng.choice([k for k in world.SHAPES if k != kind]),
               rng.choice(list(world.COLORS))) for i in range(count)]
-    scenes = [world.random_scene(rng, count=1, fixed=[pair]) for pair in pairs]
-    parts = [{"type": "image", "image": world.draw(s)} for s in scenes]
-    example = world._chat(world._user(parts, f"What color is the {kind}?"), f"{pairs[target][1]}.")
-    example["scenes"] = scenes
-    return example
+    return one_shape_pictures(rng, pairs, f"What color is the {kind}?", f"{pairs[target][1]}.")
 
 
 def ask_multi_image_kind(rng, scene):
@@ -439,9 +435,14 @@ def multi_image_one_each(rng, shared: bool) -> dict:
             pairs.append(rng.choice([(kind, other_color), (other_kind, color)]))
         else:
             pairs.append((other_kind, other_color))
+    return one_shape_pictures(rng, pairs, f"Which picture has the {color} {kind}?", f"Picture {target + 1}.")
+
+
+def one_shape_pictures(rng, pairs, question: str, answer: str) -> dict:
+    """A conversation of one picture per (kind, color) pair, each holding only that shape, then `question`."""
     scenes = [world.random_scene(rng, count=1, fixed=[pair]) for pair in pairs]
     parts = [{"type": "image", "image": world.draw(s)} for s in scenes]
-    example = world._chat(world._user(parts, f"Which picture has the {color} {kind}?"), f"Picture {target + 1}.")
+    example = world._chat(world._user(parts, question), answer)
     example["scenes"] = scenes
     return example
 
