@@ -35,6 +35,9 @@ one run is one noisy measurement.
                                share neither colour nor kind)
                                or left_right_one_of_two_kinds (left_right_one_of_two with shapes named by
                                kind alone, pairs of two kinds)
+                               or left_right_kinds (the world's left/right about two shapes named by kind
+                               alone, "Is the circle left or right of the square?", each kind unique in the
+                               picture)
                                or count_balanced (the recipe's counting rows, `count_example`: the world's
                                count question, each answer 0-4 equally often; as --also beside count)
     --features oracle          the word embeddings (the fresh decoder's first, kept fixed) of each shape-centre
@@ -344,6 +347,19 @@ def one_of_two(rng, pair, places, name):
             "Left." if places[0] < other else "Right.")
 
 
+def ask_left_right_kinds(rng, scene):
+    """The world's left/right with each shape named by its kind alone ("Is the circle left or right of the
+    square?"), about two shapes whose kinds are each unique in the picture: the one-word name that the stated
+    form binds with, places read from the picture."""
+    named = [s for s in scene.shapes if len(world.unique(scene, kind=s.kind)) == 1]
+    pairs = [(a, b) for a in named for b in named if a is not b and world.horizontal_order(a, b) is not None]
+    if not pairs:
+        return None
+    a, b = rng.choice(pairs)
+    return (f"Is the {a.kind} left or right of the {b.kind}?",
+            "Left." if world.horizontal_order(a, b) == "left" else "Right.")
+
+
 def ask_compare_digits(rng, scene):
     """left_right_stated's comparison alone: "Is {a} left or right of {b}?" about two different digits, "Left."
     when a is the smaller (the picture is there but says nothing)."""
@@ -458,6 +474,7 @@ QUESTIONS = dict(world.SCENE_QUESTIONS, side=ask_side, left_right_of_two=ask_lef
                  left_right_one_of_two=ask_left_right_one_of_two,
                  left_right_one_of_two_kinds=ask_left_right_one_of_two_kinds,
                  left_right_one_of_two_distinct=ask_left_right_one_of_two_distinct,
+                 left_right_kinds=ask_left_right_kinds,
                  multi_image=ask_multi_image, multi_image_lone=ask_multi_image_lone,
                  multi_image_distinct=ask_multi_image_distinct, multi_image_shared=ask_multi_image_shared,
                  multi_image_color=ask_multi_image_color, multi_image_kind=ask_multi_image_kind,
@@ -465,21 +482,19 @@ QUESTIONS = dict(world.SCENE_QUESTIONS, side=ask_side, left_right_of_two=ask_lef
 REASONED = ("left_right_reasoned",)  # their answers open with a thinking block: trained and asked thinking-on
 
 
+# The marker questions' own example makers: their rows are not one scene's question.
+OWN_EXAMPLES = {ask_multi_image: world.multi_image_example, ask_multi_image_lone: multi_image_lone_example,
+                ask_multi_image_distinct: partial(multi_image_one_each, shared=False),
+                ask_multi_image_shared: partial(multi_image_one_each, shared=True),
+                ask_multi_image_kind: multi_image_kind_example, ask_multi_image_color: multi_image_color_example,
+                ask_count_balanced: dm.count_example}
+
+
 def draw_example(rng, ask, growth: float = 1.0) -> dict:
     """One training or held-out example of question `ask` (growth as in `world.image_example`; the several-picture
-    question draws the world's own scenes)."""
-    if ask is ask_multi_image:
-        return world.multi_image_example(rng)
-    if ask is ask_multi_image_lone:
-        return multi_image_lone_example(rng)
-    if ask in (ask_multi_image_distinct, ask_multi_image_shared):
-        return multi_image_one_each(rng, shared=ask is ask_multi_image_shared)
-    if ask is ask_multi_image_kind:
-        return multi_image_kind_example(rng)
-    if ask is ask_multi_image_color:
-        return multi_image_color_example(rng)
-    if ask is ask_count_balanced:
-        return dm.count_example(rng)
+    questions draw their own pictures, `OWN_EXAMPLES`)."""
+    if ask in OWN_EXAMPLES:
+        return OWN_EXAMPLES[ask](rng)
     return world.image_example(rng, ask, growth=growth)
 
 
@@ -633,8 +648,7 @@ def main():
     held_out_sums = [dm.encode_example(world.sum_example(sum_rng, thinking=False), processor, sum_rng)
                      for _ in range(64)]
 
-    several = question in (ask_multi_image, ask_multi_image_lone, ask_multi_image_distinct,
-                           ask_multi_image_shared, ask_multi_image_color, ask_multi_image_kind)  # held-out answers split by pictures
+    several = question in OWN_EXAMPLES and question is not ask_count_balanced  # held-out answers split by pictures
 
     def held_out_accuracy(step):
         model.eval()

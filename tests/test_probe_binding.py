@@ -325,6 +325,21 @@ def test_one_of_two_variants_name_by_kind_or_only_pairs_sharing_nothing():
         assert probe.ask_left_right_one_of_two_kinds(random.Random(seed), same_colour) is not None
 
 
+def test_the_kind_named_left_right_asks_only_about_kinds_unique_in_the_picture():
+    circle, square = world.Shape("circle", "red", 15, 30, 8), world.Shape("square", "blue", 100, 30, 8)
+    two = world.Scene(120, 60, (255, 255, 255), [circle, square])
+    asked = {probe.ask_left_right_kinds(random.Random(seed), two) for seed in range(20)}
+    assert asked == {("Is the circle left or right of the square?", "Left."),
+                     ("Is the square left or right of the circle?", "Right.")}
+    # a second circle leaves no circle to name by kind; the square has no other unique kind to be compared with
+    doubled = world.Scene(120, 60, (255, 255, 255), [circle, square, world.Shape("circle", "green", 60, 30, 8)])
+    assert probe.ask_left_right_kinds(random.Random(0), doubled) is None
+    # two kinds on top of each other have no clear horizontal order
+    stacked = world.Scene(60, 120, (255, 255, 255), [world.Shape("circle", "red", 30, 15, 8),
+                                                     world.Shape("square", "blue", 32, 100, 8)])
+    assert probe.ask_left_right_kinds(random.Random(0), stacked) is None
+
+
 def test_one_shape_pictures_share_what_the_question_says():
     for seed in range(30):
         for shared in (False, True):
