@@ -351,11 +351,9 @@ def ask_left_right_kinds(rng, scene):
     """The world's left/right with each shape named by its kind alone ("Is the circle left or right of the
     square?"), about two shapes whose kinds are each unique in the picture: the one-word name that the stated
     form binds with, places read from the picture."""
-    named = [s for s in scene.shapes if len(world.unique(scene, kind=s.kind)) == 1]
-    pairs = [(a, b) for a in named for b in named if a is not b and world.horizontal_order(a, b) is not None]
-    if not pairs:
+    if (pair := world.left_right_pair(rng, scene, name_by=("kind",))) is None:
         return None
-    a, b = rng.choice(pairs)
+    a, b = pair
     return (f"Is the {a.kind} left or right of the {b.kind}?",
             "Left." if world.horizontal_order(a, b) == "left" else "Right.")
 

@@ -50,8 +50,7 @@ def token_labels(scenes, grid, motion: tuple | None = None) -> dict:
     for slot, scene in enumerate(scenes):
         seen = np.zeros((rows, cols), np.int32)
         for index, shape in enumerate(scene.shapes):
-            r = min(int(shape.cy / scene.height * rows), rows - 1)
-            c = min(int(shape.cx / scene.width * cols), cols - 1)
+            r, c = centre_cell(shape, scene, rows, cols)
             seen[r, c] += 1
             colour[slot, r, c], kind[slot, r, c] = COLOR_IDS[shape.color], KIND_IDS[shape.kind]
             centre[slot, r, c] = (2 * shape.cx / scene.width - 1, 2 * shape.cy / scene.height - 1)
@@ -61,6 +60,11 @@ def token_labels(scenes, grid, motion: tuple | None = None) -> dict:
     n = t * rows * cols
     return {"colour": colour.reshape(n), "kind": kind.reshape(n), "centre": centre.reshape(n, 2),
             "has_centre": (colour > 0).reshape(n), "motion": moving.reshape(n)}
+
+
+def centre_cell(shape, scene, rows: int, cols: int) -> tuple[int, int]:
+    """The (row, column) of the merged token, in a `rows` x `cols` grid over `scene`, that holds `shape`'s centre."""
+    return min(int(shape.cy / scene.height * rows), rows - 1), min(int(shape.cx / scene.width * cols), cols - 1)
 
 
 def picture_item(rng: random.Random, processor, max_shapes: int = world.MAX_SHAPES):

@@ -166,9 +166,10 @@ def ask_count(rng, scene, kind: str | None = None):
     return f"How many {kind}s are there?", f"{len(unique(scene, kind=kind))}."
 
 
-def left_right_pair(rng, scene):
-    """Two shapes named by colour and kind whose horizontal order is clear (a, b), or None."""
-    named = [s for s in scene.shapes if len(unique(scene, kind=s.kind, color=s.color)) == 1]
+def left_right_pair(rng, scene, name_by=("kind", "color")):
+    """Two shapes whose horizontal order is clear (a, b), each the only one in the scene with its `name_by`
+    attributes (the world's name: colour and kind), or None."""
+    named = [s for s in scene.shapes if len(unique(scene, **{k: getattr(s, k) for k in name_by})) == 1]
     pairs = [(a, b) for a in named for b in named if a is not b and horizontal_order(a, b) is not None]
     return rng.choice(pairs) if pairs else None
 
