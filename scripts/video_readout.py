@@ -1,13 +1,19 @@
-"""Does the shipped vision tower's clip output say which way the shape moves (docs/default-model.md, "Video's
-errors are the axis")? 600 world clips through the frozen tower; at the mover's token in each temporal slot
-(its centre's 32 px cell), ridge readouts of the four directions, fitted on 450 clips and scored on 150: from the
-mean of those tokens (motion at the shape), from the last slot's minus the first's (the change of place), and
-from both. Exploratory, one draw.
+"""Does the vision tower's clip output say which way the shape moves (docs/default-model.md, "Video's errors
+are the axis")? 600 world clips (`--readout-clips`) through the frozen shipped tower; at the mover's token in
+each temporal slot (its centre's 32 px cell), ridge readouts of the four directions, fitted on three quarters of
+the clips and scored on the rest: from the mean of those tokens (motion at the shape), from the last slot's
+minus the first's (the change of place), and from both. Exploratory, one draw. `--pretrain STEPS` reads a fresh
+tower instead, pretrained for STEPS steps as train-default's is (seed 0, its skeleton, VISION_MAX_SHAPES) with
+the given batch and motion weight.
 
     .venv/bin/python scripts/video_readout.py
+    .venv/bin/python scripts/video_readout.py --pretrain 1500 --pictures 16 --clips 12 --motion 1
 """
 
+import argparse
 import random
+import tempfile
+from pathlib import Path
 
 import numpy as np
 
@@ -15,10 +21,10 @@ import mlx_qwen35  # noqa: F401  (the platform's BLAS before MLX)
 import mlx.core as mx
 from mlx_qwen35.loading import load
 from mlx_qwen35.train import world
-from mlx_qwen35.train.default_model import SHIPPED_PATH
-from mlx_qwen35.train.vision_pretrain import centre_cell
+from mlx_qwen35.train import default_model
+from mlx_qwen35.train.vision_pretrain import centre_cell, pretrain_vision
 
-CLIPS, FITTED, SEED = 600, 450, 11
+CLIPS, SEED = 600, 11
 
 
 def mover_tokens(visual, processor, scenes, mover: int) -> np.ndarray:
@@ -33,21 +39,45 @@ def mover_tokens(visual, processor, scenes, mover: int) -> np.ndarray:
 
 
 def held_out_accuracy(features: np.ndarray, directions: np.ndarray, ridge: float) -> float:
-    """A ridge regression onto the directions' one-hot codes, fitted on the first FITTED clips and scored (argmax)
-    on the rest."""
+    """A ridge regression onto the directions' one-hot codes, fitted on the first three quarters of the clips and
+    scored (argmax) on the rest."""
+    fitted = len(features) * 3 // 4
     design = np.c_[features, np.ones(len(features))]
-    fit, held = design[:FITTED], design[FITTED:]
-    weights = np.linalg.solve(fit.T @ fit + ridge * np.eye(design.shape[1]), fit.T @ np.eye(4)[directions[:FITTED]])
-    return float(np.mean((held @ weights).argmax(1) == directions[FITTED:]))
+    fit, held = design[:fitted], design[fitted:]
+    weights = np.linalg.solve(fit.T @ fit + ridge * np.eye(design.shape[1]), fit.T @ np.eye(4)[directions[:fitted]])
+    return float(np.mean((held @ weights).argmax(1) == directions[fitted:]))
+
+
+def fresh_tower(steps: int, pictures: int, clips: int, motion: float):
+    """train-default's tower (seed 0) after `steps` pretraining steps of `pictures` pictures and `clips` clips a
+    batch, the motion head at weight `motion`."""
+    skeleton = Path(tempfile.mkdtemp())
+    _, processor = default_model.write_skeleton(skeleton, seed=0)
+    visual = default_model.build_model(skeleton, seed=0).model.visual
+    pretrain_vision(visual, processor, steps, seed=0, pictures=pictures, videos=clips,
+                    max_shapes=default_model.VISION_MAX_SHAPES, motion_weight=motion)
+    return visual, processor
 
 
 def main():
-    model, processor = load(SHIPPED_PATH)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pretrain", type=int, default=0, metavar="STEPS",
+                        help="read a freshly pretrained tower (0: the shipped model's)")
+    parser.add_argument("--pictures", type=int, default=default_model.VISION_PICTURES)
+    parser.add_argument("--clips", type=int, default=default_model.VISION_CLIPS)
+    parser.add_argument("--motion", type=float, default=default_model.VISION_MOTION_WEIGHT)
+    parser.add_argument("--readout-clips", type=int, default=CLIPS, help="clips read, a quarter of them scored")
+    args = parser.parse_args()
+    if args.pretrain:
+        visual, processor = fresh_tower(args.pretrain, args.pictures, args.clips, args.motion)
+    else:
+        model, processor = load(default_model.SHIPPED_PATH)
+        visual = model.model.visual
     rng = random.Random(SEED)
     means, changes, directions = [], [], []
-    for _ in range(CLIPS):
+    for _ in range(args.readout_clips):
         scenes, mover, direction = world.video_scenes(rng)
-        tokens = mover_tokens(model.model.visual, processor, scenes, mover)
+        tokens = mover_tokens(visual, processor, scenes, mover)
         means.append(tokens.mean(0))
         changes.append(tokens[-1] - tokens[0])
         directions.append(world.DIRECTIONS.index(direction))
@@ -56,7 +86,7 @@ def main():
                            ("both", np.c_[means, changes])):
         for ridge in (1.0, 10.0):
             print(f"{name:26s} ridge {ridge:5.1f}: held-out {held_out_accuracy(features, directions, ridge):.0%} "
-                  f"of {CLIPS - FITTED}")
+                  f"of {args.readout_clips - args.readout_clips * 3 // 4}")
 
 
 if __name__ == "__main__":

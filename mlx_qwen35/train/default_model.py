@@ -150,6 +150,9 @@ VISION_MAX_SHAPES = 8
 # whole clip the mover may cross less than one 32 px token, so its place alone tells the direction poorly, while
 # the tower's first layer sees both frames of a pair in one patch. Off until a full run shows it pays.
 VISION_MOTION_WEIGHT = 0.0
+# Each tower pretraining batch: this many world pictures and this many clips (vision_pretrain.batch).
+VISION_PICTURES = 24
+VISION_CLIPS = 4
 # The binding scaffold (docs/default-model.md, "Forming the binding"): a decoder does not form choosing one of
 # several shapes by kind on the tower's output (84-94/150 colour questions in probes, whatever was tried), forms
 # it on clean keys (the tower's class means at the shapes' centres, zeros elsewhere: 146/150 after 4,800 rows)
@@ -610,7 +613,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
         log(f"# vision tower loaded from {vision_weights} (pretrained beforehand, not in this run's time)")
     elif vision_steps:
         pretrain_vision(model.model.visual, processor, vision_steps, seed=seed, log=log, max_shapes=VISION_MAX_SHAPES,
-                        motion_weight=vision_motion)
+                        pictures=VISION_PICTURES, videos=VISION_CLIPS, motion_weight=vision_motion)
 
     train_config = TrainConfig(steps=steps, learning_rate=learning_rate, moe_aux_weight=0.01, mtp_weight=0.3,
                                seed=seed, progress=False, grad_clip=1.0, weight_decay=0.01,
