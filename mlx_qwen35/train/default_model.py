@@ -148,7 +148,9 @@ VISION_MAX_SHAPES = 8
 # A head that reads, at each clip's shape-centre tokens, which way the shape moves within the token's frame pair
 # (vision_pretrain's `motion_weight`; 0: none). The decoder answers video direction 68-73 % in runs 31-40: over a
 # whole clip the mover may cross less than one 32 px token, so its place alone tells the direction poorly, while
-# the tower's first layer sees both frames of a pair in one patch. Off until a full run shows it pays.
+# the tower's first layer sees both frames of a pair in one patch. Run 43 (weight 1, 12 clips a batch) answered
+# video 93 % against 66 % and lost 6-9 points of colour, shape and count (docs/default-model.md); off here
+# until a run that keeps the pictures fits the 90 minutes.
 VISION_MOTION_WEIGHT = 0.0
 # Each tower pretraining batch: this many world pictures and this many clips (vision_pretrain.batch).
 VISION_PICTURES = 24
