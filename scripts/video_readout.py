@@ -38,22 +38,22 @@ def mover_tokens(visual, processor, scenes, mover: int) -> np.ndarray:
                      for slot, scene in enumerate(firsts)])
 
 
-def held_out_accuracy(features: np.ndarray, directions: np.ndarray, ridge: float) -> float:
+def held_out_accuracy(features: np.ndarray, directions: np.ndarray, ridge: float) -> tuple[float, int]:
     """A ridge regression onto the directions' one-hot codes, fitted on the first three quarters of the clips and
-    scored (argmax) on the rest."""
+    scored (argmax) on the rest: (the share right, how many were scored)."""
     fitted = len(features) * 3 // 4
     design = np.c_[features, np.ones(len(features))]
     fit, held = design[:fitted], design[fitted:]
     weights = np.linalg.solve(fit.T @ fit + ridge * np.eye(design.shape[1]), fit.T @ np.eye(4)[directions[:fitted]])
-    return float(np.mean((held @ weights).argmax(1) == directions[fitted:]))
+    return float(np.mean((held @ weights).argmax(1) == directions[fitted:])), len(held)
 
 
 def fresh_tower(steps: int, pictures: int, clips: int, motion: float):
     """train-default's tower (seed 0) after `steps` pretraining steps of `pictures` pictures and `clips` clips a
     batch, the motion head at weight `motion`."""
-    skeleton = Path(tempfile.mkdtemp())
-    _, processor = default_model.write_skeleton(skeleton, seed=0)
-    visual = default_model.build_model(skeleton, seed=0).model.visual
+    with tempfile.TemporaryDirectory() as skeleton:
+        _, processor = default_model.write_skeleton(Path(skeleton), seed=0)
+        visual = default_model.build_model(Path(skeleton), seed=0).model.visual
     pretrain_vision(visual, processor, steps, seed=0, pictures=pictures, videos=clips,
                     max_shapes=default_model.VISION_MAX_SHAPES, motion_weight=motion)
     return visual, processor
@@ -68,6 +68,10 @@ def main():
     parser.add_argument("--motion", type=float, default=default_model.VISION_MOTION_WEIGHT)
     parser.add_argument("--readout-clips", type=int, default=CLIPS, help="clips read, a quarter of them scored")
     args = parser.parse_args()
+    if args.pretrain < 0:
+        parser.error(f"--pretrain {args.pretrain}: a number of steps, 0 (the shipped tower) or more")
+    if args.readout_clips < 8:
+        parser.error(f"--readout-clips {args.readout_clips}: at least 8, a quarter of them scored")
     if args.pretrain:
         visual, processor = fresh_tower(args.pretrain, args.pictures, args.clips, args.motion)
     else:
@@ -85,8 +89,8 @@ def main():
     for name, features in (("mean at mover", means), ("last-first slot at mover", changes),
                            ("both", np.c_[means, changes])):
         for ridge in (1.0, 10.0):
-            print(f"{name:26s} ridge {ridge:5.1f}: held-out {held_out_accuracy(features, directions, ridge):.0%} "
-                  f"of {args.readout_clips - args.readout_clips * 3 // 4}")
+            right, scored = held_out_accuracy(features, directions, ridge)
+            print(f"{name:26s} ridge {ridge:5.1f}: held-out {right:.0%} of {scored}")
 
 
 if __name__ == "__main__":
