@@ -149,8 +149,9 @@ VISION_MAX_SHAPES = 8
 # (vision_pretrain's `motion_weight`; 0: none). The decoder answers video direction 68-73 % in runs 31-40: over a
 # whole clip the mover may cross less than one 32 px token, so its place alone tells the direction poorly, while
 # the tower's first layer sees both frames of a pair in one patch. Run 43 (weight 1, 12 clips a batch) answered
-# video 93 % against 66 % and lost 6-9 points of colour, shape and count (docs/default-model.md); off here
-# until a run that keeps the pictures fits the 90 minutes.
+# video 93 % against 66 % and lost 6-9 points of colour, shape and count; run 44 (weight 1, 24 pictures + 12
+# clips) answered video 98 % with colour and count at run 40's, shape 89 against 95 (docs/default-model.md). Off
+# here, with 4 clips, until that recipe runs where it fits the 90 minutes (152 min on the AVX2 machine).
 VISION_MOTION_WEIGHT = 0.0
 # Each tower pretraining batch: this many world pictures and this many clips (vision_pretrain.batch).
 VISION_PICTURES = 24
