@@ -70,6 +70,9 @@ def main():
     args = parser.parse_args()
     if args.pretrain < 0:
         parser.error(f"--pretrain {args.pretrain}: a number of steps, 0 (the shipped tower) or more")
+    if not args.pretrain and (args.pictures, args.clips, args.motion) != (
+            default_model.VISION_PICTURES, default_model.VISION_CLIPS, default_model.VISION_MOTION_WEIGHT):
+        parser.error("--pictures, --clips and --motion set a fresh tower's pretraining: only with --pretrain STEPS")
     if args.readout_clips < 8:
         parser.error(f"--readout-clips {args.readout_clips}: at least 8, a quarter of them scored")
     if args.pretrain:

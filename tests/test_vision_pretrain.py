@@ -164,6 +164,9 @@ def test_pretraining_changes_the_tower_and_nothing_else():
     assert "moving shapes' direction" in lines[-1]
     with pytest.raises(ValueError, match="motion_weight=-1: a loss weight"):
         vp.pretrain_vision(tower, PROCESSOR, steps=1, motion_weight=-1, log=lambda line: None)
+    for pictures, videos in ((-1, 4), (24, -2), (0, 0)):
+        with pytest.raises(ValueError, match=f"pictures={pictures}, videos={videos}: counts"):
+            vp.pretrain_vision(tower, PROCESSOR, steps=1, pictures=pictures, videos=videos, log=lambda line: None)
 
 
 def test_class_means_and_the_scaffold_built_from_them():

@@ -177,6 +177,8 @@ def pretrain_vision(visual, processor, steps: int, seed: int = 0,
         raise ValueError(f"max_shapes={max_shapes}: a picture holds at least one shape")
     if motion_weight < 0:
         raise ValueError(f"motion_weight={motion_weight}: a loss weight, 0 (off) or more")
+    if pictures < 0 or videos < 0 or pictures + videos == 0:
+        raise ValueError(f"pictures={pictures}, videos={videos}: counts of a batch's items, 0 or more, not both 0")
     rng = random.Random(seed + 5_000_011)
     probe = Probe(visual, motion=motion_weight > 0)
     probe.head.weight = 0.02 * mx.random.normal(probe.head.weight.shape, key=mx.random.key(seed))
