@@ -14,6 +14,8 @@ one run is one noisy measurement.
                                thinking-on)
                                or left_right_stated (the world's left/right with both places stated before it
                                in words, "The {color} {shape} is at {place}.": the comparison alone)
+                               or left_right_stated_kinds (left_right_stated with the shapes named by kind
+                               alone, pairs of two kinds)
                                or compare_digits ("Is {a} left or right of {b}?" about two digits: the
                                comparison without the names)
                                or left_right_one_fact (one shape's place stated, compared with a digit:
@@ -29,12 +31,16 @@ one run is one noisy measurement.
                                the colour or the kind: only both words find it)
                                or multi_image_kind (multi_image_distinct asked by kind alone: "Which
                                picture has the circle?")
+                               or multi_image_kind_digit (multi_image_kind answered by the digit alone,
+                               "2.": the number as the first answer token)
                                or multi_image_color (the colour question across 2-4 pictures of one shape
                                each, the asked kind in one of them)
                                or left_right_one_of_two_distinct (left_right_one_of_two about pairs that
                                share neither colour nor kind)
                                or left_right_one_of_two_kinds (left_right_one_of_two with shapes named by
                                kind alone, pairs of two kinds)
+                               or left_right_one_of_two_kinds_either (the same, the named shape before or
+                               after the digit: "Is 5 left or right of the square?" half the time)
                                or left_right_kinds (the world's left/right about two shapes named by kind
                                alone, "Is the circle left or right of the square?", each kind unique in the
                                picture)
@@ -102,7 +108,8 @@ from mlx_qwen35.train import default_model as dm
 from mlx_qwen35.train import evaluate, world
 from mlx_qwen35.train import trainer as training
 from mlx_qwen35.train.data import collate
-from mlx_qwen35.train.vision_pretrain import COLOR_IDS, KIND_IDS, centre_outputs, means_of, token_labels
+from mlx_qwen35.train.vision_pretrain import (COLOR_IDS, KIND_IDS, centre_outputs, means_of,
+                                              position_directions, token_labels)
 
 HELD_OUT_SEED = 7_000_003  # the questions of docs/default-model.md's "Picking the shape" tables
 
@@ -230,28 +237,19 @@ class Features:
 
 
 def fit_positions(centres: dict, means: dict) -> np.ndarray:
-    """[2, hidden]: least-squares directions of a shape-centre token's place across and down (-1 to 1) in what
-    the tower's output holds beyond its class means (`centre_outputs`, `means_of`); prints the share of that
-    remainder they explain."""
+    """`vision_pretrain.position_directions`, printing the share of the centre tokens' remainder beyond their
+    class means that they explain."""
+    directions = position_directions(centres, means)
     rest = (centres["outputs"] - means["mean"] - means["kind"][centres["kind"]]
             - means["colour"][centres["colour"]])
-    places = centres["centre"].astype(np.float64)
-    directions, *_ = np.linalg.lstsq(places, rest, rcond=None)
-    explained = 1 - ((rest - places @ directions) ** 2).sum() / (rest ** 2).sum()
+    explained = 1 - ((rest - centres["centre"] @ directions) ** 2).sum() / (rest ** 2).sum()
     print(f"# position directions: {explained:.1%} of the centre tokens' remainder (beyond class means); norms "
           f"{np.linalg.norm(directions, axis=1).round(2).tolist()} against kind offsets' "
           f"{np.linalg.norm(means['kind'][1:], axis=1).round(2).tolist()}", flush=True)
-    return directions.astype(np.float32)
+    return directions
 
 
-def ask_side(rng, scene):
-    """The probe's one-lookup left/right: which half a unique shape is in, asked only outside the middle third."""
-    named = [s for s in scene.shapes if len(world.unique(scene, kind=s.kind, color=s.color)) == 1
-             and abs(s.cx - scene.width / 2) > scene.width / 6]
-    if not named:
-        return None
-    shape = rng.choice(named)
-    return (f"Is the {shape.name} on the left or the right?", "Left." if shape.cx < scene.width / 2 else "Right.")
+ask_side = dm.ask_side  # the recipe's curriculum question ("side" in --binding-questions)
 
 
 def ask_left_right_of_two(rng, scene):
@@ -300,6 +298,18 @@ def ask_left_right_stated(rng, scene):
             "Left." if world.horizontal_order(a, b) == "left" else "Right.")
 
 
+def ask_left_right_stated_kinds(rng, scene):
+    """left_right_stated with each shape named by its kind alone ("The circle is at 1. The square is at 8. Is the
+    circle left or right of the square?"), pairs of two kinds only: two one-word bindings, then the comparison."""
+    if (placed := placed_pair(rng, scene)) is None or placed[0][0].kind == placed[0][1].kind:
+        return None
+    (a, b), places = placed
+    told = [f"The {a.kind} is at {places[0]}.", f"The {b.kind} is at {places[1]}."]
+    rng.shuffle(told)
+    return (f"{' '.join(told)} Is the {a.kind} left or right of the {b.kind}?",
+            "Left." if world.horizontal_order(a, b) == "left" else "Right.")
+
+
 def ask_left_right_one_fact(rng, scene):
     """Between compare_digits and left_right_stated: one shape's place stated, compared with a bare digit ("The
     {color} {shape} is at {p}. Is the {color} {shape} left or right of {q}?"): one binding to read back."""
@@ -327,6 +337,17 @@ def ask_left_right_one_of_two_kinds(rng, scene):
     if (placed := placed_pair(rng, scene)) is None or placed[0][0].kind == placed[0][1].kind:
         return None
     return one_of_two(rng, *placed, lambda shape: shape.kind)
+
+
+def ask_left_right_one_of_two_kinds_either(rng, scene):
+    """left_right_one_of_two_kinds with the named shape on either side of the question, half the time after the
+    digit ("Is 5 left or right of the square?"): the lookup that left_right_stated_kinds needs in each of its two
+    places, one at a time."""
+    if (question := ask_left_right_one_of_two_kinds(rng, scene)) is None or rng.random() < 0.5:
+        return question
+    text, answer = question
+    told, shape, digit = re.fullmatch(r"(.*) Is the (\w+) left or right of (\d+)\?", text).groups()
+    return f"{told} Is {digit} left or right of the {shape}?", "Right." if answer == "Left." else "Left."
 
 
 def ask_left_right_one_of_two_distinct(rng, scene):
@@ -432,6 +453,20 @@ def multi_image_kind_example(rng) -> dict:
     return example
 
 
+def ask_multi_image_kind_digit(rng, scene):
+    """A marker: `draw_example` draws `multi_image_kind_digit_example`."""
+    raise NotImplementedError
+
+
+def multi_image_kind_digit_example(rng) -> dict:
+    """multi_image_kind's question answered by the picture's digit alone ("2." for "Picture 2."): the number
+    written at the first answer token, where colour's word is, instead of two tokens in."""
+    example = multi_image_kind_example(rng)
+    answer = example["messages"][-1]
+    answer["content"] = answer["content"].removeprefix("Picture ")
+    return example
+
+
 def multi_image_one_each(rng, shared: bool) -> dict:
     """The world's several-picture question with one shape in each picture. The other pictures' shapes share
     neither colour nor kind with the asked one (shared=False: either word alone finds it), or each exactly one of
@@ -468,15 +503,17 @@ def ask_count_balanced(rng, scene):
 
 QUESTIONS = dict(world.SCENE_QUESTIONS, side=ask_side, left_right_of_two=ask_left_right_of_two,
                  left_right_reasoned=ask_left_right_reasoned, left_right_stated=ask_left_right_stated,
+                 left_right_stated_kinds=ask_left_right_stated_kinds,
                  compare_digits=ask_compare_digits, left_right_one_fact=ask_left_right_one_fact,
                  left_right_one_of_two=ask_left_right_one_of_two,
                  left_right_one_of_two_kinds=ask_left_right_one_of_two_kinds,
                  left_right_one_of_two_distinct=ask_left_right_one_of_two_distinct,
+                 left_right_one_of_two_kinds_either=ask_left_right_one_of_two_kinds_either,
                  left_right_kinds=ask_left_right_kinds,
                  multi_image=ask_multi_image, multi_image_lone=ask_multi_image_lone,
                  multi_image_distinct=ask_multi_image_distinct, multi_image_shared=ask_multi_image_shared,
                  multi_image_color=ask_multi_image_color, multi_image_kind=ask_multi_image_kind,
-                 count_balanced=ask_count_balanced)
+                 multi_image_kind_digit=ask_multi_image_kind_digit, count_balanced=ask_count_balanced)
 REASONED = ("left_right_reasoned",)  # their answers open with a thinking block: trained and asked thinking-on
 
 
@@ -485,7 +522,26 @@ OWN_EXAMPLES = {ask_multi_image: world.multi_image_example, ask_multi_image_lone
                 ask_multi_image_distinct: partial(multi_image_one_each, shared=False),
                 ask_multi_image_shared: partial(multi_image_one_each, shared=True),
                 ask_multi_image_kind: multi_image_kind_example, ask_multi_image_color: multi_image_color_example,
+                ask_multi_image_kind_digit: multi_image_kind_digit_example,
                 ask_count_balanced: dm.count_example}
+
+
+def half_decides(example) -> bool | None:
+    """For a left/right question about one picture ("Is the {a} left or right of the {b}?", a named by colour and
+    kind or by kind alone): whether the half of the picture that a's centre is in gives the right answer (left half:
+    "Left."), the one-lookup reading that is right about 90 % of the time over the world's questions; else None."""
+    question = evaluate._prompt(example)[-1]["content"]
+    question = question[-1]["text"] if isinstance(question, list) else question
+    named = re.search(r"Is the ([a-z ]+) left or right of the [a-z ]+\?$", question)
+    if named is None or len(example.get("scenes", [])) != 1:
+        return None
+    scene = example["scenes"][0]
+    shapes = [s for s in scene.shapes if s.name == named.group(1)] or [
+        s for s in scene.shapes if s.kind == named.group(1)]
+    if len(shapes) != 1:
+        return None  # a stated form's kind that the picture holds twice: its place is the stated one's
+    [shape] = shapes
+    return (shape.cx < scene.width / 2) == (evaluate._answer(example).strip() == "Left.")
 
 
 def draw_example(rng, ask, growth: float = 1.0) -> dict:
@@ -652,6 +708,7 @@ def main():
         model.eval()
         rng, right, asked = random.Random(HELD_OUT_SEED), Counter(), Counter()
         right_by_answer, asked_by_answer = Counter(), Counter()
+        right_by_half, asked_by_half = Counter(), Counter()
         for _ in range(args.held_out):
             example = draw_example(rng, question)
             answer = evaluate._answer(example).split(THINK_END)[-1].strip()
@@ -668,6 +725,9 @@ def main():
                 asked[key] += 1
             right_by_answer[case.expected] += got == case.expected
             asked_by_answer[case.expected] += 1
+            if (half := half_decides(example)) is not None:
+                right_by_half[half] += got == case.expected
+                asked_by_half[half] += 1
         sums = ""
         if args.sums_first or args.sum_share:
             sums = f"  sums {dm.answer_accuracy(dm.teacher_forced(model), held_out_sums):.0%}"
@@ -677,6 +737,10 @@ def main():
         if len(asked_by_answer) <= 6:
             print("  by the right answer: " + "  ".join(f"{k!r} {right_by_answer[k]}/{asked_by_answer[k]}"
                                                        for k in sorted(asked_by_answer)), flush=True)
+        if asked_by_half:
+            print("  where the first-named shape's half of the picture gives the answer: "
+                  + "  ".join(f"{'yes' if k else 'no'} {right_by_half[k]}/{asked_by_half[k]}"
+                              for k in (True, False)), flush=True)
         model.train()
 
     trainer = training.Trainer(model, None, training.TrainConfig(

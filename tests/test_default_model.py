@@ -396,12 +396,15 @@ def test_train_default_writes_weights_and_a_log_with_held_out_checks(tmp_path):
 
     output = train_default(tmp_path / "model", steps=2, tokens_per_batch=512, warmup=1, log_every=1,
                            probe_every=2, progress=False, vision_steps=2, scaffold_rows=100, tool_tail=1,
-                           settle_steps=1)
+                           settle_steps=1, vision_pictures=4, vision_clips=2, scaffold_position=True,
+                           binding_questions=("color", "side"))
     assert not (tmp_path / "model.partial").exists()
     log = (output / "training_log.txt").read_text()
     assert "vision step    2" in log and "step     2" in log and "held-out answers right: color" in log
     assert "binding scaffold" in log and "the last 1 steps tool-heavy" in log
     assert "then 1 steps at the final learning rate" in log
+    assert "4 pictures and 2 clips a tower pretraining batch" in log and "centre tokens with their places" in log
+    assert "color 1/2, side 1/2 questions among the sum stage's sums" in log
     rates = dict(re.findall(r"^step +(\d+) .*  lr (\S+)", log, re.M))
     assert rates["3"] == rates["2"]  # the settling step keeps the schedule's last rate
     model, processor = load(output)
@@ -516,6 +519,11 @@ def test_train_default_refuses_a_missing_vision_tower_before_writing(tmp_path, c
     with pytest.raises(SystemExit):
         main(["--output", str(tmp_path / "model"), "--vision-motion", "-1"])
     assert "--vision-motion -1.0: a weight, 0 or more" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="vision_pictures 0, vision_clips 0: counts of a tower pretraining"):
+        train_default(tmp_path / "model", steps=1, vision_pictures=0, vision_clips=0)
+    with pytest.raises(SystemExit):
+        main(["--output", str(tmp_path / "model"), "--vision-clips", "-2"])
+    assert "--vision-pictures 24 --vision-clips -2: counts of a tower pretraining" in capsys.readouterr().err
     with pytest.raises(ValueError, match="sum_stage -1: a number of rows"):
         train_default(tmp_path / "model", steps=1, sum_stage=-1)
     with pytest.raises(ValueError, match="steps 1000: an opening of 59200 rows adds 925 steps"):
@@ -736,6 +744,35 @@ def test_binding_questions_the_scaffold_cannot_answer_are_refused_before_anythin
     with pytest.raises(ValueError, match=r"binding_questions \('describe',\): one or more of \('color', 'shape', "):
         train_default(tmp_path / "model", binding_questions=("describe",))
     assert not any(tmp_path.iterdir())
+
+
+def test_side_asks_which_half_a_named_shape_is_in_and_skips_the_middle_third():
+    """`ask_side` on a hand-placed scene: the red circle (x 20 of 120) is on the left, the blue square (x 100) on
+    the right, the green triangle in the middle third (x 55) is never asked; two shapes sharing a name are not
+    asked either; "side" in the binding questions draws it there."""
+    from mlx_qwen35.train import world
+    from mlx_qwen35.train.default_model import ask_side, training_examples
+
+    scene = world.Scene(120, 60, (255, 255, 255), [world.Shape("circle", "red", 20, 30, 8),
+                                                   world.Shape("square", "blue", 100, 30, 8),
+                                                   world.Shape("triangle", "green", 55, 30, 8)])
+    rng = random.Random(3)
+    asked = {ask_side(rng, scene) for _ in range(60)}
+    assert asked == {("Is the red circle on the left or the right?", "Left."),
+                     ("Is the blue square on the left or the right?", "Right.")}
+    twins = world.Scene(120, 60, (255, 255, 255), [world.Shape("circle", "red", 15, 20, 6),
+                                                   world.Shape("circle", "red", 105, 40, 6)])
+    assert ask_side(rng, twins) is None
+    rows = list(itertools.islice(training_examples(0, binding_questions=("side",), sum_stage=10, binding_stage=20,
+                                                   first_stage=0), 30))
+    sides = [e for e in rows if e.get("scenes")]
+    assert len(sides) == 20
+    for example in sides:
+        [scene] = example["scenes"]
+        name = re.fullmatch(r"Is the (\w+ \w+) on the left or the right\?",
+                            example["messages"][0]["content"][-1]["text"]).group(1)
+        [shape] = [s for s in scene.shapes if s.name == name]
+        assert example["messages"][1]["content"] == ("Left." if shape.cx < scene.width / 2 else "Right.")
 
 
 def test_counting_rows_ask_the_worlds_count_question_with_every_count_about_as_often():

@@ -378,3 +378,51 @@ def test_picture_index_puts_each_pictures_digit_at_its_centres(tmp_path):
     # the first picture's centre is its first token, the second's its last (of 2x2 tokens each)
     assert np.allclose(extra[0], np.arange(8, 16)) and np.allclose(extra[7], np.arange(16, 24))
     assert not np.delete(extra, [0, 7], axis=0).any()
+
+
+def test_the_thirty_eighth_sessions_questions_ask_what_they_say():
+    """The kind-named stated form, the lookup on either side of a digit, the several-picture question answered
+    by its digit, and the split by the first-named shape's half, on hand-placed scenes (places in hundredths:
+    the circle at 12, the square at 83)."""
+    distinct = world.Scene(120, 60, (255, 255, 255), [world.Shape("circle", "red", 15, 30, 8),
+                                                      world.Shape("square", "blue", 100, 30, 8)])
+    same_kind = world.Scene(120, 60, (255, 255, 255), [world.Shape("circle", "red", 15, 30, 8),
+                                                       world.Shape("circle", "blue", 100, 30, 8)])
+    sides = set()
+    for seed in range(30):
+        question, answer = probe.ask_left_right_stated_kinds(random.Random(seed), distinct)
+        told, a, b = re.fullmatch(r"(.*) Is the (\w+) left or right of the (\w+)\?", question).groups()
+        assert told in ("The circle is at 12. The square is at 83.", "The square is at 83. The circle is at 12.")
+        assert answer == ("Left." if a == "circle" else "Right.") and {a, b} == {"circle", "square"}
+        assert probe.ask_left_right_stated_kinds(random.Random(seed), same_kind) is None
+        question, answer = probe.ask_left_right_one_of_two_kinds_either(random.Random(seed), distinct)
+        places = {"circle": 12, "square": 83}
+        if before := re.fullmatch(r".* Is the (\w+) left or right of (\d+)\?", question):
+            assert answer == ("Left." if places[before[1]] < int(before[2]) else "Right.")
+            sides.add("named first")
+        else:
+            digit, kind = re.fullmatch(r".* Is (\d+) left or right of the (\w+)\?", question).groups()
+            assert answer == ("Left." if int(digit) < places[kind] else "Right.")
+            sides.add("digit first")
+        example = probe.multi_image_kind_digit_example(random.Random(seed))
+        kind = re.fullmatch(r"Which picture has the (\w+)\?", example["messages"][0]["content"][-1]["text"]).group(1)
+        target = int(re.fullmatch(r"(\d)\.", example["messages"][-1]["content"]).group(1)) - 1
+        assert [scene.shapes[0].kind == kind for scene in example["scenes"]] == [
+            i == target for i in range(len(example["scenes"]))]
+    assert sides == {"named first", "digit first"}
+    # the red circle (left half) left of the blue square: its half gives the answer; a circle right of a square
+    # that lies further right still, both in the right half: it does not
+    ask = world.ask_left_right
+    not_left_right = world._chat(world._user([{"type": "text", "text": "What is 2 + 3?"}], "5."), "5.")
+    for scene, expected in ((distinct, {True}),
+                            (world.Scene(120, 60, (255, 255, 255), [world.Shape("circle", "red", 70, 30, 5),
+                                                                   world.Shape("square", "blue", 110, 30, 5)]),
+                             {True, False})):
+        seen = set()
+        for seed in range(20):
+            question, answer = ask(random.Random(seed), scene)
+            example = world._chat(world._user([{"type": "image", "image": None}], question), answer)
+            example["scenes"] = [scene]
+            seen.add(probe.half_decides(example))
+        assert seen == expected
+    assert probe.half_decides(not_left_right) is None

@@ -169,6 +169,21 @@ def test_pretraining_changes_the_tower_and_nothing_else():
             vp.pretrain_vision(tower, PROCESSOR, steps=1, pictures=pictures, videos=videos, log=lambda line: None)
 
 
+def test_position_directions_recover_a_known_place_component():
+    """Centre outputs built as mean + kind offset + colour offset + place @ D + small noise: the fitted directions
+    are D (float64 least squares on NumPy, not the code under test), and the class offsets are kept apart."""
+    rng = np.random.default_rng(0)
+    n, hidden = 2000, 6
+    kinds, colours = rng.integers(1, 4, n), rng.integers(1, 7, n)
+    places = rng.uniform(-1, 1, (n, 2))
+    kind_table, colour_table = rng.normal(0, 3, (4, hidden)), rng.normal(0, 3, (7, hidden))
+    directions = rng.normal(0, 2, (2, hidden))
+    outputs = 1.5 + kind_table[kinds] + colour_table[colours] + places @ directions + rng.normal(0, 0.01, (n, hidden))
+    means = vp.means_of({"outputs": outputs, "kind": kinds, "colour": colours, "centre": places}, position=True)
+    np.testing.assert_allclose(means["position"], directions, atol=0.05)
+    assert "position" not in vp.means_of({"outputs": outputs, "kind": kinds, "colour": colours, "centre": places})
+
+
 def test_class_means_and_the_scaffold_built_from_them():
     """A stand-in tower whose output at a merged token is its mean RGB: the colour offsets follow the colours
     (red's has the most red over green, blue's the most blue over red; orange and yellow are redder than red
@@ -191,3 +206,8 @@ def test_class_means_and_the_scaffold_built_from_them():
     np.testing.assert_allclose(features[centre], means["mean"] + means["kind"][vp.KIND_IDS["triangle"]]
                                + means["colour"][red], rtol=1e-6)
     assert not np.delete(features, centre, axis=0).any()
+    placed = dict(means, position=np.array([[1.0, 0.0, 0.0], [0.0, 10.0, 0.0]], np.float32))
+    with_places = vp.scaffold_features(placed, scene, tuple(int(v) for v in grid))
+    # (80, 40) in a 128 x 64 picture is at (0.25, 0.25) on the -1 to 1 scale across and down
+    np.testing.assert_allclose(with_places[centre] - features[centre], [0.25, 2.5, 0.0], rtol=1e-5)
+    assert not np.delete(with_places, centre, axis=0).any()

@@ -122,7 +122,8 @@ BINDING_QUESTIONS = ("color", "shape", "shape", "counting")
 # Answered from kinds and colours, all the scaffold holds; "counting" is `count_example`'s counting rows, which
 # on the scaffold count two and carry to the tower where through the tower alone they do not (probes, docs/
 # default-model.md, thirty-first session).
-SCAFFOLD_QUESTIONS = ("color", "shape", "count", "counting")
+# "side" is `ask_side`'s one-lookup place question, a curriculum question as counting is.
+SCAFFOLD_QUESTIONS = ("color", "shape", "count", "counting", "side")
 IMAGE_TURNS = 4
 STEPS = 4800
 # Run 31's opening (20,000 sums and 9,600 binding questions) filled about 925 steps of its 3,400-step schedule. A
@@ -165,6 +166,13 @@ VISION_CLIPS = 4
 # had none. Run 22 (18,000 rows, pictures grown by mixed row 4,000) did not form the choice either: the first
 # stage's lone shapes block it (GROWN_FIRST_STAGE below).
 SCAFFOLD_ROWS = 0
+# The scaffold's centre tokens also carry their place across and down along the tower's own directions for it
+# (`vision_pretrain.position_directions`). On that scaffold a fresh decoder trained on `ask_side` ("Is the
+# {color} {shape} on the left or the right?") and then on the world's left/right answered left/right 95 of 100;
+# without the places, or on the frozen tower's output, side was not learned in the same rows and left/right stayed
+# at one answer for every question, as in every run (probes, docs/default-model.md, thirty-eighth session). Off
+# until a full run with "side" among BINDING_QUESTIONS shows what it does to the recipe.
+SCAFFOLD_POSITION = False
 # The tool call writes its city after a newline ("<parameter=city>\nLima"), the question after a space (" Lima"):
 # two tokens of Qwen's pre-tokenisation, so a call must translate each city while add()'s digits are the same
 # tokens in both places (calls 98/98 in every run). Runs 16 and 18 never learned the translation (a call for
@@ -313,8 +321,9 @@ def training_examples(seed: int, first_stage: int = FIRST_STAGE, curriculum: int
     rng = random.Random(seed)
     generators = dict(world.GENERATORS, copy=copy_example, count=count_example,
                       tool=lambda rng: world.tool_example(rng, turns=rng.randint(1, TOOL_TURNS)))
+    scene_questions = dict(world.SCENE_QUESTIONS, side=ask_side)
     asks = [(lambda rng, growth: count_example(rng)) if name == "counting"
-            else partial(world.image_example, question=world.SCENE_QUESTIONS[name]) for name in binding_questions]
+            else partial(world.image_example, question=scene_questions[name]) for name in binding_questions]
 
     def binding_question(rng, growth=1.0):
         # one question name draws nothing from the stream, so colour alone replays the shipped runs' rows
@@ -400,6 +409,21 @@ def copy_example(rng: random.Random) -> dict:
 
     code = f"{rng.randint(0, 9999):04d}"
     return world._chat({"role": "user", "content": f"Repeat: {code}"}, f"{code}.")
+
+
+def ask_side(rng: random.Random, scene):
+    """"Is the {color} {shape} on the left or the right?" -> "Left." / "Right." about a shape unique by colour and
+    kind whose centre lies outside the picture's middle third, or None: a curriculum question, not a world
+    question. One place read at one shape, where the world's left/right compares two; the first shape's half
+    alone answers about 90 % of the world's left/right questions."""
+    from . import world
+
+    named = [s for s in scene.shapes if len(world.unique(scene, kind=s.kind, color=s.color)) == 1
+             and abs(s.cx - scene.width / 2) > scene.width / 6]
+    if not named:
+        return None
+    shape = rng.choice(named)
+    return f"Is the {shape.name} on the left or the right?", "Left." if shape.cx < scene.width / 2 else "Right."
 
 
 def count_example(rng: random.Random) -> dict:
@@ -510,7 +534,9 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                   tower_first_stage: bool = TOWER_FIRST_STAGE, binding_questions: tuple = BINDING_QUESTIONS,
                   sum_stage: int = SUM_STAGE, stretch_opening: bool = False, schedule_steps: int | None = None,
                   settle_steps: int = SETTLE_STEPS, count_rows: float = COUNT_ROWS,
-                  vision_motion: float = VISION_MOTION_WEIGHT, learning_rate: float = 2e-3,
+                  vision_motion: float = VISION_MOTION_WEIGHT, vision_pictures: int = VISION_PICTURES,
+                  vision_clips: int = VISION_CLIPS, scaffold_position: bool = SCAFFOLD_POSITION,
+                  learning_rate: float = 2e-3,
                   warmup: int = 100, log_every: int = 25, probe_every: int = 100, progress: bool = True) -> Path:
     """Train the default model into `output` (written atomically: weights, configs, tokenizer, training_log.txt).
     At logging steps that are multiples of `probe_every` (0: never) the log also gets held-out per-skill
@@ -528,7 +554,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     for STEPS, else `steps`); `settle_steps`: steps added after `steps` at the schedule's final rate, drawing
     SETTLE_MIX (SETTLE_STEPS); `count_rows`: the mixed stage's weight of counting rows (`count_example`,
     COUNT_ROWS) beside TRAIN_MIX's; `vision_motion`: the tower pretraining's motion head weight
-    (VISION_MOTION_WEIGHT)."""
+    (VISION_MOTION_WEIGHT); `vision_pictures`, `vision_clips`: each tower pretraining batch's pictures and clips
+    (VISION_PICTURES, VISION_CLIPS); `scaffold_position`: the scaffold's centre tokens carry their place (SCAFFOLD_POSITION)."""
     import mlx.optimizers as optim
 
     from ..platform import cpu_setup
@@ -564,6 +591,9 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
         raise ValueError(f"count_rows {count_rows}: a weight, 0 or more")
     if vision_motion < 0:
         raise ValueError(f"vision_motion {vision_motion}: a weight, 0 or more")
+    if vision_pictures < 0 or vision_clips < 0 or vision_pictures + vision_clips == 0:
+        raise ValueError(f"vision_pictures {vision_pictures}, vision_clips {vision_clips}: counts of a tower "
+                         "pretraining batch's items, 0 or more, not both 0")
     if not 0 <= tool_tail <= steps:
         raise ValueError(f"tool_tail {tool_tail}: a number of steps from 0 to steps ({steps})")
     if tower_first_stage and not grown_first_stage:
@@ -589,6 +619,9 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                  + (f", then {settle_steps} steps at the final learning rate (SETTLE_MIX)" if settle_steps else "")
                  + (f", counting rows at weight {count_rows} in the mixed stage" if count_rows else "")
                  + (f", the tower pretrained to read motion too (weight {vision_motion})" if vision_motion else "")
+                 + (f", {vision_pictures} pictures and {vision_clips} clips a tower pretraining batch"
+                    if (vision_pictures, vision_clips) != (VISION_PICTURES, VISION_CLIPS) else "")
+                 + (", the scaffold's centre tokens with their places" if scaffold_position else "")
                  + (f", picture scenes grown over {picture_curriculum} mixed rows"
                     if picture_curriculum != CURRICULUM_EXAMPLES else "")
                  + (f", {sum_stage} sums in the sum stage" if sum_stage != SUM_STAGE else "")
@@ -616,7 +649,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
         log(f"# vision tower loaded from {vision_weights} (pretrained beforehand, not in this run's time)")
     elif vision_steps:
         pretrain_vision(model.model.visual, processor, vision_steps, seed=seed, log=log, max_shapes=VISION_MAX_SHAPES,
-                        pictures=VISION_PICTURES, videos=VISION_CLIPS, motion_weight=vision_motion)
+                        pictures=vision_pictures, videos=vision_clips, motion_weight=vision_motion)
 
     train_config = TrainConfig(steps=steps, learning_rate=learning_rate, moe_aux_weight=0.01, mtp_weight=0.3,
                                seed=seed, progress=False, grad_clip=1.0, weight_decay=0.01,
@@ -635,7 +668,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
         [lambda path, _: path.startswith("model.visual")])
     means = None
     if scaffold_rows or grown_first_stage or binding_stage:
-        means = class_means(model.model.visual, processor, seed=seed + 5_000_101)
+        means = class_means(model.model.visual, processor, seed=seed + 5_000_101, position=scaffold_position)
         log("# binding scaffold: picture rows read the tower's class means"
             + (" in the binding stage," if binding_stage else "")
             + (" in the first stage and" if grown_first_stage and not tower_first_stage else "")
@@ -740,7 +773,8 @@ def main(argv=None) -> int:
     parser.add_argument("--binding-questions", nargs="+", choices=SCAFFOLD_QUESTIONS, default=BINDING_QUESTIONS,
                         help="what the binding stage and the grown first stage ask, one drawn at random a row "
                         "(a name given twice is drawn twice as often; counting: the counting rows, each count 0-4 "
-                        "equally often)")
+                        "equally often; side: \"Is the {color} {shape} on the left or the right?\", best with "
+                        "--scaffold-position)")
     parser.add_argument("--sum-stage", type=int, default=SUM_STAGE,
                         help="sums that open the curriculum, the binding stage's questions shuffled among them")
     parser.add_argument("--stretch-opening", action="store_true",
@@ -764,6 +798,13 @@ def main(argv=None) -> int:
     parser.add_argument("--vision-motion", type=float, default=VISION_MOTION_WEIGHT, help="the tower pretraining "
                         "also reads which way each clip's shapes move, at this loss weight (VISION_MOTION_WEIGHT; "
                         "0: not)")
+    parser.add_argument("--vision-pictures", type=int, default=VISION_PICTURES,
+                        help="world pictures in each tower pretraining batch (VISION_PICTURES)")
+    parser.add_argument("--vision-clips", type=int, default=VISION_CLIPS,
+                        help="clips in each tower pretraining batch (VISION_CLIPS)")
+    parser.add_argument("--scaffold-position", action=argparse.BooleanOptionalAction, default=SCAFFOLD_POSITION,
+                        help="the binding scaffold's centre tokens also carry their place across and down, along "
+                        "the tower's directions for it (SCAFFOLD_POSITION; what the side question needs)")
     parser.add_argument("--settle", type=int, default=SETTLE_STEPS, help="steps added after --steps at the "
                         "schedule's final learning rate, drawing a video-heavy mix (SETTLE_MIX; 0: none)")
     args = parser.parse_args(argv)
@@ -788,6 +829,9 @@ def main(argv=None) -> int:
         parser.error(f"--count-rows {args.count_rows}: a weight, 0 or more")
     if args.vision_motion < 0:
         parser.error(f"--vision-motion {args.vision_motion}: a weight, 0 or more")
+    if args.vision_pictures < 0 or args.vision_clips < 0 or args.vision_pictures + args.vision_clips == 0:
+        parser.error(f"--vision-pictures {args.vision_pictures} --vision-clips {args.vision_clips}: counts of a "
+                     "tower pretraining batch's items, 0 or more, not both 0")
     if args.schedule_steps is not None and args.stretch_opening:
         parser.error("--schedule-steps: not with --stretch-opening (one stretch of the schedule at a time)")
     if args.schedule_steps is not None and not 0 < args.schedule_steps <= args.steps:
@@ -805,7 +849,8 @@ def main(argv=None) -> int:
                   tower_first_stage=args.tower_first_stage, binding_questions=tuple(args.binding_questions),
                   sum_stage=args.sum_stage, stretch_opening=args.stretch_opening,
                   schedule_steps=args.schedule_steps, settle_steps=args.settle, count_rows=args.count_rows,
-                  vision_motion=args.vision_motion)
+                  vision_motion=args.vision_motion, vision_pictures=args.vision_pictures,
+                  vision_clips=args.vision_clips, scaffold_position=args.scaffold_position)
     print(f"wrote {args.output}")
     return 0
 

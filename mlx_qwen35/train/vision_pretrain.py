@@ -221,14 +221,15 @@ def centre_outputs(visual, processor, pictures: int = 400, seed: int = 5_000_101
             "centre": np.concatenate(places)}
 
 
-def class_means(visual, processor, pictures: int = 400, seed: int = 5_000_101) -> dict:
+def class_means(visual, processor, pictures: int = 400, seed: int = 5_000_101, position: bool = False) -> dict:
     """The tower's mean output over the shape-centre tokens of `pictures` fresh world pictures, and each kind's
     and each colour's mean offset from it (row 0, "no shape", zero): the oracle of the binding scaffold in the
-    tower's own directions (`scaffold_features`; docs/default-model.md, "Forming the binding")."""
-    return means_of(centre_outputs(visual, processor, pictures, seed))
+    tower's own directions (`scaffold_features`; docs/default-model.md, "Forming the binding"). `position`: also
+    the tower's directions for a centre's place across and down (`position_directions`)."""
+    return means_of(centre_outputs(visual, processor, pictures, seed), position)
 
 
-def means_of(centres: dict) -> dict:
+def means_of(centres: dict, position: bool = False) -> dict:
     """`class_means` of `centre_outputs`' tokens."""
     outs = centres["outputs"]
     mean = outs.mean(0)
@@ -237,15 +238,30 @@ def means_of(centres: dict) -> dict:
         offsets[name] = np.zeros((count + 1, outs.shape[1]))
         for label in range(1, count + 1):
             offsets[name][label] = outs[centres[name] == label].mean(0) - mean
-    return {"mean": mean.astype(np.float32), "kind": offsets["kind"].astype(np.float32),
-            "colour": offsets["colour"].astype(np.float32)}
+    means = {"mean": mean.astype(np.float32), "kind": offsets["kind"].astype(np.float32),
+             "colour": offsets["colour"].astype(np.float32)}
+    if position:
+        means["position"] = position_directions(centres, means)
+    return means
+
+
+def position_directions(centres: dict, means: dict) -> np.ndarray:
+    """[2, out_hidden]: least-squares directions of a shape-centre token's place across and down (-1 to 1,
+    `token_labels`' "centre") in what the tower's output holds beyond its class means."""
+    rest = centres["outputs"] - means["mean"] - means["kind"][centres["kind"]] - means["colour"][centres["colour"]]
+    directions, *_ = np.linalg.lstsq(centres["centre"].astype(np.float64), rest, rcond=None)
+    return directions.astype(np.float32)
 
 
 def scaffold_features(means: dict, scene, grid) -> np.ndarray:
     """[tokens, out_hidden] for one picture's merged tokens: at each shape's centre token the tower's mean plus
-    that shape's kind and colour offsets (`class_means`), zeros on every other token: clean keys on which the
-    decoder forms choosing a shape by kind or colour, which it then keeps on the tower's own output."""
+    that shape's kind and colour offsets (`class_means`), and with `means["position"]` its place across and down
+    along the tower's directions for them, zeros on every other token: clean keys on which the decoder forms
+    choosing a shape by kind or colour (or reading its place), which it then keeps on the tower's own output."""
     labels = token_labels([scene], grid)
     centre = (labels["kind"] > 0)[:, None]
     kinds, colours = np.maximum(labels["kind"], 0), np.maximum(labels["colour"], 0)
-    return np.where(centre, means["mean"] + means["kind"][kinds] + means["colour"][colours], 0).astype(np.float32)
+    keys = means["mean"] + means["kind"][kinds] + means["colour"][colours]
+    if "position" in means:
+        keys = keys + labels["centre"] @ means["position"]
+    return np.where(centre, keys, 0).astype(np.float32)
