@@ -74,6 +74,8 @@ one run is one noisy measurement.
     --also QUESTION:SHARE      training rows also ask QUESTION (any --question choice), that share of them; the
                                held-out questions stay --question's (side:0.5 beside left_right: one lookup
                                of a place learned beside the question that needs two)
+    --also-after-switch        the --also rows only from --switch-at on (with --first: the first question alone,
+                               then the asked one beside --also's)
     --lone-first               before --switch-at, each picture holds one large shape (world growth 0), as in
                                the recipe's first stage (the rows already pooled for batching finish as drawn)
     --sums-first ROWS          the world's sums alone before any picture, as the recipe's sum stage
@@ -581,6 +583,7 @@ def main():
     parser.add_argument("--switch-to", default=None)
     parser.add_argument("--first", choices=sorted(QUESTIONS), help="the question trained before --switch-at")
     parser.add_argument("--also", help="QUESTION:SHARE, a second question for that share of the training rows")
+    parser.add_argument("--also-after-switch", action="store_true")
     parser.add_argument("--lone-first", action="store_true")
     parser.add_argument("--sums-first", type=int, default=0)
     parser.add_argument("--sum-share", type=float, default=0.0)
@@ -601,6 +604,8 @@ def main():
             parser.error(f"{flag} {error}")
     if bool(args.switch_to or args.first) != bool(args.switch_at):
         parser.error("--switch-at goes with --switch-to or --first")
+    if args.also_after_switch and not (args.also and args.first):
+        parser.error("--also-after-switch goes with --also and --first (the --also rows join after the switch)")
     if args.lone_first and not args.switch_at:
         parser.error("--lone-first needs --switch-at (where the world's pictures begin)")
     if args.sums_first < 0:
@@ -666,7 +671,8 @@ def main():
                 row = dm.encode_example(world.sum_example(rng), processor, thinking_rng)
                 row.words = no_words
             else:
-                asked = also if also and rng.random() < also_share else (first[0] or question)
+                beside = also and not (args.also_after_switch and first[0] is not None)
+                asked = also if beside and rng.random() < also_share else (first[0] or question)
                 example = draw_example(rng, asked, growth=0.0 if lone[0] else 1.0)
                 if asked is question and args.question in REASONED:
                     example["thinking"] = True

@@ -167,11 +167,11 @@ VISION_CLIPS = 4
 # stage's lone shapes block it (GROWN_FIRST_STAGE below).
 SCAFFOLD_ROWS = 0
 # The scaffold's centre tokens also carry their place across and down along the tower's own directions for it
-# (`vision_pretrain.position_directions`). On that scaffold a fresh decoder trained on `ask_side` ("Is the
-# {color} {shape} on the left or the right?") and then on the world's left/right answered left/right 95 of 100;
-# without the places, or on the frozen tower's output, side was not learned in the same rows and left/right stayed
-# at one answer for every question, as in every run (probes, docs/default-model.md, thirty-eighth session). Off
-# until a full run with "side" among BINDING_QUESTIONS shows what it does to the recipe.
+# (`vision_pretrain.position_directions`). A fresh decoder trained on `ask_side` ("Is the {color} {shape} on the
+# left or the right?") on that scaffold, then on the world's left/right through the tower, answered left/right
+# 91-92 of 100; without the places, or through the frozen tower alone, side was not learned in the same rows, and
+# with colour questions shuffled in beside both stages left/right stayed at one answer, as in every run (probes,
+# docs/default-model.md, thirty-eighth session). Off until a recipe gives side and left/right stages of their own.
 SCAFFOLD_POSITION = False
 # The tool call writes its city after a newline ("<parameter=city>\nLima"), the question after a space (" Lima"):
 # two tokens of Qwen's pre-tokenisation, so a call must translate each city while add()'s digits are the same
