@@ -246,7 +246,7 @@ def fit_positions(centres: dict, means: dict) -> np.ndarray:
             - means["colour"][centres["colour"]])
     explained = 1 - ((rest - centres["centre"] @ directions) ** 2).sum() / (rest ** 2).sum()
     print(f"# position directions: {explained:.1%} of the centre tokens' remainder (beyond class means); norms "
-          f"{np.linalg.norm(directions, axis=1).round(2).tolist()} against kind offsets' "
+          f"{np.linalg.norm(directions.astype(np.float64), axis=1).round(2).tolist()} against kind offsets' "
           f"{np.linalg.norm(means['kind'][1:], axis=1).round(2).tolist()}", flush=True)
     return directions
 
