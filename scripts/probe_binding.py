@@ -293,11 +293,7 @@ def ask_left_right_stated(rng, scene):
     thinking gives them): the comparison and which named shape is which, with no place to read from the picture."""
     if (placed := placed_pair(rng, scene)) is None:
         return None
-    (a, b), places = placed
-    told = [f"The {a.name} is at {places[0]}.", f"The {b.name} is at {places[1]}."]
-    rng.shuffle(told)
-    return (f"{' '.join(told)} Is the {a.name} left or right of the {b.name}?",
-            "Left." if world.horizontal_order(a, b) == "left" else "Right.")
+    return both_stated(rng, *placed, lambda shape: shape.name)
 
 
 def ask_left_right_stated_kinds(rng, scene):
@@ -305,10 +301,16 @@ def ask_left_right_stated_kinds(rng, scene):
     circle left or right of the square?"), pairs of two kinds only: two one-word bindings, then the comparison."""
     if (placed := placed_pair(rng, scene)) is None or placed[0][0].kind == placed[0][1].kind:
         return None
-    (a, b), places = placed
-    told = [f"The {a.kind} is at {places[0]}.", f"The {b.kind} is at {places[1]}."]
+    return both_stated(rng, *placed, lambda shape: shape.kind)
+
+
+def both_stated(rng, pair, places, name):
+    """Both places stated ("The {name} is at {place}.", in either order), then the world's question about the
+    pair by those names."""
+    a, b = pair
+    told = [f"The {name(a)} is at {places[0]}.", f"The {name(b)} is at {places[1]}."]
     rng.shuffle(told)
-    return (f"{' '.join(told)} Is the {a.kind} left or right of the {b.kind}?",
+    return (f"{' '.join(told)} Is the {name(a)} left or right of the {name(b)}?",
             "Left." if world.horizontal_order(a, b) == "left" else "Right.")
 
 
