@@ -171,7 +171,7 @@ def test_pretraining_changes_the_tower_and_nothing_else():
 
 def test_position_directions_recover_a_known_place_component():
     """Centre outputs built as mean + kind offset + colour offset + place @ D + small noise: the fitted directions
-    are D (float64 least squares on NumPy, not the code under test), and the class offsets are kept apart."""
+    are the D the outputs were generated with (the reference is that matrix, not a computation of ours)."""
     rng = np.random.default_rng(0)
     n, hidden = 2000, 6
     kinds, colours = rng.integers(1, 4, n), rng.integers(1, 7, n)
