@@ -76,6 +76,8 @@ one run is one noisy measurement.
                                of a place learned beside the question that needs two)
     --also-after-switch        the --also rows only from --switch-at on (with --first: the first question alone,
                                then the asked one beside --also's)
+    --also-from N              the --also rows only from step N on (a third stage: --first alone, the question
+                               alone from --switch-at, then a mix from N, as the recipe's mix follows its stages)
     --lone-first               before --switch-at, each picture holds one large shape (world growth 0), as in
                                the recipe's first stage (the rows already pooled for batching finish as drawn)
     --sums-first ROWS          the world's sums alone before any picture, as the recipe's sum stage
@@ -586,6 +588,7 @@ def main():
     parser.add_argument("--first", choices=sorted(QUESTIONS), help="the question trained before --switch-at")
     parser.add_argument("--also", help="QUESTION:SHARE, a second question for that share of the training rows")
     parser.add_argument("--also-after-switch", action="store_true")
+    parser.add_argument("--also-from", type=int, default=0)
     parser.add_argument("--lone-first", action="store_true")
     parser.add_argument("--sums-first", type=int, default=0)
     parser.add_argument("--sum-share", type=float, default=0.0)
@@ -608,6 +611,10 @@ def main():
         parser.error("--switch-at goes with --switch-to or --first")
     if args.also_after_switch and not (args.also and args.first):
         parser.error("--also-after-switch goes with --also and --first (the --also rows join after the switch)")
+    if args.also_from and not (args.also and 0 < args.also_from <= args.steps):
+        parser.error(f"--also-from {args.also_from}: a step within --steps, with --also (the rows that join there)")
+    if args.also_from and args.also_after_switch:
+        parser.error("--also-from and --also-after-switch both say where the --also rows join: give one")
     if args.lone_first and not args.switch_at:
         parser.error("--lone-first needs --switch-at (where the world's pictures begin)")
     if args.sums_first < 0:
@@ -664,6 +671,7 @@ def main():
 
     lone = [args.lone_first]
     first = [QUESTIONS[args.first] if args.first else None]
+    mixing = [not args.also_from]
 
     def rows():
         rng, thinking_rng = random.Random(args.seed + 123), random.Random(args.seed + 124)
@@ -673,7 +681,7 @@ def main():
                 row = dm.encode_example(world.sum_example(rng), processor, thinking_rng)
                 row.words = no_words
             else:
-                beside = also and not (args.also_after_switch and first[0] is not None)
+                beside = also and mixing[0] and not (args.also_after_switch and first[0] is not None)
                 asked = also if beside and rng.random() < also_share else (first[0] or question)
                 example = draw_example(rng, asked, growth=0.0 if lone[0] else 1.0)
                 if asked is question and args.question in REASONED:
@@ -780,6 +788,9 @@ def main():
             features.mode = parse_features(args.switch_to)
             lone[0] = False
             print(f"step {step}  features now {args.switch_to}", flush=True)
+        if args.also_from and step == args.also_from:
+            mixing[0] = True
+            print(f"step {step}  training rows now also ask {args.also}", flush=True)
         record = trainer.train_step(with_aux(batch_rows))
         if step % args.every == 0 or step == args.steps:
             print(f"step {step}  rows {seen}  loss {record['loss']:.3f}  {time.perf_counter() - start:.0f} s",

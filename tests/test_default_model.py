@@ -397,7 +397,7 @@ def test_train_default_writes_weights_and_a_log_with_held_out_checks(tmp_path):
     output = train_default(tmp_path / "model", steps=2, tokens_per_batch=512, warmup=1, log_every=1,
                            probe_every=2, progress=False, vision_steps=2, scaffold_rows=100, tool_tail=1,
                            settle_steps=1, vision_pictures=4, vision_clips=2, scaffold_position=True,
-                           binding_questions=("color", "side"))
+                           binding_questions=("color", "side"), side_stage=3, left_right_stage=2)
     assert not (tmp_path / "model.partial").exists()
     log = (output / "training_log.txt").read_text()
     assert "vision step    2" in log and "step     2" in log and "held-out answers right: color" in log
@@ -405,6 +405,7 @@ def test_train_default_writes_weights_and_a_log_with_held_out_checks(tmp_path):
     assert "then 1 steps at the final learning rate" in log
     assert "4 pictures and 2 clips a tower pretraining batch" in log and "centre tokens with their places" in log
     assert "color 1/2, side 1/2 questions among the sum stage's sums" in log
+    assert "after the opening 3 side questions on the scaffold, then 2 left/right questions through the tower" in log
     rates = dict(re.findall(r"^step +(\d+) .*  lr (\S+)", log, re.M))
     assert rates["3"] == rates["2"]  # the settling step keeps the schedule's last rate
     model, processor = load(output)
@@ -524,6 +525,11 @@ def test_train_default_refuses_a_missing_vision_tower_before_writing(tmp_path, c
     with pytest.raises(SystemExit):
         main(["--output", str(tmp_path / "model"), "--vision-clips", "-2"])
     assert "--vision-pictures 24 --vision-clips -2: counts of a tower pretraining" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="side_stage 0, left_right_stage -1: numbers of rows, 0 or more"):
+        train_default(tmp_path / "model", steps=1, left_right_stage=-1)
+    with pytest.raises(SystemExit):
+        main(["--output", str(tmp_path / "model"), "--side-stage", "-5"])
+    assert "--side-stage -5: a number of rows, 0 or more" in capsys.readouterr().err
     with pytest.raises(ValueError, match="sum_stage -1: a number of rows"):
         train_default(tmp_path / "model", steps=1, sum_stage=-1)
     with pytest.raises(ValueError, match="steps 1000: an opening of 59200 rows adds 925 steps"):
@@ -645,11 +651,51 @@ def test_tower_first_stage_reads_the_worlds_scenes_through_the_tower_after_a_bin
                                        + binding_stage + first_stage] and first_stage_on_scaffold
 
 
+def test_side_and_left_right_stages_follow_the_opening_each_alone_the_side_rows_on_the_scaffold(tmp_path):
+    """After the opening come `side_stage` side questions, every one read through the scaffold, then
+    `left_right_stage` of the world's left/right questions, every one through the tower, each answer the scene's
+    own (the named shapes' centres decide it); then the first stage as before."""
+    from mlx_qwen35.train.default_model import training_examples, world_rows, write_skeleton
+    _, processor = write_skeleton(tmp_path, seed=0)
+    means = {"mean": np.ones(192, np.float32), "kind": np.ones((4, 192), np.float32),
+             "colour": np.ones((7, 192), np.float32), "position": np.ones((2, 192), np.float32)}
+    sum_stage, binding_stage, side_stage, left_right_stage, first_stage = 12, 6, 10, 9, 8
+    stages = dict(sum_stage=sum_stage, binding_stage=binding_stage, side_stage=side_stage,
+                  left_right_stage=left_right_stage, first_stage=first_stage, grown_first_stage=True)
+    opening = sum_stage + binding_stage
+    total = opening + side_stage + left_right_stage + first_stage
+    examples = list(itertools.islice(training_examples(0, **stages), total))
+
+    def text(example):
+        return example["messages"][0]["content"][-1]["text"]
+
+    def centre_x(scene, name):
+        [shape] = [s for s in scene.shapes if s.name == name]
+        return shape.cx
+
+    for example in examples[opening:opening + side_stage]:
+        [scene] = example["scenes"]
+        name = re.fullmatch(r"Is the (\w+ \w+) on the left or the right\?", text(example)).group(1)
+        assert example["messages"][1]["content"] == ("Left." if centre_x(scene, name) < scene.width / 2 else "Right.")
+    for example in examples[opening + side_stage:opening + side_stage + left_right_stage]:
+        [scene] = example["scenes"]
+        first, second = re.fullmatch(r"Is the (\w+ \w+) left or right of the (\w+ \w+)\?", text(example)).groups()
+        left = centre_x(scene, first) < centre_x(scene, second)
+        assert example["messages"][1]["content"] == ("Left." if left else "Right.")
+    assert text(examples[opening + side_stage + left_right_stage]).startswith("What color is the")
+    rows = list(itertools.islice(world_rows(0, processor, means, tower_first_stage=True, **stages), total))
+    scaffolded = [i for i, row in enumerate(rows) if row.image_features is not None]
+    binding_at = [i for i, e in enumerate(examples[:opening]) if e.get("scenes")]
+    assert scaffolded == binding_at + list(range(opening, opening + side_stage))
+
+
 @pytest.mark.parametrize("flags, message, kwargs, api_message", [
     (["--tower-first-stage", "--no-grown-first-stage"], "--tower-first-stage: only with --grown-first-stage",
      dict(tower_first_stage=True, grown_first_stage=False), "tower_first_stage: only with grown_first_stage"),
     (["--city-pieces", "--no-city-words"], "--city-pieces: only with --city-words",
      dict(city_pieces=True, city_words=False), "city_pieces: only with city_words"),
+    (["--side-stage", "100", "--no-scaffold-position"], "--side-stage: only with --scaffold-position",
+     dict(side_stage=100, scaffold_position=False), "side_stage: only with scaffold_position"),
 ])
 def test_a_flag_without_the_one_it_needs_is_refused_before_anything_is_written(capsys, tmp_path, flags, message,
                                                                                kwargs, api_message):

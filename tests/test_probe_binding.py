@@ -192,7 +192,9 @@ def test_bad_arguments_are_named_before_anything_runs():
                         (["--layers", "0"], "--layers 0"), (["--also", "sides:0.5"], "--also sides:0.5"),
                         (["--also", "side:1"], "--also side:1"), (["--places", "1"], "--places 1"),
                         (["--also", "left_right_reasoned:0.5"], "--also left_right_reasoned:0.5"),
-                        (["--also", "color:0.5", "--also-after-switch"], "--also-after-switch")):
+                        (["--also", "color:0.5", "--also-after-switch"], "--also-after-switch"),
+                        (["--also-from", "300"], "--also-from 300"),
+                        (["--also", "color:0.5", "--also-from", "700", "--steps", "600"], "--also-from 700")):
         run = subprocess.run([sys.executable, str(ROOT / "scripts" / "probe_binding.py"), *args],
                              capture_output=True, text=True, timeout=120)
         assert run.returncode == 2 and named in run.stderr and not run.stdout

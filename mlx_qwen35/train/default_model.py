@@ -173,6 +173,13 @@ SCAFFOLD_ROWS = 0
 # with colour questions shuffled in beside both stages left/right stayed at one answer, as in every run (probes,
 # docs/default-model.md, thirty-eighth session). Off until a recipe gives side and left/right stages of their own.
 SCAFFOLD_POSITION = False
+# Two stages of their own after the opening (its binding questions and sums), each alone, as the probe that carried
+# left/right ran them: SIDE_STAGE side questions on the scaffold with places (needs SCAFFOLD_POSITION), then
+# LEFT_RIGHT_STAGE of the world's left/right questions through the tower; the first stage and the mix follow.
+# Shuffled among other questions neither stage carried (probes, docs/default-model.md, thirty-eighth and
+# thirty-ninth sessions). Off: no recipe has run them yet.
+SIDE_STAGE = 0
+LEFT_RIGHT_STAGE = 0
 # The tool call writes its city after a newline ("<parameter=city>\nLima"), the question after a space (" Lima"):
 # two tokens of Qwen's pre-tokenisation, so a call must translate each city while add()'s digits are the same
 # tokens in both places (calls 98/98 in every run). Runs 16 and 18 never learned the translation (a call for
@@ -305,10 +312,11 @@ def encode_example(example, processor, rng: random.Random, add_vision_id: bool =
 def training_examples(seed: int, first_stage: int = FIRST_STAGE, curriculum: int = CURRICULUM_EXAMPLES,
                       sum_stage: int = SUM_STAGE, mix: dict = TRAIN_MIX, picture_curriculum: int | None = None,
                       grown_first_stage: bool = False, binding_stage: int = 0,
-                      binding_questions: tuple = ("color",)):
+                      binding_questions: tuple = ("color",), side_stage: int = 0, left_right_stage: int = 0):
     """The training curriculum: `sum_stage` sums with `binding_stage` questions about the world's scenes
     shuffled among them (BINDING_STAGE; drawn from `binding_questions`, names in `world.SCENE_QUESTIONS`, as are
-    the grown first stage's); then `first_stage` rows that cycle through "What color
+    the grown first stage's); then `side_stage` side questions (`ask_side`) and `left_right_stage` of the world's
+    left/right questions, each stage alone, about the world's scenes; then `first_stage` rows that cycle through "What color
     is the {shape}?" about one large shape, a code to repeat, a sum and the direction of one large shape
     crossing a video; then the world's examples drawn with `mix` (TRAIN_MIX), image rows as 1-IMAGE_TURNS question
     conversations whose scenes (and videos) grow to the world's (growth 0 to 1) over the next `curriculum` mixed
@@ -341,6 +349,10 @@ def training_examples(seed: int, first_stage: int = FIRST_STAGE, curriculum: int
         rng.shuffle(opening)
     for colour in opening:
         yield binding_question(rng) if colour else world.sum_example(rng)
+    for _ in range(side_stage):
+        yield world.image_example(rng, question=ask_side)
+    for _ in range(left_right_stage):
+        yield world.image_example(rng, question=world.ask_left_right)
     for drawn in range(first_stage):
         yield first[drawn % len(first)](rng)
     for drawn in itertools.count():
@@ -448,23 +460,26 @@ def count_example(rng: random.Random) -> dict:
 def world_rows(seed: int, processor, means: dict | None = None, scaffold_rows: int = 0, sum_stage: int = SUM_STAGE,
                first_stage: int = FIRST_STAGE, curriculum: int = CURRICULUM_EXAMPLES, mix: dict = TRAIN_MIX,
                picture_curriculum: int | None = None, grown_first_stage: bool = False, binding_stage: int = 0,
-               tower_first_stage: bool = False, binding_questions: tuple = ("color",)):
+               tower_first_stage: bool = False, binding_questions: tuple = ("color",), side_stage: int = 0,
+               left_right_stage: int = 0):
     """Endless training rows drawn from the world with `seed` (`training_examples`); with the tower's `means`
-    (`vision_pretrain.class_means`), picture rows of the binding stage, among the first `scaffold_rows` of the
-    mixed stage and, with `grown_first_stage` but not `tower_first_stage`, of the first stage carry the binding
-    scaffold's image features."""
+    (`vision_pretrain.class_means`), picture rows of the binding stage and the side stage, among the first
+    `scaffold_rows` of the mixed stage and, with `grown_first_stage` but not `tower_first_stage`, of the first
+    stage carry the binding scaffold's image features; the left/right stage reads the tower."""
     from .vision_pretrain import scaffold_features
 
     rng = random.Random(seed + 1)
-    first_from = binding_stage + sum_stage
+    side_until = binding_stage + sum_stage + side_stage
+    first_from = side_until + left_right_stage
     mixed_from = first_from + first_stage
     scaffold_from = first_from if grown_first_stage and not tower_first_stage else mixed_from
     examples = training_examples(seed, first_stage=first_stage, curriculum=curriculum, sum_stage=sum_stage, mix=mix,
                                  picture_curriculum=picture_curriculum, grown_first_stage=grown_first_stage,
-                                 binding_stage=binding_stage, binding_questions=binding_questions)
+                                 binding_stage=binding_stage, binding_questions=binding_questions,
+                                 side_stage=side_stage, left_right_stage=left_right_stage)
     for index, example in enumerate(examples):
         row = encode_example(example, processor, rng)
-        on_scaffold = index < first_from or scaffold_from <= index < mixed_from + scaffold_rows
+        on_scaffold = index < side_until or scaffold_from <= index < mixed_from + scaffold_rows
         if (means is not None and on_scaffold and row.image_grid_thw is not None
                 and row.pixel_values_videos is None and example.get("scenes")):
             row.image_features = np.concatenate([scaffold_features(means, scene, tuple(int(v) for v in grid))
@@ -536,6 +551,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                   settle_steps: int = SETTLE_STEPS, count_rows: float = COUNT_ROWS,
                   vision_motion: float = VISION_MOTION_WEIGHT, vision_pictures: int = VISION_PICTURES,
                   vision_clips: int = VISION_CLIPS, scaffold_position: bool = SCAFFOLD_POSITION,
+                  side_stage: int = SIDE_STAGE, left_right_stage: int = LEFT_RIGHT_STAGE,
                   learning_rate: float = 2e-3,
                   warmup: int = 100, log_every: int = 25, probe_every: int = 100, progress: bool = True) -> Path:
     """Train the default model into `output` (written atomically: weights, configs, tokenizer, training_log.txt).
@@ -555,7 +571,9 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     SETTLE_MIX (SETTLE_STEPS); `count_rows`: the mixed stage's weight of counting rows (`count_example`,
     COUNT_ROWS) beside TRAIN_MIX's; `vision_motion`: the tower pretraining's motion head weight
     (VISION_MOTION_WEIGHT); `vision_pictures`, `vision_clips`: each tower pretraining batch's pictures and clips
-    (VISION_PICTURES, VISION_CLIPS); `scaffold_position`: the scaffold's centre tokens carry their place (SCAFFOLD_POSITION)."""
+    (VISION_PICTURES, VISION_CLIPS); `scaffold_position`: the scaffold's centre tokens carry their place (SCAFFOLD_POSITION);
+    `side_stage`, `left_right_stage`: the stages of side, then left/right questions after the opening (SIDE_STAGE,
+    LEFT_RIGHT_STAGE)."""
     import mlx.optimizers as optim
 
     from ..platform import cpu_setup
@@ -594,6 +612,11 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     if vision_pictures < 0 or vision_clips < 0 or vision_pictures + vision_clips == 0:
         raise ValueError(f"vision_pictures {vision_pictures}, vision_clips {vision_clips}: counts of a tower "
                          "pretraining batch's items, 0 or more, not both 0")
+    if side_stage < 0 or left_right_stage < 0:
+        raise ValueError(f"side_stage {side_stage}, left_right_stage {left_right_stage}: numbers of rows, 0 or more")
+    if side_stage and not scaffold_position:
+        raise ValueError("side_stage: only with scaffold_position (on the scaffold without places the side question "
+                         "was not learned)")
     if not 0 <= tool_tail <= steps:
         raise ValueError(f"tool_tail {tool_tail}: a number of steps from 0 to steps ({steps})")
     if tower_first_stage and not grown_first_stage:
@@ -622,6 +645,9 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                  + (f", {vision_pictures} pictures and {vision_clips} clips a tower pretraining batch"
                     if (vision_pictures, vision_clips) != (VISION_PICTURES, VISION_CLIPS) else "")
                  + (", the scaffold's centre tokens with their places" if scaffold_position else "")
+                 + (f", after the opening {side_stage} side questions on the scaffold" if side_stage else "")
+                 + (f", {'then' if side_stage else 'after the opening'} {left_right_stage} left/right questions "
+                    "through the tower" if left_right_stage else "")
                  + (f", picture scenes grown over {picture_curriculum} mixed rows"
                     if picture_curriculum != CURRICULUM_EXAMPLES else "")
                  + (f", {sum_stage} sums in the sum stage" if sum_stage != SUM_STAGE else "")
@@ -667,7 +693,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
          optim.AdamW(learning_rate=schedule, betas=ADAM_BETAS, weight_decay=0.01)],
         [lambda path, _: path.startswith("model.visual")])
     means = None
-    if scaffold_rows or grown_first_stage or binding_stage:
+    if scaffold_rows or grown_first_stage or binding_stage or side_stage:
         means = class_means(model.model.visual, processor, seed=seed + 5_000_101, position=scaffold_position)
         log("# binding scaffold: picture rows read the tower's class means"
             + (" in the binding stage," if binding_stage else "")
@@ -676,7 +702,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     batches = length_batches(world_rows(seed, processor, means, scaffold_rows, picture_curriculum=picture_curriculum,
                                         grown_first_stage=grown_first_stage, binding_stage=binding_stage,
                                         tower_first_stage=tower_first_stage, binding_questions=binding_questions,
-                                        sum_stage=sum_stage,
+                                        sum_stage=sum_stage, side_stage=side_stage,
+                                        left_right_stage=left_right_stage,
                                         mix=dict(TRAIN_MIX, count=count_rows) if count_rows else TRAIN_MIX),
                              tokens_per_batch, seed=seed)
     probes = probe_rows(seed, processor) if probe_every else {}
@@ -805,6 +832,11 @@ def main(argv=None) -> int:
     parser.add_argument("--scaffold-position", action=argparse.BooleanOptionalAction, default=SCAFFOLD_POSITION,
                         help="the binding scaffold's centre tokens also carry their place across and down, along "
                         "the tower's directions for it (SCAFFOLD_POSITION; what the side question needs)")
+    parser.add_argument("--side-stage", type=int, default=SIDE_STAGE, help="after the opening, this many "
+                        "\"Is the {color} {shape} on the left or the right?\" rows alone, read through the scaffold "
+                        "(SIDE_STAGE; needs --scaffold-position)")
+    parser.add_argument("--left-right-stage", type=int, default=LEFT_RIGHT_STAGE, help="then this many of the "
+                        "world's left/right questions alone, read through the tower (LEFT_RIGHT_STAGE)")
     parser.add_argument("--settle", type=int, default=SETTLE_STEPS, help="steps added after --steps at the "
                         "schedule's final learning rate, drawing a video-heavy mix (SETTLE_MIX; 0: none)")
     args = parser.parse_args(argv)
@@ -832,6 +864,12 @@ def main(argv=None) -> int:
     if args.vision_pictures < 0 or args.vision_clips < 0 or args.vision_pictures + args.vision_clips == 0:
         parser.error(f"--vision-pictures {args.vision_pictures} --vision-clips {args.vision_clips}: counts of a "
                      "tower pretraining batch's items, 0 or more, not both 0")
+    for flag, rows in (("--side-stage", args.side_stage), ("--left-right-stage", args.left_right_stage)):
+        if rows < 0:
+            parser.error(f"{flag} {rows}: a number of rows, 0 or more")
+    if args.side_stage and not args.scaffold_position:
+        parser.error("--side-stage: only with --scaffold-position (on the scaffold without places the side question "
+                     "was not learned)")
     if args.schedule_steps is not None and args.stretch_opening:
         parser.error("--schedule-steps: not with --stretch-opening (one stretch of the schedule at a time)")
     if args.schedule_steps is not None and not 0 < args.schedule_steps <= args.steps:
@@ -850,7 +888,8 @@ def main(argv=None) -> int:
                   sum_stage=args.sum_stage, stretch_opening=args.stretch_opening,
                   schedule_steps=args.schedule_steps, settle_steps=args.settle, count_rows=args.count_rows,
                   vision_motion=args.vision_motion, vision_pictures=args.vision_pictures,
-                  vision_clips=args.vision_clips, scaffold_position=args.scaffold_position)
+                  vision_clips=args.vision_clips, scaffold_position=args.scaffold_position,
+                  side_stage=args.side_stage, left_right_stage=args.left_right_stage)
     print(f"wrote {args.output}")
     return 0
 
