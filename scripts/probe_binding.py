@@ -76,6 +76,10 @@ one run is one noisy measurement.
                                of a place learned beside the question that needs two)
     --also-after-switch        the --also rows only from --switch-at on (with --first: the first question alone,
                                then the asked one beside --also's)
+    --from-shipped             start from the shipped default model (its decoder, tower and tokenizer) instead of
+                               a fresh decoder: what stages late in a recipe would meet
+    --schedule-steps N         the learning rate's cosine ends at step N and stays at its final rate after it
+                               (default: --steps), so a longer probe repeats a shorter one's steps exactly
     --also-from N              the --also rows only from step N on (a third stage: --first alone, the question
                                alone from --switch-at, then a mix from N, as the recipe's mix follows its stages)
     --lone-first               before --switch-at, each picture holds one large shape (world growth 0), as in
@@ -573,6 +577,7 @@ def present(ids: np.ndarray) -> mx.array:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--features", default="oracle")
+    parser.add_argument("--from-shipped", action="store_true")
     parser.add_argument("--tower", type=Path, help="a vision tower's weights (safetensors) instead of the shipped one's")
     parser.add_argument("--tower-lr-scale", type=float, default=dm.VISION_LR_SCALE,
                         help="the tower's learning rate as a share of the decoder's; 0 freezes it")
@@ -595,6 +600,7 @@ def main():
     parser.add_argument("--vision-ids", action="store_true")
     parser.add_argument("--picture-index", type=float, default=0.0)
     parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--schedule-steps", type=int)
     parser.add_argument("--tokens-per-batch", type=int, default=1024)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--every", type=int, default=100)
@@ -615,6 +621,8 @@ def main():
         parser.error(f"--also-from {args.also_from}: a step within --steps, with --also (the rows that join there)")
     if args.also_from and args.also_after_switch:
         parser.error("--also-from and --also-after-switch both say where the --also rows join: give one")
+    if args.schedule_steps is not None and not 30 < args.schedule_steps <= args.steps:
+        parser.error(f"--schedule-steps {args.schedule_steps}: past the 30 warm-up steps, at most --steps")
     if args.lone_first and not args.switch_at:
         parser.error("--lone-first needs --switch-at (where the world's pictures begin)")
     if args.sums_first < 0:
@@ -637,19 +645,24 @@ def main():
             parser.error(f"--also {args.also}: QUESTION:SHARE, QUESTION one of {sorted(QUESTIONS)}, SHARE a number")
         if not 0 < also_share < 1 or name in REASONED:
             parser.error(f"--also {args.also}: a share between 0 and 1, of a question answered without thinking")
+    if args.from_shipped and (args.tower or args.layers != dm.TEXT_CONFIG["num_hidden_layers"]):
+        parser.error("--from-shipped: the shipped model as it is, not with --tower or --layers")
     if args.tower and not args.tower.is_file():
         parser.error(f"--tower {args.tower}: no such file")
 
     skeleton = Path("/tmp/probe-binding-skeleton")
     dm.TEXT_CONFIG["num_hidden_layers"] = args.layers
-    _, processor = dm.write_skeleton(skeleton, seed=args.seed)
-    model = dm.build_model(skeleton, seed=args.seed)
-    if args.tower:
-        model.model.visual.load_weights(str(args.tower))
-    elif any(mode in TOWER_MODES or mode == MEANS for mode in modes):
-        shipped, _ = mlx_qwen35.load()
-        model.model.visual.load_weights(list(tree_flatten(shipped.model.visual.parameters())))
-        del shipped
+    if args.from_shipped:
+        model, processor = mlx_qwen35.load()
+    else:
+        _, processor = dm.write_skeleton(skeleton, seed=args.seed)
+        model = dm.build_model(skeleton, seed=args.seed)
+        if args.tower:
+            model.model.visual.load_weights(str(args.tower))
+        elif any(mode in TOWER_MODES or mode == MEANS for mode in modes):
+            shipped, _ = mlx_qwen35.load()
+            model.model.visual.load_weights(list(tree_flatten(shipped.model.visual.parameters())))
+            del shipped
     if args.vision_ids:
         label_pictures(processor)
     features = Features(args.features, processor.tokenizer, model.model.language_model.embed_tokens,
@@ -764,7 +777,7 @@ def main():
         grad_clip=1.0, weight_decay=0.01, dense_experts=True))
 
     def schedule(peak):
-        return training.warmup_cosine(peak, 30, args.steps, start=peak * 0.01, final=peak * 0.1)
+        return training.warmup_cosine(peak, 30, args.schedule_steps or args.steps, start=peak * 0.01, final=peak * 0.1)
 
     if args.tower_lr_scale == 0:
         model.model.visual.freeze()

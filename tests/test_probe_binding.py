@@ -194,6 +194,8 @@ def test_bad_arguments_are_named_before_anything_runs():
                         (["--also", "left_right_reasoned:0.5"], "--also left_right_reasoned:0.5"),
                         (["--also", "color:0.5", "--also-after-switch"], "--also-after-switch"),
                         (["--also-from", "300"], "--also-from 300"),
+                        (["--schedule-steps", "900"], "--schedule-steps 900"),
+                        (["--from-shipped", "--layers", "2"], "--from-shipped"),
                         (["--also", "color:0.5", "--also-from", "700", "--steps", "600"], "--also-from 700")):
         run = subprocess.run([sys.executable, str(ROOT / "scripts" / "probe_binding.py"), *args],
                              capture_output=True, text=True, timeout=120)
