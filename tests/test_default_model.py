@@ -397,7 +397,8 @@ def test_train_default_writes_weights_and_a_log_with_held_out_checks(tmp_path):
     output = train_default(tmp_path / "model", steps=2, tokens_per_batch=512, warmup=1, log_every=1,
                            probe_every=2, progress=False, vision_steps=2, scaffold_rows=100, tool_tail=1,
                            settle_steps=1, vision_pictures=4, vision_clips=2, scaffold_position=True,
-                           binding_questions=("color", "side"), side_stage=3, left_right_stage=2)
+                           binding_questions=("color", "side"), side_stage=3, left_right_stage=2, late_stages=1,
+                           settle_left_right=0.2)
     assert not (tmp_path / "model.partial").exists()
     log = (output / "training_log.txt").read_text()
     assert "vision step    2" in log and "step     2" in log and "held-out answers right: color" in log
@@ -406,8 +407,11 @@ def test_train_default_writes_weights_and_a_log_with_held_out_checks(tmp_path):
     assert "4 pictures and 2 clips a tower pretraining batch" in log and "centre tokens with their places" in log
     assert "color 1/2, side 1/2 questions among the sum stage's sums" in log
     assert "after the opening 3 side questions on the scaffold, then 2 left/right questions through the tower" in log
+    assert "after the schedule 1 steps of side questions on the scaffold, then 1 of left/right questions" in log
+    assert "lone left/right questions at weight 0.2 in the settling mix" in log
+    assert re.search(r"^step +5 ", log, re.M) and not re.search(r"^step +6 ", log, re.M)  # 2 + 2 late + 1 settling
     rates = dict(re.findall(r"^step +(\d+) .*  lr (\S+)", log, re.M))
-    assert rates["3"] == rates["2"]  # the settling step keeps the schedule's last rate
+    assert rates["5"] == rates["4"] == rates["3"] == rates["2"]  # the late and settling steps keep the last rate
     model, processor = load(output)
     assert processor.tokenizer.encode("red") and model.config.text_config.num_experts == 8
 
@@ -530,6 +534,11 @@ def test_train_default_refuses_a_missing_vision_tower_before_writing(tmp_path, c
     with pytest.raises(SystemExit):
         main(["--output", str(tmp_path / "model"), "--side-stage", "-5"])
     assert "--side-stage -5: a number of rows, 0 or more" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="late_stages 0, settle_left_right -0.5: a number of steps and a weight"):
+        train_default(tmp_path / "model", steps=1, settle_left_right=-0.5)
+    with pytest.raises(SystemExit):
+        main(["--output", str(tmp_path / "model"), "--late-stages", "-2"])
+    assert "--late-stages -2: a number of steps, 0 or more" in capsys.readouterr().err
     with pytest.raises(ValueError, match="sum_stage -1: a number of rows"):
         train_default(tmp_path / "model", steps=1, sum_stage=-1)
     with pytest.raises(ValueError, match="steps 1000: an opening of 59200 rows adds 925 steps"):
@@ -689,6 +698,30 @@ def test_side_and_left_right_stages_follow_the_opening_each_alone_the_side_rows_
     assert scaffolded == binding_at + list(range(opening, opening + side_stage))
 
 
+def test_question_rows_ask_one_question_the_side_ones_on_the_scaffold_and_the_mix_can_draw_lone_left_right(tmp_path):
+    """The late stages' streams: side questions read through the scaffold, left/right questions through the tower,
+    each answer the scene's own; a mix naming "left_right" draws lone left/right questions."""
+    from mlx_qwen35.train import world
+    from mlx_qwen35.train.default_model import ask_side, question_rows, training_examples, write_skeleton
+    _, processor = write_skeleton(tmp_path, seed=0)
+    means = {"mean": np.ones(192, np.float32), "kind": np.ones((4, 192), np.float32),
+             "colour": np.ones((7, 192), np.float32), "position": np.ones((2, 192), np.float32)}
+    sides = list(itertools.islice(question_rows(0, processor, ask_side, means), 6))
+    assert all(row.image_features is not None and len(row.image_features) == int(np.prod(row.image_grid_thw[0])) // 4
+               for row in sides)
+    prompts = [processor.tokenizer.decode(row.input_ids.tolist()) for row in sides]
+    assert all("on the left or the right?" in prompt for prompt in prompts)
+    left_rights = list(itertools.islice(question_rows(0, processor, world.ask_left_right), 6))
+    assert all(row.image_features is None and row.image_grid_thw is not None for row in left_rights)
+    for example in itertools.islice(training_examples(0, sum_stage=0, first_stage=0, curriculum=0,
+                                                      mix={"left_right": 1.0}), 8):
+        [scene] = example["scenes"]
+        first, second = re.fullmatch(r"Is the (\w+ \w+) left or right of the (\w+ \w+)\?",
+                                     example["messages"][0]["content"][-1]["text"]).groups()
+        [a], [b] = ([s for s in scene.shapes if s.name == name] for name in (first, second))
+        assert example["messages"][1]["content"] == ("Left." if a.cx < b.cx else "Right.")
+
+
 @pytest.mark.parametrize("flags, message, kwargs, api_message", [
     (["--tower-first-stage", "--no-grown-first-stage"], "--tower-first-stage: only with --grown-first-stage",
      dict(tower_first_stage=True, grown_first_stage=False), "tower_first_stage: only with grown_first_stage"),
@@ -696,6 +729,8 @@ def test_side_and_left_right_stages_follow_the_opening_each_alone_the_side_rows_
      dict(city_pieces=True, city_words=False), "city_pieces: only with city_words"),
     (["--side-stage", "100", "--no-scaffold-position"], "--side-stage: only with --scaffold-position",
      dict(side_stage=100, scaffold_position=False), "side_stage: only with scaffold_position"),
+    (["--late-stages", "100", "--no-scaffold-position"], "--late-stages: only with --scaffold-position",
+     dict(late_stages=100, scaffold_position=False), "late_stages: only with scaffold_position"),
 ])
 def test_a_flag_without_the_one_it_needs_is_refused_before_anything_is_written(capsys, tmp_path, flags, message,
                                                                                kwargs, api_message):

@@ -180,6 +180,13 @@ SCAFFOLD_POSITION = False
 # thirty-ninth sessions). Off: no recipe has run them yet.
 SIDE_STAGE = 0
 LEFT_RIGHT_STAGE = 0
+# The same two stages late: after the schedule's steps, at its final rate, LATE_STAGES steps of side rows on the
+# scaffold (class means of the tower as it is then), LATE_STAGES of left/right rows through the tower, then the
+# settling steps, whose mix draws lone left/right questions at SETTLE_LEFT_RIGHT beside SETTLE_MIX's. Run 40
+# continued so (2e-4, 450 + 450 steps of 1,024 tokens, 800 settling ones): left/right 46 to 80 %, the rest
+# within a few points (docs/default-model.md, thirty-ninth session). Off: no recipe has run them yet.
+LATE_STAGES = 0
+SETTLE_LEFT_RIGHT = 0.0
 # The tool call writes its city after a newline ("<parameter=city>\nLima"), the question after a space (" Lima"):
 # two tokens of Qwen's pre-tokenisation, so a call must translate each city while add()'s digits are the same
 # tokens in both places (calls 98/98 in every run). Runs 16 and 18 never learned the translation (a call for
@@ -328,7 +335,8 @@ def training_examples(seed: int, first_stage: int = FIRST_STAGE, curriculum: int
 
     rng = random.Random(seed)
     generators = dict(world.GENERATORS, copy=copy_example, count=count_example,
-                      tool=lambda rng: world.tool_example(rng, turns=rng.randint(1, TOOL_TURNS)))
+                      tool=lambda rng: world.tool_example(rng, turns=rng.randint(1, TOOL_TURNS)),
+                      left_right=partial(world.image_example, question=world.ask_left_right))
     scene_questions = dict(world.SCENE_QUESTIONS, side=ask_side)
     asks = [(lambda rng, growth: count_example(rng)) if name == "counting"
             else partial(world.image_example, question=scene_questions[name]) for name in binding_questions]
@@ -466,8 +474,6 @@ def world_rows(seed: int, processor, means: dict | None = None, scaffold_rows: i
     (`vision_pretrain.class_means`), picture rows of the binding stage and the side stage, among the first
     `scaffold_rows` of the mixed stage and, with `grown_first_stage` but not `tower_first_stage`, of the first
     stage carry the binding scaffold's image features; the left/right stage reads the tower."""
-    from .vision_pretrain import scaffold_features
-
     rng = random.Random(seed + 1)
     side_until = binding_stage + sum_stage + side_stage
     first_from = side_until + left_right_stage
@@ -480,11 +486,30 @@ def world_rows(seed: int, processor, means: dict | None = None, scaffold_rows: i
     for index, example in enumerate(examples):
         row = encode_example(example, processor, rng)
         on_scaffold = index < side_until or scaffold_from <= index < mixed_from + scaffold_rows
-        if (means is not None and on_scaffold and row.image_grid_thw is not None
-                and row.pixel_values_videos is None and example.get("scenes")):
-            row.image_features = np.concatenate([scaffold_features(means, scene, tuple(int(v) for v in grid))
-                                                 for scene, grid in zip(example["scenes"], row.image_grid_thw)])
-        yield row
+        yield on_the_scaffold(row, example, means) if means is not None and on_scaffold else row
+
+
+def on_the_scaffold(row, example, means: dict):
+    """`row` with its pictures' image features the binding scaffold's (`vision_pretrain.scaffold_features`);
+    rows without pictures, or with a video, as they are."""
+    from .vision_pretrain import scaffold_features
+
+    if row.image_grid_thw is not None and row.pixel_values_videos is None and example.get("scenes"):
+        row.image_features = np.concatenate([scaffold_features(means, scene, tuple(int(v) for v in grid))
+                                             for scene, grid in zip(example["scenes"], row.image_grid_thw)])
+    return row
+
+
+def question_rows(seed: int, processor, ask, means: dict | None = None):
+    """Endless rows of one question (`ask`, a scene question) about the world's scenes; with `means`, their
+    pictures read through the binding scaffold."""
+    from . import world
+
+    rng, encode_rng = random.Random(seed), random.Random(seed + 1)
+    while True:
+        example = world.image_example(rng, question=ask)
+        row = encode_example(example, processor, encode_rng)
+        yield on_the_scaffold(row, example, means) if means is not None else row
 
 
 def length_batches(rows, tokens_per_batch: int, pool: int = 64, seed: int = 0):
@@ -552,6 +577,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                   vision_motion: float = VISION_MOTION_WEIGHT, vision_pictures: int = VISION_PICTURES,
                   vision_clips: int = VISION_CLIPS, scaffold_position: bool = SCAFFOLD_POSITION,
                   side_stage: int = SIDE_STAGE, left_right_stage: int = LEFT_RIGHT_STAGE,
+                  late_stages: int = LATE_STAGES, settle_left_right: float = SETTLE_LEFT_RIGHT,
                   learning_rate: float = 2e-3,
                   warmup: int = 100, log_every: int = 25, probe_every: int = 100, progress: bool = True) -> Path:
     """Train the default model into `output` (written atomically: weights, configs, tokenizer, training_log.txt).
@@ -573,10 +599,13 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     (VISION_MOTION_WEIGHT); `vision_pictures`, `vision_clips`: each tower pretraining batch's pictures and clips
     (VISION_PICTURES, VISION_CLIPS); `scaffold_position`: the scaffold's centre tokens carry their place (SCAFFOLD_POSITION);
     `side_stage`, `left_right_stage`: the stages of side, then left/right questions after the opening (SIDE_STAGE,
-    LEFT_RIGHT_STAGE)."""
+    LEFT_RIGHT_STAGE); `late_stages`: steps of side rows, then as many of left/right rows, after `steps` and before
+    the settling steps (LATE_STAGES); `settle_left_right`: the settling mix's weight of lone left/right questions
+    (SETTLE_LEFT_RIGHT)."""
     import mlx.optimizers as optim
 
     from ..platform import cpu_setup
+    from . import world
     from .data import collate
     from .trainer import TrainConfig, Trainer, warmup_cosine
     from .vision_pretrain import class_means, pretrain_vision
@@ -617,6 +646,12 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     if side_stage and not scaffold_position:
         raise ValueError("side_stage: only with scaffold_position (on the scaffold without places the side question "
                          "was not learned)")
+    if late_stages < 0 or settle_left_right < 0:
+        raise ValueError(f"late_stages {late_stages}, settle_left_right {settle_left_right}: a number of steps and "
+                         "a weight, 0 or more")
+    if late_stages and not scaffold_position:
+        raise ValueError("late_stages: only with scaffold_position (on the scaffold without places the side question "
+                         "was not learned)")
     if not 0 <= tool_tail <= steps:
         raise ValueError(f"tool_tail {tool_tail}: a number of steps from 0 to steps ({steps})")
     if tower_first_stage and not grown_first_stage:
@@ -648,6 +683,10 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                  + (f", after the opening {side_stage} side questions on the scaffold" if side_stage else "")
                  + (f", {'then' if side_stage else 'after the opening'} {left_right_stage} left/right questions "
                     "through the tower" if left_right_stage else "")
+                 + (f", after the schedule {late_stages} steps of side questions on the scaffold, then {late_stages} "
+                    "of left/right questions through the tower" if late_stages else "")
+                 + (f", lone left/right questions at weight {settle_left_right} in the settling mix"
+                    if settle_left_right else "")
                  + (f", picture scenes grown over {picture_curriculum} mixed rows"
                     if picture_curriculum != CURRICULUM_EXAMPLES else "")
                  + (f", {sum_stage} sums in the sum stage" if sum_stage != SUM_STAGE else "")
@@ -707,7 +746,9 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                                         mix=dict(TRAIN_MIX, count=count_rows) if count_rows else TRAIN_MIX),
                              tokens_per_batch, seed=seed)
     probes = probe_rows(seed, processor) if probe_every else {}
-    last = steps + settle_steps
+    left_right_from, settle_from = steps + late_stages + 1, steps + 2 * late_stages + 1
+    settle_mix = dict(SETTLE_MIX, left_right=settle_left_right) if settle_left_right else SETTLE_MIX
+    last = steps + 2 * late_stages + settle_steps
     bar = _bar(last, progress)
     start, tokens, window = time.perf_counter(), 0, []
 
@@ -716,8 +757,15 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                                          mix=mix), tokens_per_batch, seed=seed)
 
     for step in range(1, last + 1):
-        if step == steps + 1:
-            batches = full_grown_stream(SETTLE_SEED, SETTLE_MIX)
+        if step == settle_from:
+            batches = full_grown_stream(SETTLE_SEED, settle_mix)
+        elif step == steps + 1:  # the late stages, their scaffold the tower's class means as it is now
+            late_means = class_means(model.model.visual, processor, seed=seed + 5_000_101, position=True)
+            batches = length_batches(question_rows(seed + SETTLE_SEED, processor, ask_side, late_means),
+                                     tokens_per_batch, seed=seed)
+        elif step == left_right_from:
+            batches = length_batches(question_rows(seed + SETTLE_SEED + 1, processor, world.ask_left_right),
+                                     tokens_per_batch, seed=seed)
         elif step == steps - tool_tail + 1:
             batches = full_grown_stream(TOOL_TAIL_SEED, TOOL_TAIL_MIX)
         batch = collate(next(batches), pad_id=0, spatial_merge=VISION_CONFIG["spatial_merge_size"])
@@ -837,6 +885,12 @@ def main(argv=None) -> int:
                         "(SIDE_STAGE; needs --scaffold-position)")
     parser.add_argument("--left-right-stage", type=int, default=LEFT_RIGHT_STAGE, help="then this many of the "
                         "world's left/right questions alone, read through the tower (LEFT_RIGHT_STAGE)")
+    parser.add_argument("--late-stages", type=int, default=LATE_STAGES, help="after --steps, at the final learning "
+                        "rate, this many steps of side questions on the scaffold, then as many of left/right "
+                        "questions through the tower, before the settling steps (LATE_STAGES; needs "
+                        "--scaffold-position)")
+    parser.add_argument("--settle-left-right", type=float, default=SETTLE_LEFT_RIGHT, help="the settling mix's "
+                        "weight of lone left/right questions beside SETTLE_MIX's (SETTLE_LEFT_RIGHT)")
     parser.add_argument("--settle", type=int, default=SETTLE_STEPS, help="steps added after --steps at the "
                         "schedule's final learning rate, drawing a video-heavy mix (SETTLE_MIX; 0: none)")
     args = parser.parse_args(argv)
@@ -867,6 +921,13 @@ def main(argv=None) -> int:
     for flag, rows in (("--side-stage", args.side_stage), ("--left-right-stage", args.left_right_stage)):
         if rows < 0:
             parser.error(f"{flag} {rows}: a number of rows, 0 or more")
+    if args.late_stages < 0:
+        parser.error(f"--late-stages {args.late_stages}: a number of steps, 0 or more")
+    if args.settle_left_right < 0:
+        parser.error(f"--settle-left-right {args.settle_left_right}: a weight, 0 or more")
+    if args.late_stages and not args.scaffold_position:
+        parser.error("--late-stages: only with --scaffold-position (on the scaffold without places the side "
+                     "question was not learned)")
     if args.side_stage and not args.scaffold_position:
         parser.error("--side-stage: only with --scaffold-position (on the scaffold without places the side question "
                      "was not learned)")
@@ -889,7 +950,8 @@ def main(argv=None) -> int:
                   schedule_steps=args.schedule_steps, settle_steps=args.settle, count_rows=args.count_rows,
                   vision_motion=args.vision_motion, vision_pictures=args.vision_pictures,
                   vision_clips=args.vision_clips, scaffold_position=args.scaffold_position,
-                  side_stage=args.side_stage, left_right_stage=args.left_right_stage)
+                  side_stage=args.side_stage, left_right_stage=args.left_right_stage,
+                  late_stages=args.late_stages, settle_left_right=args.settle_left_right)
     print(f"wrote {args.output}")
     return 0
 

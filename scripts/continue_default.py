@@ -1,0 +1,110 @@
+"""Continue a trained default model through late stages of train-default's curriculum, to see what they give
+before a whole run takes them: `--side-stage` side questions alone on the binding scaffold with places, then
+`--left-right-stage` of the world's left/right questions alone through the tower, then `--mix-steps` steps of
+the settling mix (SETTLE_MIX), all at the schedule's final learning rate (a tenth of it for the tower). The
+model goes to --output (its configs and tokenizer copied, the weights new), for `mlx-qwen35 eval-default --model`.
+
+    .venv/bin/python scripts/continue_default.py --output artifacts/continued --side-stage 7200 \\
+        --left-right-stage 7200 --mix-steps 600
+"""
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import mlx_qwen35.platform  # noqa: F401  (OpenBLAS before MLX runs anything)
+import mlx.core as mx
+import mlx.optimizers as optim
+
+import mlx_qwen35
+from mlx_qwen35.loading import DEFAULT_MODEL_PATH
+from mlx_qwen35.train import default_model as dm
+from mlx_qwen35.train.data import collate
+from mlx_qwen35.train.trainer import TrainConfig, Trainer
+from mlx_qwen35.train.vision_pretrain import class_means
+
+FINAL_RATE = 2e-3 * 0.05  # train-default's peak times its schedule's final share
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH, help="the model to continue")
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--side-stage", type=int, default=7200)
+    parser.add_argument("--left-right-stage", type=int, default=7200)
+    parser.add_argument("--mix-steps", type=int, default=600)
+    parser.add_argument("--mix-left-right", type=float, default=0.0,
+                        help="the mix also draws lone left/right questions at this weight beside SETTLE_MIX's")
+    parser.add_argument("--learning-rate", type=float, default=FINAL_RATE)
+    parser.add_argument("--tokens-per-batch", type=int, default=2048)
+    parser.add_argument("--seed", type=int, default=0, help="the stream's world seed is this plus SETTLE_SEED")
+    parser.add_argument("--log-every", type=int, default=25)
+    args = parser.parse_args(argv)
+    for flag, value in (("--side-stage", args.side_stage), ("--left-right-stage", args.left_right_stage),
+                        ("--mix-steps", args.mix_steps)):
+        if value < 0:
+            parser.error(f"{flag} {value}: 0 or more")
+    if args.mix_left_right < 0:
+        parser.error(f"--mix-left-right {args.mix_left_right}: a weight, 0 or more")
+    mix = dict(dm.SETTLE_MIX, left_right=args.mix_left_right) if args.mix_left_right else dm.SETTLE_MIX
+    if not (args.model / "config.json").is_file():
+        parser.error(f"--model {args.model}: no config.json there")
+    if args.output.resolve() == args.model.resolve():
+        parser.error("--output: a new directory, not the model being continued")
+
+    model, processor = mlx_qwen35.load(args.model)
+    means = class_means(model.model.visual, processor, seed=args.seed + 5_000_101, position=True)
+    rows = dm.world_rows(args.seed + dm.SETTLE_SEED, processor, means, sum_stage=0, first_stage=0, curriculum=0,
+                         side_stage=args.side_stage, left_right_stage=args.left_right_stage, mix=mix)
+    stages_rows = args.side_stage + args.left_right_stage
+    batches = dm.length_batches(rows, args.tokens_per_batch, seed=args.seed)
+    trainer = Trainer(model, None, TrainConfig(steps=1, learning_rate=args.learning_rate, moe_aux_weight=0.01,
+                                               mtp_weight=0.3, progress=False, grad_clip=1.0, weight_decay=0.01,
+                                               dense_experts=True))
+
+    def rate(peak):  # a fresh AdamW's first steps warmed, then the final rate held
+        return optim.linear_schedule(peak * 0.05, peak, 20)
+
+    trainer.optimizer = optim.MultiOptimizer(
+        [optim.AdamW(learning_rate=rate(args.learning_rate * dm.VISION_LR_SCALE), betas=dm.ADAM_BETAS,
+                     weight_decay=0.01),
+         optim.AdamW(learning_rate=rate(args.learning_rate), betas=dm.ADAM_BETAS, weight_decay=0.01)],
+        [lambda path, _: path.startswith("model.visual")])
+    partial = args.output.with_name(args.output.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(args.model, partial, ignore=shutil.ignore_patterns("model.safetensors", "training_log.txt"))
+    log = [f"# continue_default: {args.model}, {args.side_stage} side rows on the scaffold with places, "
+           f"{args.left_right_stage} left/right rows through the tower, then {args.mix_steps} steps of SETTLE_MIX"
+           + (f" with lone left/right questions at weight {args.mix_left_right}" if args.mix_left_right else "")
+           + f"; learning rate {args.learning_rate} (tower {dm.VISION_LR_SCALE}x), ~{args.tokens_per_batch} tokens "
+           "a step"]
+    print(log[0], file=sys.stderr, flush=True)
+    start, seen, step, mixing_from = time.perf_counter(), 0, 0, None if stages_rows else 0
+    losses = []
+    while mixing_from is None or step < mixing_from + args.mix_steps:
+        batch_rows = next(batches)
+        seen += len(batch_rows)
+        step += 1
+        if mixing_from is None and seen >= stages_rows + 64:  # the pool that held the stages' last rows is spent
+            mixing_from = step
+            log.append(f"step {step}  the stages' rows done ({seen} rows drawn): the mix from here")
+        record = trainer.train_step(collate(batch_rows, pad_id=0, spatial_merge=dm.VISION_CONFIG["spatial_merge_size"]))
+        losses.append(record["loss"])
+        if step % args.log_every == 0:
+            log.append(f"step {step:5d}  loss {sum(losses) / len(losses):.4f}  rows {seen}  "
+                       f"{(time.perf_counter() - start) / 60:.1f} min")
+            losses = []
+            print(log[-1], file=sys.stderr, flush=True)
+    log.append(f"# finished: {step} steps, {(time.perf_counter() - start) / 60:.1f} min")
+    dm.save_weights(model, partial / "model.safetensors")
+    (partial / "training_log.txt").write_text("\n".join(log) + "\n")
+    shutil.rmtree(args.output, ignore_errors=True)
+    partial.rename(args.output)
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

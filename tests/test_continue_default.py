@@ -1,0 +1,57 @@
+"""scripts/continue_default.py: late stages of the curriculum run on a trained model."""
+
+import importlib.util
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mlx_qwen35
+from mlx_qwen35.loading import DEFAULT_MODEL_PATH
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = importlib.util.spec_from_file_location("continue_default", ROOT / "scripts" / "continue_default.py")
+continue_default = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(continue_default)
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--side-stage", "-1"], "--side-stage -1"),
+    (["--mix-steps", "-3"], "--mix-steps -3"),
+    (["--model", "/no/such/model"], "--model /no/such/model"),
+])
+def test_bad_arguments_are_named_before_anything_is_written(tmp_path, capsys, args, named):
+    with pytest.raises(SystemExit):
+        continue_default.main(["--output", str(tmp_path / "out"), *args])
+    assert named in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_model_being_continued_is_not_its_own_output(capsys):
+    with pytest.raises(SystemExit):
+        continue_default.main(["--output", str(DEFAULT_MODEL_PATH)])
+    assert "--output: a new directory" in capsys.readouterr().err
+
+
+def test_a_short_continuation_writes_a_loadable_model_with_new_weights_and_its_log(tmp_path):
+    """Stages of 12 side and 12 left/right rows and 2 mixed steps from the shipped model: the output loads,
+    its configs are the shipped ones, its decoder weights moved, and the log names the stages and the mix's start."""
+    from mlx.utils import tree_flatten
+
+    output = tmp_path / "continued"
+    assert continue_default.main(["--model", str(DEFAULT_MODEL_PATH), "--output", str(output), "--side-stage", "12",
+                                  "--left-right-stage", "12", "--mix-steps", "2", "--tokens-per-batch", "512",
+                                  "--log-every", "1"]) == 0
+    assert not (tmp_path / "continued.partial").exists()
+    assert (output / "config.json").read_text() == (DEFAULT_MODEL_PATH / "config.json").read_text()
+    log = (output / "training_log.txt").read_text()
+    assert "12 side rows on the scaffold with places, 12 left/right rows through the tower" in log
+    mixing_from = int(re.search(r"^step (\d+)  the stages' rows done", log, re.M).group(1))
+    assert re.search(rf"^# finished: {mixing_from + 2} steps", log, re.M)  # then the 2 mixed steps
+    shipped, _ = mlx_qwen35.load()
+    continued, _ = mlx_qwen35.load(output)
+    before, after = dict(tree_flatten(shipped.parameters())), dict(tree_flatten(continued.parameters()))
+    assert before.keys() == after.keys()
+    moved = [k for k in before if not np.array_equal(np.array(before[k]), np.array(after[k]))]
+    assert any(k.startswith("language_model") or ".layers." in k for k in moved)
