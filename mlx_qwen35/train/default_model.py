@@ -187,6 +187,7 @@ LEFT_RIGHT_STAGE = 0
 # within a few points (docs/default-model.md, thirty-ninth session). Off: no recipe has run them yet.
 LATE_STAGES = 0
 SETTLE_LEFT_RIGHT = 0.0
+LATE_STAGES_SEED = 555  # the late stages' scenes: a stream of their own, apart from the tails'
 # The tool call writes its city after a newline ("<parameter=city>\nLima"), the question after a space (" Lima"):
 # two tokens of Qwen's pre-tokenisation, so a call must translate each city while add()'s digits are the same
 # tokens in both places (calls 98/98 in every run). Runs 16 and 18 never learned the translation (a call for
@@ -761,10 +762,10 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
             batches = full_grown_stream(SETTLE_SEED, settle_mix)
         elif step == steps + 1:  # the late stages, their scaffold the tower's class means as it is now
             late_means = class_means(model.model.visual, processor, seed=seed + 5_000_101, position=True)
-            batches = length_batches(question_rows(seed + SETTLE_SEED, processor, ask_side, late_means),
+            batches = length_batches(question_rows(seed + LATE_STAGES_SEED, processor, ask_side, late_means),
                                      tokens_per_batch, seed=seed)
         elif step == left_right_from:
-            batches = length_batches(question_rows(seed + SETTLE_SEED + 1, processor, world.ask_left_right),
+            batches = length_batches(question_rows(seed + LATE_STAGES_SEED + 2, processor, world.ask_left_right),
                                      tokens_per_batch, seed=seed)
         elif step == steps - tool_tail + 1:
             batches = full_grown_stream(TOOL_TAIL_SEED, TOOL_TAIL_MIX)
