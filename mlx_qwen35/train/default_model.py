@@ -184,7 +184,8 @@ LEFT_RIGHT_STAGE = 0
 # scaffold (class means of the tower as it is then), LATE_STAGES of left/right rows through the tower, then the
 # settling steps, whose mix draws lone left/right questions at SETTLE_LEFT_RIGHT beside SETTLE_MIX's. Run 40
 # continued so (2e-4, 450 + 450 steps of 1,024 tokens, 800 settling ones): left/right 46 to 80 %, the rest
-# within a few points (docs/default-model.md, thirty-ninth session). Off: no recipe has run them yet.
+# within a few points; at the recipe's final rate (1e-4, 2,048-token steps) only 57 (docs/default-model.md,
+# thirty-ninth session), so the stages want a rate of their own. Off: no recipe has run them yet.
 LATE_STAGES = 0
 SETTLE_LEFT_RIGHT = 0.0
 LATE_STAGES_SEED = 555  # the late stages' scenes: a stream of their own, apart from the tails'
