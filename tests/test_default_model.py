@@ -398,7 +398,7 @@ def test_train_default_writes_weights_and_a_log_with_held_out_checks(tmp_path):
                            probe_every=2, progress=False, vision_steps=2, scaffold_rows=100, tool_tail=1,
                            settle_steps=1, vision_pictures=4, vision_clips=2, scaffold_position=True,
                            binding_questions=("color", "side"), side_stage=3, left_right_stage=2, late_stages=1,
-                           settle_left_right=0.2)
+                           settle_left_right=0.2, late_rate=3e-4)
     assert not (tmp_path / "model.partial").exists()
     log = (output / "training_log.txt").read_text()
     assert "vision step    2" in log and "step     2" in log and "held-out answers right: color" in log
@@ -411,7 +411,8 @@ def test_train_default_writes_weights_and_a_log_with_held_out_checks(tmp_path):
     assert "lone left/right questions at weight 0.2 in the settling mix" in log
     assert re.search(r"^step +5 ", log, re.M) and not re.search(r"^step +6 ", log, re.M)  # 2 + 2 late + 1 settling
     rates = dict(re.findall(r"^step +(\d+) .*  lr (\S+)", log, re.M))
-    assert rates["5"] == rates["4"] == rates["3"] == rates["2"]  # the late and settling steps keep the last rate
+    assert rates["5"] == rates["2"] != rates["3"]  # the settling step keeps the schedule's last rate
+    assert float(rates["3"]) == float(rates["4"]) == 3e-4  # the late stages' own rate
     model, processor = load(output)
     assert processor.tokenizer.encode("red") and model.config.text_config.num_experts == 8
 
@@ -536,6 +537,11 @@ def test_train_default_refuses_a_missing_vision_tower_before_writing(tmp_path, c
     assert "--side-stage -5: a number of rows, 0 or more" in capsys.readouterr().err
     with pytest.raises(ValueError, match="late_stages 0, settle_left_right -0.5: a number of steps and a weight"):
         train_default(tmp_path / "model", steps=1, settle_left_right=-0.5)
+    with pytest.raises(ValueError, match="late_rate 0.001: a rate above 0, with late_stages"):
+        train_default(tmp_path / "model", steps=1, late_rate=1e-3)
+    with pytest.raises(SystemExit):
+        main(["--output", str(tmp_path / "model"), "--late-rate", "-1", "--late-stages", "5"])
+    assert "--late-rate -1.0: a rate above 0, with --late-stages" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--output", str(tmp_path / "model"), "--late-stages", "-2"])
     assert "--late-stages -2: a number of steps, 0 or more" in capsys.readouterr().err

@@ -580,7 +580,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                   vision_clips: int = VISION_CLIPS, scaffold_position: bool = SCAFFOLD_POSITION,
                   side_stage: int = SIDE_STAGE, left_right_stage: int = LEFT_RIGHT_STAGE,
                   late_stages: int = LATE_STAGES, settle_left_right: float = SETTLE_LEFT_RIGHT,
-                  learning_rate: float = 2e-3,
+                  late_rate: float | None = None, learning_rate: float = 2e-3,
                   warmup: int = 100, log_every: int = 25, probe_every: int = 100, progress: bool = True) -> Path:
     """Train the default model into `output` (written atomically: weights, configs, tokenizer, training_log.txt).
     At logging steps that are multiples of `probe_every` (0: never) the log also gets held-out per-skill
@@ -602,7 +602,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     (VISION_PICTURES, VISION_CLIPS); `scaffold_position`: the scaffold's centre tokens carry their place (SCAFFOLD_POSITION);
     `side_stage`, `left_right_stage`: the stages of side, then left/right questions after the opening (SIDE_STAGE,
     LEFT_RIGHT_STAGE); `late_stages`: steps of side rows, then as many of left/right rows, after `steps` and before
-    the settling steps (LATE_STAGES); `settle_left_right`: the settling mix's weight of lone left/right questions
+    the settling steps (LATE_STAGES); `late_rate`: the decoder's learning rate in the late stages (the tower's
+    a VISION_LR_SCALE of it; None: the schedule's final rate); `settle_left_right`: the settling mix's weight of lone left/right questions
     (SETTLE_LEFT_RIGHT)."""
     import mlx.optimizers as optim
 
@@ -651,6 +652,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     if late_stages < 0 or settle_left_right < 0:
         raise ValueError(f"late_stages {late_stages}, settle_left_right {settle_left_right}: a number of steps and "
                          "a weight, 0 or more")
+    if late_rate is not None and not (late_stages and late_rate > 0):
+        raise ValueError(f"late_rate {late_rate}: a rate above 0, with late_stages")
     if late_stages and not scaffold_position:
         raise ValueError("late_stages: only with scaffold_position (on the scaffold without places the side question "
                          "was not learned)")
@@ -687,6 +690,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                     "through the tower" if left_right_stage else "")
                  + (f", after the schedule {late_stages} steps of side questions on the scaffold, then {late_stages} "
                     "of left/right questions through the tower" if late_stages else "")
+                 + (f" at learning rate {late_rate}" if late_rate is not None else "")
                  + (f", lone left/right questions at weight {settle_left_right} in the settling mix"
                     if settle_left_right else "")
                  + (f", picture scenes grown over {picture_curriculum} mixed rows"
@@ -726,7 +730,11 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     def schedule_for(peak):
         base = warmup_cosine(peak, warmup, schedule_steps - added_steps, start=peak * 5e-4, final=peak * 0.05)
         stretched = stretched_after_opening(stretched_opening(base, OPENING_STEPS, stretch), opening_steps, mix_stretch)
-        return lambda step: stretched(mx.minimum(step, steps))  # settling steps keep the final rate
+        if late_rate is None:
+            return lambda step: stretched(mx.minimum(step, steps))  # settling steps keep the final rate
+        late = late_rate * peak / learning_rate  # steps counted as the log counts them, as for the whole schedule
+        return lambda step: mx.where((step > steps) & (step <= steps + 2 * late_stages), late,
+                                     stretched(mx.minimum(step, steps)))
 
     schedule = schedule_for(learning_rate)
     trainer.optimizer = optim.MultiOptimizer(
@@ -891,6 +899,8 @@ def main(argv=None) -> int:
                         "rate, this many steps of side questions on the scaffold, then as many of left/right "
                         "questions through the tower, before the settling steps (LATE_STAGES; needs "
                         "--scaffold-position)")
+    parser.add_argument("--late-rate", type=float, help="the decoder's learning rate in the late stages (default: "
+                        "the schedule's final rate)")
     parser.add_argument("--settle-left-right", type=float, default=SETTLE_LEFT_RIGHT, help="the settling mix's "
                         "weight of lone left/right questions beside SETTLE_MIX's (SETTLE_LEFT_RIGHT)")
     parser.add_argument("--settle", type=int, default=SETTLE_STEPS, help="steps added after --steps at the "
@@ -927,6 +937,8 @@ def main(argv=None) -> int:
         parser.error(f"--late-stages {args.late_stages}: a number of steps, 0 or more")
     if args.settle_left_right < 0:
         parser.error(f"--settle-left-right {args.settle_left_right}: a weight, 0 or more")
+    if args.late_rate is not None and not (args.late_stages and args.late_rate > 0):
+        parser.error(f"--late-rate {args.late_rate}: a rate above 0, with --late-stages")
     if args.late_stages and not args.scaffold_position:
         parser.error("--late-stages: only with --scaffold-position (on the scaffold without places the side "
                      "question was not learned)")
@@ -953,7 +965,7 @@ def main(argv=None) -> int:
                   vision_motion=args.vision_motion, vision_pictures=args.vision_pictures,
                   vision_clips=args.vision_clips, scaffold_position=args.scaffold_position,
                   side_stage=args.side_stage, left_right_stage=args.left_right_stage,
-                  late_stages=args.late_stages, settle_left_right=args.settle_left_right)
+                  late_stages=args.late_stages, settle_left_right=args.settle_left_right, late_rate=args.late_rate)
     print(f"wrote {args.output}")
     return 0
 
