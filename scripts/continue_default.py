@@ -67,11 +67,7 @@ def main(argv=None) -> int:
     def rate(peak):  # a fresh AdamW's first steps warmed, then the final rate held
         return optim.linear_schedule(peak * 0.05, peak, 20)
 
-    trainer.optimizer = optim.MultiOptimizer(
-        [optim.AdamW(learning_rate=rate(args.learning_rate * dm.VISION_LR_SCALE), betas=dm.ADAM_BETAS,
-                     weight_decay=0.01),
-         optim.AdamW(learning_rate=rate(args.learning_rate), betas=dm.ADAM_BETAS, weight_decay=0.01)],
-        [lambda path, _: path.startswith("model.visual")])
+    trainer.optimizer = dm.tower_and_decoder_optimizer(rate, args.learning_rate)
     partial = args.output.with_name(args.output.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     shutil.copytree(args.model, partial, ignore=shutil.ignore_patterns("model.safetensors", "training_log.txt"))

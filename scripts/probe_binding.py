@@ -116,7 +116,7 @@ from mlx_qwen35.train import default_model as dm
 from mlx_qwen35.train import evaluate, world
 from mlx_qwen35.train import trainer as training
 from mlx_qwen35.train.data import collate
-from mlx_qwen35.train.vision_pretrain import (COLOR_IDS, KIND_IDS, centre_outputs, means_of,
+from mlx_qwen35.train.vision_pretrain import (COLOR_IDS, KIND_IDS, beyond_class_means, centre_outputs, means_of,
                                               position_directions, token_labels)
 
 HELD_OUT_SEED = 7_000_003  # the questions of docs/default-model.md's "Picking the shape" tables
@@ -248,8 +248,7 @@ def fit_positions(centres: dict, means: dict) -> np.ndarray:
     """`vision_pretrain.position_directions`, printing the share of the centre tokens' remainder beyond their
     class means that they explain."""
     directions = position_directions(centres, means)
-    rest = (centres["outputs"] - means["mean"] - means["kind"][centres["kind"]]
-            - means["colour"][centres["colour"]])
+    rest = beyond_class_means(centres, means)
     explained = 1 - ((rest - centres["centre"] @ directions) ** 2).sum() / (rest ** 2).sum()
     print(f"# position directions: {explained:.1%} of the centre tokens' remainder (beyond class means); norms "
           f"{np.linalg.norm(directions.astype(np.float64), axis=1).round(2).tolist()} against kind offsets' "
@@ -784,11 +783,7 @@ def main():
         trainer.optimizer = optim.AdamW(learning_rate=schedule(args.learning_rate), betas=dm.ADAM_BETAS,
                                         weight_decay=0.01)
     else:
-        trainer.optimizer = optim.MultiOptimizer(
-            [optim.AdamW(learning_rate=schedule(args.learning_rate * args.tower_lr_scale), betas=dm.ADAM_BETAS,
-                         weight_decay=0.01),
-             optim.AdamW(learning_rate=schedule(args.learning_rate), betas=dm.ADAM_BETAS, weight_decay=0.01)],
-            [lambda path, _: path.startswith("model.visual")])
+        trainer.optimizer = dm.tower_and_decoder_optimizer(schedule, args.learning_rate, args.tower_lr_scale)
     batches = dm.length_batches(rows(), args.tokens_per_batch, seed=args.seed)
     start, seen = time.perf_counter(), 0
     for step in range(1, args.steps + 1):

@@ -605,8 +605,6 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     the settling steps (LATE_STAGES); `late_rate`: the decoder's learning rate in the late stages (the tower's
     a VISION_LR_SCALE of it; None: the schedule's final rate); `settle_left_right`: the settling mix's weight of lone left/right questions
     (SETTLE_LEFT_RIGHT)."""
-    import mlx.optimizers as optim
-
     from ..platform import cpu_setup
     from . import world
     from .data import collate
@@ -737,10 +735,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                                      stretched(mx.minimum(step, steps)))
 
     schedule = schedule_for(learning_rate)
-    trainer.optimizer = optim.MultiOptimizer(
-        [optim.AdamW(learning_rate=schedule_for(learning_rate * VISION_LR_SCALE), betas=ADAM_BETAS, weight_decay=0.01),
-         optim.AdamW(learning_rate=schedule, betas=ADAM_BETAS, weight_decay=0.01)],
-        [lambda path, _: path.startswith("model.visual")])
+    trainer.optimizer = tower_and_decoder_optimizer(schedule_for, learning_rate)
     means = None
     if scaffold_rows or grown_first_stage or binding_stage or side_stage:
         means = class_means(model.model.visual, processor, seed=seed + 5_000_101, position=scaffold_position)
@@ -815,6 +810,17 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     shutil.rmtree(output, ignore_errors=True)
     partial.rename(output)
     return output
+
+
+def tower_and_decoder_optimizer(schedule_for, peak: float, tower_scale: float = VISION_LR_SCALE):
+    """AdamW with ADAM_BETAS for the decoder at `schedule_for(peak)` and for the vision tower at
+    `schedule_for(peak * tower_scale)`, so the decoder's first, noisy gradients do not wash the tower out."""
+    import mlx.optimizers as optim
+
+    return optim.MultiOptimizer(
+        [optim.AdamW(learning_rate=schedule_for(peak * tower_scale), betas=ADAM_BETAS, weight_decay=0.01),
+         optim.AdamW(learning_rate=schedule_for(peak), betas=ADAM_BETAS, weight_decay=0.01)],
+        [lambda path, _: path.startswith("model.visual")])
 
 
 def save_weights(model, file: Path):

@@ -245,11 +245,17 @@ def means_of(centres: dict, position: bool = False) -> dict:
     return means
 
 
+def beyond_class_means(centres: dict, means: dict) -> np.ndarray:
+    """What each of `centre_outputs`' tokens holds beyond its class means (the mean, its kind's and its colour's
+    offsets)."""
+    return centres["outputs"] - means["mean"] - means["kind"][centres["kind"]] - means["colour"][centres["colour"]]
+
+
 def position_directions(centres: dict, means: dict) -> np.ndarray:
     """[2, out_hidden]: least-squares directions of a shape-centre token's place across and down (-1 to 1,
     `token_labels`' "centre") in what the tower's output holds beyond its class means."""
-    rest = centres["outputs"] - means["mean"] - means["kind"][centres["kind"]] - means["colour"][centres["colour"]]
-    directions, *_ = np.linalg.lstsq(centres["centre"].astype(np.float64), rest, rcond=None)
+    directions, *_ = np.linalg.lstsq(centres["centre"].astype(np.float64), beyond_class_means(centres, means),
+                                     rcond=None)
     return directions.astype(np.float32)
 
 
