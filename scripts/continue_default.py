@@ -1,8 +1,8 @@
 """Continue a trained default model through late stages of train-default's curriculum, to see what they give
 before a whole run takes them: `--side-stage` side questions alone on the binding scaffold with places, then
 `--left-right-stage` of the world's left/right questions alone through the tower, then `--mix-steps` steps of
-the settling mix (SETTLE_MIX), all at the schedule's final learning rate (a tenth of it for the tower). The
-model goes to --output (its configs and tokenizer copied, the weights new), for `mlx-qwen35 eval-default --model`.
+the settling mix (SETTLE_MIX), all at the schedule's final learning rate (a tenth of it for the tower) unless
+`--stage-rate` gives the stages their own, as train-default's `--late-rate` does. The model goes to --output (its configs and tokenizer copied, the weights new), for `mlx-qwen35 eval-default --model`.
 
     .venv/bin/python scripts/continue_default.py --output artifacts/continued --side-stage 7200 \\
         --left-right-stage 7200 --mix-steps 600
@@ -38,6 +38,8 @@ def main(argv=None) -> int:
     parser.add_argument("--mix-left-right", type=float, default=0.0,
                         help="the mix also draws lone left/right questions at this weight beside SETTLE_MIX's")
     parser.add_argument("--learning-rate", type=float, default=FINAL_RATE)
+    parser.add_argument("--stage-rate", type=float, default=None,
+                        help="the decoder's rate in the stages (the tower's a tenth); the mix keeps --learning-rate")
     parser.add_argument("--tokens-per-batch", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0, help="the stream's world seed is this plus SETTLE_SEED")
     parser.add_argument("--log-every", type=int, default=25)
@@ -46,6 +48,8 @@ def main(argv=None) -> int:
                         ("--mix-steps", args.mix_steps)):
         if value < 0:
             parser.error(f"{flag} {value}: 0 or more")
+    if args.stage_rate is not None and args.stage_rate <= 0:
+        parser.error(f"--stage-rate {args.stage_rate}: a rate above 0")
     if args.mix_left_right < 0:
         parser.error(f"--mix-left-right {args.mix_left_right}: a weight, 0 or more")
     mix = dict(dm.SETTLE_MIX, left_right=args.mix_left_right) if args.mix_left_right else dm.SETTLE_MIX
@@ -64,8 +68,13 @@ def main(argv=None) -> int:
                                                mtp_weight=0.3, progress=False, grad_clip=1.0, weight_decay=0.01,
                                                dense_experts=True))
 
-    def rate(peak):  # a fresh AdamW's first steps warmed, then the final rate held
-        return optim.linear_schedule(peak * 0.05, peak, 20)
+    stage_share = (args.stage_rate or args.learning_rate) / args.learning_rate
+    mixing = [not stages_rows]
+
+    def rate(peak):  # a fresh AdamW's first steps warmed, then the stages' rate held, then the mix's
+        stages, mix_rate = optim.linear_schedule(peak * stage_share * 0.05, peak * stage_share, 20), \
+            optim.linear_schedule(peak * 0.05, peak, 20)
+        return lambda step: mix_rate(step) if mixing[0] else stages(step)
 
     trainer.optimizer = dm.tower_and_decoder_optimizer(rate, args.learning_rate)
     partial = args.output.with_name(args.output.name + ".partial")
@@ -74,22 +83,24 @@ def main(argv=None) -> int:
     log = [f"# continue_default: {args.model}, {args.side_stage} side rows on the scaffold with places, "
            f"{args.left_right_stage} left/right rows through the tower, then {args.mix_steps} steps of SETTLE_MIX"
            + (f" with lone left/right questions at weight {args.mix_left_right}" if args.mix_left_right else "")
-           + f"; learning rate {args.learning_rate} (tower {dm.VISION_LR_SCALE}x), ~{args.tokens_per_batch} tokens "
-           "a step"]
+           + f"; learning rate {args.learning_rate}"
+           + (f", in the stages {args.stage_rate}" if args.stage_rate is not None else "")
+           + f" (tower {dm.VISION_LR_SCALE}x), ~{args.tokens_per_batch} tokens a step"]
     print(log[0], file=sys.stderr, flush=True)
-    start, seen, step, mixing_from = time.perf_counter(), 0, 0, None if stages_rows else 0
+    start, seen, step, mixing_from = time.perf_counter(), 0, 0, None if stages_rows else 1  # the mix's first step
     losses = []
-    while mixing_from is None or step < mixing_from + args.mix_steps:
+    while mixing_from is None or step < mixing_from + args.mix_steps - 1:
         batch_rows = next(batches)
         seen += len(batch_rows)
         step += 1
         if mixing_from is None and seen >= stages_rows + 64:  # the pool that held the stages' last rows is spent
-            mixing_from = step
+            mixing_from, mixing[0] = step, True
             log.append(f"step {step}  the stages' rows done ({seen} rows drawn): the mix from here")
         record = trainer.train_step(collate(batch_rows, pad_id=0, spatial_merge=dm.VISION_CONFIG["spatial_merge_size"]))
         losses.append(record["loss"])
         if step % args.log_every == 0:
             log.append(f"step {step:5d}  loss {sum(losses) / len(losses):.4f}  rows {seen}  "
+                       f"lr {trainer.optimizer.optimizers[1].learning_rate.item():.2e}  "
                        f"{(time.perf_counter() - start) / 60:.1f} min")
             losses = []
             print(log[-1], file=sys.stderr, flush=True)

@@ -48,10 +48,36 @@ def test_a_short_continuation_writes_a_loadable_model_with_new_weights_and_its_l
     log = (output / "training_log.txt").read_text()
     assert "12 side rows on the scaffold with places, 12 left/right rows through the tower" in log
     mixing_from = int(re.search(r"^step (\d+)  the stages' rows done", log, re.M).group(1))
-    assert re.search(rf"^# finished: {mixing_from + 2} steps", log, re.M)  # then the 2 mixed steps
+    assert re.search(rf"^# finished: {mixing_from + 1} steps", log, re.M)  # the 2 mixed steps, that one the first
     shipped, _ = mlx_qwen35.load()
     continued, _ = mlx_qwen35.load(output)
     before, after = dict(tree_flatten(shipped.parameters())), dict(tree_flatten(continued.parameters()))
     assert before.keys() == after.keys()
     moved = [k for k in before if not np.array_equal(np.array(before[k]), np.array(after[k]))]
     assert any(k.startswith("language_model") or ".layers." in k for k in moved)
+
+
+def test_the_stages_run_at_their_own_rate_and_the_mix_at_the_learning_rate(tmp_path):
+    """--stage-rate 4e-4 with --learning-rate 1e-4: each logged step's decoder rate is the 20-step warm-up
+    (from a twentieth of the rate) of the stages' rate while the stages' rows last, and of 1e-4 from the mix's
+    first step on (the rate a step trains at is the schedule at the steps taken before it)."""
+    output = tmp_path / "continued"
+    assert continue_default.main(["--model", str(DEFAULT_MODEL_PATH), "--output", str(output), "--side-stage", "8",
+                                  "--left-right-stage", "8", "--mix-steps", "2", "--tokens-per-batch", "512",
+                                  "--learning-rate", "1e-4", "--stage-rate", "4e-4", "--log-every", "1"]) == 0
+    log = (output / "training_log.txt").read_text()
+    assert "learning rate 0.0001, in the stages 0.0004" in log
+    mixing_from = int(re.search(r"^step (\d+)  the stages' rows done", log, re.M).group(1))
+    rates = {int(s): float(r) for s, r in re.findall(r"^step +(\d+)  loss \S+  rows \d+  lr (\S+)", log, re.M)}
+    assert sorted(rates) == list(range(1, mixing_from + 2))
+    for step, logged in rates.items():
+        peak = 4e-4 if step < mixing_from else 1e-4
+        assert logged == pytest.approx(peak * (0.05 + 0.95 * (step - 1) / 20), rel=1e-2), step
+
+
+@pytest.mark.parametrize("rate", ["0", "-0.0001"])
+def test_a_stage_rate_of_zero_or_less_is_refused_by_name(tmp_path, capsys, rate):
+    with pytest.raises(SystemExit):
+        continue_default.main(["--output", str(tmp_path / "out"), "--stage-rate", rate])
+    assert f"--stage-rate {float(rate)}" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
