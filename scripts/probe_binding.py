@@ -676,6 +676,10 @@ def main():
     tower = model.model.visual.__call__
     if MEANS in modes:
         features.fit_means(tower, processor)
+        mean, kind_offsets, colour_offsets = features.means
+        print(f"# class means: the mean's norm {float(mx.linalg.norm(mean)):.2f}, kind offsets' "
+              f"{float(mx.linalg.norm(kind_offsets, axis=-1).max()):.2f}, colour offsets' "
+              f"{float(mx.linalg.norm(colour_offsets, axis=-1).max()):.2f} (largest)", flush=True)
     visual_class = type(model.model.visual)
     model.model.visual.__class__ = type(visual_class.__name__, (visual_class,),
                                         {"__call__": lambda self, pixels, grid: features(tower, pixels, grid)})
