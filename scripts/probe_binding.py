@@ -35,6 +35,10 @@ one run is one noisy measurement.
                                "2.": the number as the first answer token)
                                or multi_image_color (the colour question across 2-4 pictures of one shape
                                each, the asked kind in one of them)
+                               or multi_image_kind_by_colour (multi_image_kind_digit with each picture's
+                               shape in its picture's colour, red first: the number carried by the colour)
+                               or multi_image_color_number (multi_image_color answered by the colour's
+                               number, 1 for red: "3." for blue)
                                or left_right_one_of_two_distinct (left_right_one_of_two about pairs that
                                share neither colour nor kind)
                                or left_right_one_of_two_kinds (left_right_one_of_two with shapes named by
@@ -448,6 +452,20 @@ def multi_image_color_example(rng) -> dict:
     return one_shape_pictures(rng, pairs, f"What color is the {kind}?", f"{pairs[target][1]}.")
 
 
+def ask_multi_image_color_number(rng, scene):
+    """A marker: `draw_example` draws `multi_image_color_number_example`."""
+    raise NotImplementedError
+
+
+def multi_image_color_number_example(rng) -> dict:
+    """multi_image_color's pictures and question with the colour answered by its number in world.COLORS, 1 for
+    red ("What color is the circle?" -> "3."): the same lookup, a digit to write."""
+    example = multi_image_color_example(rng)
+    answer = example["messages"][-1]
+    answer["content"] = f"{list(world.COLORS).index(answer['content'].removesuffix('.')) + 1}."
+    return example
+
+
 def ask_multi_image_kind(rng, scene):
     """A marker: `draw_example` draws `multi_image_kind_example`."""
     raise NotImplementedError
@@ -474,6 +492,24 @@ def multi_image_kind_digit_example(rng) -> dict:
     answer = example["messages"][-1]
     answer["content"] = answer["content"].removeprefix("Picture ")
     return example
+
+
+def ask_multi_image_kind_by_colour(rng, scene):
+    """A marker: `draw_example` draws `multi_image_kind_by_colour_example`."""
+    raise NotImplementedError
+
+
+def multi_image_kind_by_colour_example(rng) -> dict:
+    """multi_image_kind_digit's question ("Which picture has the circle?" -> "2.") with each picture's shape in
+    its picture's own colour (the first red, then green, blue, yellow): the number to write is then carried by
+    the found shape's colour, which multi_image_color shows the decoder copies across pictures."""
+    count = rng.randint(2, 4)
+    kind = rng.choice(world.SHAPES)
+    target = rng.randrange(count)
+    colours = list(world.COLORS)[:4]
+    pairs = [(kind if i == target else rng.choice([k for k in world.SHAPES if k != kind]), colours[i])
+             for i in range(count)]
+    return one_shape_pictures(rng, pairs, f"Which picture has the {kind}?", f"{target + 1}.")
 
 
 def multi_image_one_each(rng, shared: bool) -> dict:
@@ -522,7 +558,9 @@ QUESTIONS = dict(world.SCENE_QUESTIONS, side=ask_side, left_right_of_two=ask_lef
                  multi_image=ask_multi_image, multi_image_lone=ask_multi_image_lone,
                  multi_image_distinct=ask_multi_image_distinct, multi_image_shared=ask_multi_image_shared,
                  multi_image_color=ask_multi_image_color, multi_image_kind=ask_multi_image_kind,
-                 multi_image_kind_digit=ask_multi_image_kind_digit, count_balanced=ask_count_balanced)
+                 multi_image_kind_digit=ask_multi_image_kind_digit,
+                 multi_image_kind_by_colour=ask_multi_image_kind_by_colour,
+                 multi_image_color_number=ask_multi_image_color_number, count_balanced=ask_count_balanced)
 REASONED = ("left_right_reasoned",)  # their answers open with a thinking block: trained and asked thinking-on
 
 
@@ -532,6 +570,8 @@ OWN_EXAMPLES = {ask_multi_image: world.multi_image_example, ask_multi_image_lone
                 ask_multi_image_shared: partial(multi_image_one_each, shared=True),
                 ask_multi_image_kind: multi_image_kind_example, ask_multi_image_color: multi_image_color_example,
                 ask_multi_image_kind_digit: multi_image_kind_digit_example,
+                ask_multi_image_kind_by_colour: multi_image_kind_by_colour_example,
+                ask_multi_image_color_number: multi_image_color_number_example,
                 ask_count_balanced: dm.count_example}
 
 

@@ -431,3 +431,23 @@ def test_the_thirty_eighth_sessions_questions_ask_what_they_say():
             seen.add(probe.half_decides(example))
         assert seen == expected
     assert probe.half_decides(not_left_right) is None
+
+
+def test_the_fortieth_sessions_questions_ask_what_they_say():
+    """Colour answered by its number in the world's colour list (1 for red); the picture asked by kind, each
+    picture's shape in its picture's own colour, answered by the picture's digit."""
+    numbers = {"red": 1, "green": 2, "blue": 3, "yellow": 4, "purple": 5, "orange": 6}
+    assert list(world.COLORS)[:6] == list(numbers)
+    for seed in range(30):
+        example = probe.multi_image_color_number_example(random.Random(seed))
+        kind = re.fullmatch(r"What color is the (\w+)\?", example["messages"][0]["content"][-1]["text"]).group(1)
+        [holder] = [scene.shapes[0] for scene in example["scenes"] if scene.shapes[0].kind == kind]
+        assert example["messages"][-1]["content"] == f"{numbers[holder.color]}."
+        example = probe.multi_image_kind_by_colour_example(random.Random(seed))
+        kind = re.fullmatch(r"Which picture has the (\w+)\?", example["messages"][0]["content"][-1]["text"]).group(1)
+        target = int(re.fullmatch(r"(\d)\.", example["messages"][-1]["content"]).group(1))
+        assert 2 <= len(example["scenes"]) <= 4
+        assert [scene.shapes[0].kind == kind for scene in example["scenes"]] == [
+            n == target for n in range(1, len(example["scenes"]) + 1)]
+        assert [numbers[scene.shapes[0].color] for scene in example["scenes"]] == list(
+            range(1, len(example["scenes"]) + 1))
