@@ -70,12 +70,12 @@ def main(argv=None) -> int:
                                                dense_experts=True))
 
     stage_share = (args.stage_rate or args.learning_rate) / args.learning_rate
-    mixing = [not stages_rows]
+    mixing_from = None if stages_rows else 1  # the mix's first step, once the stages' rows are spent
 
     def rate(peak):  # a fresh AdamW's first steps warmed, then the stages' rate held, then the mix's
         stages, mix_rate = optim.linear_schedule(peak * stage_share * 0.05, peak * stage_share, 20), \
             optim.linear_schedule(peak * 0.05, peak, 20)
-        return lambda step: mix_rate(step) if mixing[0] else stages(step)
+        return lambda step: mix_rate(step) if mixing_from is not None else stages(step)  # read as it is then
 
     trainer.optimizer = dm.tower_and_decoder_optimizer(rate, args.learning_rate)
     partial = args.output.with_name(args.output.name + ".partial")
@@ -88,14 +88,14 @@ def main(argv=None) -> int:
            + (f", in the stages {args.stage_rate}" if args.stage_rate is not None else "")
            + f" (tower {dm.VISION_LR_SCALE}x), ~{args.tokens_per_batch} tokens a step"]
     print(log[0], file=sys.stderr, flush=True)
-    start, seen, step, mixing_from = time.perf_counter(), 0, 0, None if stages_rows else 1  # the mix's first step
+    start, seen, step = time.perf_counter(), 0, 0
     losses = []
     while mixing_from is None or step < mixing_from + args.mix_steps - 1:
         batch_rows = next(batches)
         seen += len(batch_rows)
         step += 1
         if mixing_from is None and seen >= stages_rows + 64:  # the pool that held the stages' last rows is spent
-            mixing_from, mixing[0] = step, True
+            mixing_from = step
             log.append(f"step {step}  the stages' rows done ({seen} rows drawn): the mix from here")
         record = trainer.train_step(collate(batch_rows, pad_id=0, spatial_merge=dm.VISION_CONFIG["spatial_merge_size"]))
         losses.append(record["loss"])
