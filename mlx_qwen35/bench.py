@@ -454,6 +454,51 @@ def speculative_bench(path=None, drafts=(1, 2), count=10, repeats=3, max_tokens=
               f"accepted {accepted}/{drafted} = {accepted / max(drafted, 1):.0%} ({kinds}); {same}")
 
 
+def train_bench(paths=("dense", "segmented", "gathered"), batches=8, repeats=5, seed=0):
+    """The default model's training step, loss and gradients (AdamW is the same for every path), for each
+    routed-experts path of trainer.EXPERT_PATHS in turn on the same weights and the recipe's full-grown mixed
+    batches (train-default's TRAIN_MIX, 2,048 padded tokens), paths interleaved in each of `repeats` rounds:
+    padded tok/s per path and each round's ratio to the first path, medians."""
+    import tempfile
+
+    import mlx.nn as nn
+
+    from .kernels.activations import exact
+    from .train import default_model as recipe
+    from .train.data import collate
+    from .train.trainer import TrainConfig, loss_fn, trainable_router
+
+    with tempfile.TemporaryDirectory() as directory:
+        _, processor = recipe.write_skeleton(Path(directory) / "model", seed)
+        model = recipe.build_model(Path(directory) / "model", seed)
+    stream = recipe.length_batches(recipe.world_rows(seed, processor, sum_stage=0, first_stage=0, curriculum=0),
+                                   2048, seed=seed)
+    fixed = [collate(next(stream), pad_id=0, spatial_merge=recipe.VISION_CONFIG["spatial_merge_size"])
+             for _ in range(batches)]
+    tokens = sum(b["input_ids"].size for b in fixed)
+    model.train()
+
+    def seconds(path):
+        config = TrainConfig(moe_aux_weight=0.01, mtp_weight=0.3, experts=path)
+        grad = nn.value_and_grad(model, lambda m, b: loss_fn(m, b, config)[0])
+        start = time.perf_counter()
+        for batch in fixed:
+            with trainable_router(model, experts=path), exact():
+                mx.eval(grad(model, batch))
+        return time.perf_counter() - start
+
+    for path in paths:  # warm-up: first-call costs out of the rounds
+        seconds(path)
+    rounds = [{path: seconds(path) for path in paths} for _ in range(repeats)]
+    print(f"# training step (loss and gradients) of the default model, {batches} mixed batches of ~2,048 padded "
+          f"tokens ({tokens} in all), {repeats} rounds, paths interleaved; {platform.cpu_setup()}")
+    for path in paths:
+        ratio = statistics.median(r[paths[0]] / r[path] for r in rounds)
+        print(f"{path:10s} {tokens / statistics.median(r[path] for r in rounds):7.0f} tok/s   "
+              f"{ratio:.2f}x {paths[0]} (median of per-round ratios)", flush=True)
+    return rounds
+
+
 if __name__ == "__main__":  # the child processes of `bench` and `cpu_bench`
     if sys.argv[1] == "cpu-probe":
         cpu_probe(int(sys.argv[2]))

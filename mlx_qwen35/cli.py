@@ -230,8 +230,10 @@ def cmd_convert(args):
 
 
 def cmd_bench(args):
-    from .bench import attention_memory, bench, cpu_bench, kernels_bench, speculative_bench, vision_bench
+    from .bench import attention_memory, bench, cpu_bench, kernels_bench, speculative_bench, train_bench, vision_bench
 
+    if args.train:
+        return train_bench(repeats=args.repeats)
     if args.speculative:
         return speculative_bench(args.model, tuple(args.speculative), repeats=args.repeats)
     if args.attention_memory:
@@ -351,6 +353,8 @@ def main(argv=None):
                        "--compare mlx-lm / mlx-vlm: only those peers)")
     bench.add_argument("--vision", action="store_true",
                        help="image encode time at --prompt-lengths pixels per side against mlx-vlm's tower")
+    bench.add_argument("--train", action="store_true", help="the default model's training step with each way of "
+                       "running the routed experts (train-default --experts), side by side")
     bench.add_argument("--vision-depth", type=int, help="with --vision: fewer blocks (memory runs at large sizes)")
     bench.set_defaults(run=cmd_bench)
 

@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     batches = dm.length_batches(rows, args.tokens_per_batch, seed=args.seed)
     trainer = Trainer(model, None, TrainConfig(steps=1, learning_rate=args.learning_rate, moe_aux_weight=0.01,
                                                mtp_weight=0.3, progress=False, grad_clip=1.0, weight_decay=0.01,
-                                               dense_experts=True))
+                                               experts="segmented"))
 
     stage_share = (args.stage_rate or args.learning_rate) / args.learning_rate
     mixing_from = None if stages_rows else 1  # the mix's first step, once the stages' rows are spent

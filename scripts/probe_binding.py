@@ -817,7 +817,7 @@ def main():
 
     trainer = training.Trainer(model, None, training.TrainConfig(
         steps=args.steps, learning_rate=args.learning_rate, moe_aux_weight=0.01, mtp_weight=0.3, progress=False,
-        grad_clip=1.0, weight_decay=0.01, dense_experts=True))
+        grad_clip=1.0, weight_decay=0.01, experts="segmented"))
 
     def schedule(peak):
         return training.warmup_cosine(peak, 30, args.schedule_steps or args.steps, start=peak * 0.01, final=peak * 0.1)

@@ -317,7 +317,7 @@ def main():
 
     trainer = Trainer(model, None, TrainConfig(steps=total, learning_rate=args.learning_rate,
                                                moe_aux_weight=0.01, mtp_weight=args.mtp_weight, progress=False, grad_clip=1.0,
-                                               weight_decay=0.01, dense_experts=True,
+                                               weight_decay=0.01, experts="segmented",
                                                prompt_loss_weight=args.prompt_loss))
 
     def schedule(scale):

@@ -4,6 +4,7 @@ gradients and fusing, loss going down, exact resume, and clear errors for bad ro
 import itertools
 import random
 import re
+from types import SimpleNamespace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -17,7 +18,8 @@ from mlx_qwen35.processing.processor import Processor
 from mlx_qwen35.train import world
 from mlx_qwen35.train.data import DataError, collate, encode, encode_all
 from mlx_qwen35.train.lora import AdapterError, apply_lora, fuse_lora, load_adapter
-from mlx_qwen35.train.trainer import TrainConfig, Trainer, dense_experts_forward, hidden_states, loss_fn
+from mlx_qwen35.train.trainer import (TrainConfig, Trainer, dense_experts_forward, hidden_states, loss_fn,
+                                      segmented_experts_forward)
 
 ndimage = pytest.importorskip("scipy.ndimage")
 
@@ -532,33 +534,67 @@ def test_full_gradient_reaches_the_vision_tower(processor):
     assert np.linalg.norm(analytic) > 1e-4
 
 
-def test_dense_experts_give_the_gathered_loss_and_gradients(processor):
-    """TrainConfig.dense_experts computes every expert and weights the unchosen ones by 0: the loss and every
-    gradient must equal the gathered top-K path (which the model tests check against transformers), and an
-    expert no token chose must get a gradient of exactly 0."""
+@pytest.mark.parametrize("path", ["dense", "segmented"])
+def test_expert_paths_give_the_gathered_loss_and_gradients(processor, path):
+    """TrainConfig.experts "dense" computes every expert and weights the unchosen ones by 0, "segmented" runs each
+    expert on its own chosen rows: the loss and every gradient must equal the gathered top-K path (which the
+    model tests check against transformers), and an expert no token chose must get a gradient of exactly 0."""
     model = tiny_model(moe=True)
     batch = batch_of(processor, [world.image_example(random.Random(3)), world.sum_example(random.Random(4))])
     results = {}
-    for dense in (False, True):
-        config = TrainConfig(moe_aux_weight=0.01, dense_experts=dense)
+    for experts in ("gathered", path):
+        config = TrainConfig(moe_aux_weight=0.01, experts=experts)
         loss, grads = nn.value_and_grad(model, lambda m, b: loss_fn(m, b, config)[0])(model, batch)
-        results[dense] = (loss.item(), dict(tree_flatten(grads)))
-    assert abs(results[True][0] - results[False][0]) <= 1e-5 * abs(results[False][0])
-    for name, gathered in results[False][1].items():
-        np.testing.assert_allclose(np.array(results[True][1][name]), np.array(gathered), rtol=1e-4, atol=1e-6,
+        results[experts] = (loss.item(), dict(tree_flatten(grads)))
+    assert abs(results[path][0] - results["gathered"][0]) <= 1e-5 * abs(results["gathered"][0])
+    for name, gathered in results["gathered"][1].items():
+        np.testing.assert_allclose(np.array(results[path][1][name]), np.array(gathered), rtol=1e-4, atol=1e-6,
                                    err_msg=name)
     block = model.model.language_model.layers[0].mlp
     original = block.experts.gate_up_proj
     x = mx.random.normal((3, original.shape[-1]))
     indices = mx.array([[0, 1]] * 3)  # experts 2 and 3 unchosen
+    forward = {"dense": dense_experts_forward, "segmented": segmented_experts_forward}[path]
 
     def routed_sum(gate_up):
         block.experts.gate_up_proj = gate_up
-        return dense_experts_forward(block, x, indices, mx.full((3, 2), 0.5)).sum()
+        return forward(block, x, indices, mx.full((3, 2), 0.5)).sum()
 
     grad = mx.grad(routed_sum)(original)
     block.experts.gate_up_proj = original
     assert float(mx.abs(grad[2:]).max()) == 0.0 and float(mx.abs(grad[:2]).max()) > 0
+
+
+def test_segmented_experts_match_float64_numpy():
+    """segmented_experts_forward against the routed sum written out in float64 NumPy, token by token: each
+    token's chosen experts' down(silu(gate) * up), weighted; with experts chosen by no token and a token whose
+    two choices are in reverse order."""
+    from mlx_qwen35.models.moe import Experts
+
+    rng = np.random.default_rng(5)
+    E, H, I, N = 4, 6, 5, 7
+    block = SimpleNamespace(experts=Experts(E, H, I))
+    block.experts.gate_up_proj = mx.array(rng.normal(size=(E, 2 * I, H)).astype(np.float32))
+    block.experts.down_proj = mx.array(rng.normal(size=(E, H, I)).astype(np.float32))
+    x = rng.normal(size=(N, H)).astype(np.float32)
+    indices = np.array([[2, 0], [0, 2], [2, 0], [0, 2], [2, 0], [0, 2], [2, 0]])  # experts 1 and 3 unchosen
+    weights = rng.uniform(size=(N, 2)).astype(np.float32)
+    ours = np.array(segmented_experts_forward(block, mx.array(x), mx.array(indices), mx.array(weights)))
+    gate_up = np.array(block.experts.gate_up_proj).astype(np.float64)
+    down = np.array(block.experts.down_proj).astype(np.float64)
+    expected = np.zeros((N, H))
+    for n in range(N):
+        for k in range(2):
+            e = indices[n, k]
+            projected = gate_up[e] @ x[n].astype(np.float64)
+            gate, up = projected[:I], projected[I:]
+            expected[n] += weights[n, k] * (down[e] @ (gate / (1 + np.exp(-gate)) * up))
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_an_unknown_expert_path_is_refused_by_name():
+    with pytest.raises(ValueError, match="experts 'sparse'"):
+        Trainer(tiny_model(moe=True), None, TrainConfig(experts="sparse"))
 
 
 def test_training_lowers_loss_and_resumes_exactly(processor, tmp_path):

@@ -23,6 +23,9 @@ def train_main(argv=None) -> int:
     parser.add_argument("--grad-checkpoint", action="store_true")
     parser.add_argument("--moe-aux-weight", type=float, default=0.0)
     parser.add_argument("--mtp-weight", type=float, default=0.0)
+    parser.add_argument("--experts", choices=["gathered", "dense", "segmented"], default="gathered",
+                        help="how the MoE's routed experts run in training (same results): the model's gather_mm, "
+                             "every expert, or each expert's chosen rows (fastest on a CPU)")
     parser.add_argument("--prompt-loss-weight", type=float, default=0.0,
                         help="also learn the prompts' text at this weight (answers: 1; images and videos: never)")
     parser.add_argument("--eval-every", type=int, default=0)
@@ -52,7 +55,7 @@ def train_main(argv=None) -> int:
         apply_lora(model, args.targets or DEFAULT_TARGETS, args.rank, args.alpha, seed=args.seed)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
                          dtype=args.dtype, grad_checkpoint=args.grad_checkpoint, moe_aux_weight=args.moe_aux_weight,
-                         mtp_weight=args.mtp_weight, prompt_loss_weight=args.prompt_loss_weight,
+                         mtp_weight=args.mtp_weight, prompt_loss_weight=args.prompt_loss_weight, experts=args.experts,
                          eval_every=args.eval_every, save_every=args.save_every, seed=args.seed)
     trainer = Trainer(model, rows, config, val_rows=val_rows, output_dir=args.output)
     if args.resume:

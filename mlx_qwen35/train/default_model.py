@@ -220,6 +220,10 @@ SETTLE_SEED = 777
 # AdamW's second-moment decay: 0.95 (GPT-3's, nanoGPT's) instead of 0.999 let the decoder learn in-context
 # binding ("The circle is red. ... What color is the circle?") in 4,000 rows instead of never (docs).
 ADAM_BETAS = [0.9, 0.95]
+# How the routed experts run in training (trainer.EXPERT_PATHS): the same sums in another order, so another run
+# bit for bit. Run 40, the shipped model, ran "dense" (all 8 experts); "segmented" (each expert's own rows) is
+# about 1.2x the tok/s on these CPUs (docs/benchmarks.md) and is for the next shipped run.
+EXPERTS = "dense"
 
 
 def write_skeleton(directory: Path, seed: int, city_words: bool = CITY_WORDS,
@@ -580,7 +584,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                   vision_clips: int = VISION_CLIPS, scaffold_position: bool = SCAFFOLD_POSITION,
                   side_stage: int = SIDE_STAGE, left_right_stage: int = LEFT_RIGHT_STAGE,
                   late_stages: int = LATE_STAGES, settle_left_right: float = SETTLE_LEFT_RIGHT,
-                  late_rate: float | None = None, learning_rate: float = 2e-3,
+                  late_rate: float | None = None, experts: str = EXPERTS, learning_rate: float = 2e-3,
                   warmup: int = 100, log_every: int = 25, probe_every: int = 100, progress: bool = True) -> Path:
     """Train the default model into `output` (written atomically: weights, configs, tokenizer, training_log.txt).
     At logging steps that are multiples of `probe_every` (0: never) the log also gets held-out per-skill
@@ -604,15 +608,17 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     LEFT_RIGHT_STAGE); `late_stages`: steps of side rows, then as many of left/right rows, after `steps` and before
     the settling steps (LATE_STAGES); `late_rate`: the decoder's learning rate in the late stages (the tower's
     a VISION_LR_SCALE of it; None: the schedule's final rate); `settle_left_right`: the settling mix's weight of lone left/right questions
-    (SETTLE_LEFT_RIGHT)."""
+    (SETTLE_LEFT_RIGHT); `experts`: how the routed experts run (EXPERTS, one of trainer.EXPERT_PATHS)."""
     from ..platform import cpu_setup
     from . import world
     from .data import collate
-    from .trainer import TrainConfig, Trainer, warmup_cosine
+    from .trainer import EXPERT_PATHS, TrainConfig, Trainer, warmup_cosine
     from .vision_pretrain import class_means, pretrain_vision
 
     if vision_weights and not Path(vision_weights).is_file():
         raise FileNotFoundError(f"--vision-weights: no such file {vision_weights}")
+    if experts not in EXPERT_PATHS:
+        raise ValueError(f"experts {experts!r}: one of {', '.join(EXPERT_PATHS)}")
     if tool_tail is None:
         tool_tail = round(TOOL_TAIL_STEPS * steps / STEPS)
     if sum_stage < 0:
@@ -691,6 +697,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                  + (f" at learning rate {late_rate}" if late_rate is not None else "")
                  + (f", lone left/right questions at weight {settle_left_right} in the settling mix"
                     if settle_left_right else "")
+                 + (f", the routed experts {experts}" if experts != EXPERTS else "")
                  + (f", picture scenes grown over {picture_curriculum} mixed rows"
                     if picture_curriculum != CURRICULUM_EXAMPLES else "")
                  + (f", {sum_stage} sums in the sum stage" if sum_stage != SUM_STAGE else "")
@@ -722,7 +729,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
 
     train_config = TrainConfig(steps=steps, learning_rate=learning_rate, moe_aux_weight=0.01, mtp_weight=0.3,
                                seed=seed, progress=False, grad_clip=1.0, weight_decay=0.01,
-                               dense_experts=True)
+                               experts=experts)
     trainer = Trainer(model, None, train_config)
 
     def schedule_for(peak):
@@ -909,6 +916,9 @@ def main(argv=None) -> int:
                         "the schedule's final rate)")
     parser.add_argument("--settle-left-right", type=float, default=SETTLE_LEFT_RIGHT, help="the settling mix's "
                         "weight of lone left/right questions beside SETTLE_MIX's (SETTLE_LEFT_RIGHT)")
+    parser.add_argument("--experts", choices=["dense", "segmented", "gathered"], default=EXPERTS,
+                        help="how the routed experts run in training (EXPERTS): the same sums in another order; "
+                        "segmented is the fastest on a CPU")
     parser.add_argument("--settle", type=int, default=SETTLE_STEPS, help="steps added after --steps at the "
                         "schedule's final learning rate, drawing a video-heavy mix (SETTLE_MIX; 0: none)")
     args = parser.parse_args(argv)
@@ -971,7 +981,8 @@ def main(argv=None) -> int:
                   vision_motion=args.vision_motion, vision_pictures=args.vision_pictures,
                   vision_clips=args.vision_clips, scaffold_position=args.scaffold_position,
                   side_stage=args.side_stage, left_right_stage=args.left_right_stage,
-                  late_stages=args.late_stages, settle_left_right=args.settle_left_right, late_rate=args.late_rate)
+                  late_stages=args.late_stages, settle_left_right=args.settle_left_right, late_rate=args.late_rate,
+                  experts=args.experts)
     print(f"wrote {args.output}")
     return 0
 

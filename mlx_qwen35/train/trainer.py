@@ -21,6 +21,10 @@ from ..models.moe import Experts, SparseMoeBlock
 from .data import collate
 
 FLOAT32_SUFFIXES = ("layernorm.weight", "norm.weight", "A_log", "dt_bias")
+# How training runs the routed experts (the same sums and gradients; `trainable_router`): the model's own
+# gather_mm, every expert as two matmuls (`dense_experts_forward`), or each expert's chosen rows as two
+# matmuls of its own (`segmented_experts_forward`, the fastest on a CPU).
+EXPERT_PATHS = ("gathered", "dense", "segmented")
 
 
 @dataclass
@@ -36,7 +40,7 @@ class TrainConfig:
     moe_aux_weight: float = 0.0  # load-balancing loss weight (Switch Transformer form)
     mtp_weight: float = 0.0  # loss on the token after next through the MTP head, when the model has one
     prompt_loss_weight: float = 0.0  # weight of the prompt's text tokens in the loss (assistant tokens: 1)
-    dense_experts: bool = False  # all experts as two matmuls (dense_experts_forward): faster when E/K is small
+    experts: str = "gathered"  # the routed experts' path in training: one of EXPERT_PATHS
     seed: int = 0
     eval_every: int = 0
     save_every: int = 0
@@ -89,11 +93,44 @@ def dense_experts_forward(block, x, indices, weights):
     return hidden.reshape(-1, E * intermediate) @ down
 
 
+def segmented_experts_forward(block, x, indices, weights):
+    """The routed experts of `block` for x [N, H]: the N*K (token, expert) choices sorted by expert, and each
+    expert's rows through two plain matmuls of its own. The gathered path's sum and gradients, with no work
+    for unchosen experts (dense_experts_forward does 4x the expert work at E/K = 4) and none of gather_mm's
+    per-row products: a training step of the default model runs about 1.2x dense's tok/s on a CPU
+    (`mlx-qwen35 bench --train`). The sort is read on the host; routing is data to the backward pass."""
+    experts = block.experts
+    E, two_i, _ = experts.gate_up_proj.shape
+    intermediate = two_i // 2
+    N, K = indices.shape
+    chosen = np.array(indices).reshape(-1)
+    order = np.argsort(chosen, kind="stable")
+    counts = np.bincount(chosen, minlength=E)
+    rows = x[mx.array(order // K)]
+    outputs, start = [], 0
+    for expert, count in enumerate(counts.tolist()):
+        if count == 0:
+            continue
+        gate_up = rows[start:start + count] @ experts.gate_up_proj[expert].T
+        hidden = nn.silu(gate_up[:, :intermediate]) * gate_up[:, intermediate:]
+        outputs.append(hidden @ experts.down_proj[expert].T)
+        start += count
+    back = np.empty_like(order)
+    back[order] = np.arange(N * K)
+    per_choice = mx.concatenate(outputs)[mx.array(back)].reshape(N, K, -1)
+    return (per_choice * weights[..., None]).sum(axis=1)
+
+
+ROUTED_FORWARD = {"dense": dense_experts_forward, "segmented": segmented_experts_forward}
+
+
 @contextmanager
-def trainable_router(model, records=None, dense: bool = False):
+def trainable_router(model, records=None, experts: str = "gathered"):
     """While the context is open, append each MoE block's (router probs [N, E], chosen experts [N, K]) to
-    `records` when given (for the load-balancing loss), and with `dense` compute the routed experts with
-    `dense_experts_forward` (unquantised experts only)."""
+    `records` when given (for the load-balancing loss), and run the routed experts on the path `experts`
+    names (EXPERT_PATHS; "dense" and "segmented" for unquantised experts only, quantised ones stay gathered)."""
+    if experts not in EXPERT_PATHS:
+        raise ValueError(f"experts {experts!r}: one of {', '.join(EXPERT_PATHS)}")
     blocks = [m for _, m in model.named_modules() if isinstance(m, SparseMoeBlock)]
 
     def route(self, x):
@@ -107,8 +144,8 @@ def trainable_router(model, records=None, dense: bool = False):
 
     classes = [b.__class__ for b in blocks]
     for block, cls in zip(blocks, classes):
-        dense_here = dense and type(block.experts) is Experts
-        methods = {"route": route, "routed": dense_experts_forward} if dense_here else {"route": route}
+        own_path = experts != "gathered" and type(block.experts) is Experts
+        methods = {"route": route, "routed": ROUTED_FORWARD[experts]} if own_path else {"route": route}
         block.__class__ = type(cls.__name__, (cls,), methods)
     try:
         yield records
@@ -191,7 +228,7 @@ def loss_fn(model, batch, config: TrainConfig):
     """(loss, (target weight, {"ce", "aux", "mtp"}))."""
     aux_on = config.moe_aux_weight > 0 and model.config.text_config.is_moe
     records = [] if aux_on else None
-    with trainable_router(model, records, dense=config.dense_experts):
+    with trainable_router(model, records, experts=config.experts):
         total, count, h = token_losses(model, batch, config.prompt_loss_weight)
     loss = total / mx.maximum(count, 1.0)
     parts = {"ce": loss}
@@ -225,6 +262,8 @@ class Trainer:
             raise ValueError("no training rows")
         if config.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {config.dtype!r}")
+        if config.experts not in EXPERT_PATHS:
+            raise ValueError(f"experts {config.experts!r}: one of {', '.join(EXPERT_PATHS)}")
         cast_model(model, getattr(mx, config.dtype))
         if config.grad_checkpoint:
             enable_grad_checkpoint(model)
@@ -255,7 +294,7 @@ class Trainer:
             batch = collate([self.rows[i] for i in self.batch_indices(self.step)], self.config.pad_id)
         self.model.train()
         # Checkpointed layers recompute in the backward pass, after loss_fn returned: keep routing trainable.
-        with trainable_router(self.model, dense=self.config.dense_experts), exact_activations():
+        with trainable_router(self.model, experts=self.config.experts), exact_activations():
             (loss, (count, parts)), grads = self._grad(self.model, batch)
         grads, norm = optim.clip_grad_norm(grads, self.config.grad_clip or float("inf"))
         mx.eval(loss, norm)
