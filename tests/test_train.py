@@ -715,3 +715,34 @@ def test_the_tool_heavy_tail_draws_tool_rows_at_its_share_from_full_grown_scenes
             side = min(scene.width, scene.height)
             for *_, x0, x1 in components(world.draw(scene)):
                 assert x1 - x0 <= 2 * max(6, round(side / 6)) + 1
+
+
+def test_prefetched_keeps_order_raises_errors_and_stops_when_closed():
+    import threading
+
+    from mlx_qwen35.train.data import prefetched
+
+    assert list(prefetched(range(200))) == list(range(200))
+
+    def failing():
+        yield from range(3)
+        raise ValueError("row 3 is broken")
+
+    got = []
+    with pytest.raises(ValueError, match="row 3 is broken"):
+        for item in prefetched(failing()):
+            got.append(item)
+    assert got == [0, 1, 2]
+
+    made = []
+
+    def endless():
+        while True:
+            made.append(len(made))
+            yield made[-1]
+
+    stream = prefetched(endless(), depth=2)
+    assert [next(stream) for _ in range(5)] == [0, 1, 2, 3, 4]
+    stream.close()
+    assert not any(t.name == "prefetch" and t.is_alive() for t in threading.enumerate())
+    assert len(made) <= 5 + 2 + 1  # the items taken, the queue's depth, and the one waiting to be put

@@ -6,7 +6,9 @@ A row is a list of messages or a dict {"messages": [...], "tools": [...], "image
 Images and videos sit in content parts ({"type": "image", "image": PIL/path}), or the parts leave the data out
 ({"type": "image"}) and the row's "images" list supplies it, in order."""
 
+import queue
 import re
+import threading
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -202,3 +204,45 @@ def collate(rows: list[Row], pad_id: int = 0, spatial_merge: int = 2) -> dict:
         batch["image_features_mask"] = mx.array(np.concatenate(
             [np.full((n, 1), r.image_features is not None, np.float32) for r, n in zip(with_images, counts)]))
     return batch
+
+
+def prefetched(items, depth: int = 2):
+    """The items of the iterable `items`, in order, each made by a background thread while the caller works on
+    the ones before: making the default model's rows and pictures (Python, NumPy, Pillow) overlaps MLX's
+    evaluation, which leaves the GIL. The items must not touch MLX (its streams belong to the main thread).
+    Closing the generator stops the thread and waits for it; an error in `items` is raised to the caller."""
+    made = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                made.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce():
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((end, None))
+        except BaseException as error:  # handed to the consumer, raised there
+            put((end, error))
+
+    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = made.get()
+            if item is end:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()

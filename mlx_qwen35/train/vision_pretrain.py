@@ -18,6 +18,7 @@ import mlx.optimizers as optim
 import numpy as np
 
 from . import world
+from .data import prefetched
 from .trainer import warmup_cosine
 
 COLOR_IDS = {name: i + 1 for i, name in enumerate(world.COLORS)}  # 0: no shape centre in this token
@@ -105,13 +106,23 @@ def video_item(rng: random.Random, processor):
 
 
 def batch(rng: random.Random, processor, pictures: int, videos: int, max_shapes: int = world.MAX_SHAPES) -> dict:
+    return as_mlx(batch_arrays(rng, processor, pictures, videos, max_shapes))
+
+
+def batch_arrays(rng: random.Random, processor, pictures: int, videos: int,
+                 max_shapes: int = world.MAX_SHAPES) -> dict:
+    """`batch` in NumPy arrays (no MLX: what a prefetching thread may make)."""
     # (Pictures of one size sent as one (count, h, w) grid were no faster here: the time is in the blocks.)
     items = ([picture_item(rng, processor, max_shapes) for _ in range(pictures)]
              + [video_item(rng, processor) for _ in range(videos)])
-    out = {"pixels": mx.array(np.concatenate([p for p, _, _ in items])), "grid": [g for _, g, _ in items]}
+    out = {"pixels": np.concatenate([p for p, _, _ in items]), "grid": [g for _, g, _ in items]}
     for key in items[0][2]:
-        out[key] = mx.array(np.concatenate([labels[key] for _, _, labels in items]))
+        out[key] = np.concatenate([labels[key] for _, _, labels in items])
     return out
+
+
+def as_mlx(arrays: dict) -> dict:
+    return {k: v if k == "grid" else mx.array(v) for k, v in arrays.items()}
 
 
 class Probe(nn.Module):
@@ -189,8 +200,9 @@ def pretrain_vision(visual, processor, steps: int, seed: int = 0,
     held_out = batch(random.Random(seed + 5_000_077), processor, 96, 16)
     step_fn = nn.value_and_grad(probe, partial(loss, kind_weight=kind_weight, motion_weight=motion_weight))
     start, scores = time.perf_counter(), {}
-    for step in range(1, steps + 1):
-        value, grads = step_fn(probe, batch(rng, processor, pictures, videos, max_shapes))
+    batches = prefetched(batch_arrays(rng, processor, pictures, videos, max_shapes) for _ in range(steps))
+    for step, arrays in enumerate(batches, start=1):
+        value, grads = step_fn(probe, as_mlx(arrays))
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         optimizer.update(probe, grads)
         mx.eval(probe.parameters(), optimizer.state, value)
