@@ -512,6 +512,23 @@ def multi_image_kind_by_colour_example(rng) -> dict:
     return one_shape_pictures(rng, pairs, f"Which picture has the {kind}?", f"{target + 1}.")
 
 
+def ask_multi_image_by_label(rng, scene):
+    """A marker: `draw_example` draws `multi_image_by_label_example`."""
+    raise NotImplementedError
+
+
+def multi_image_by_label_example(rng) -> dict:
+    """The several-picture lookup the other way round: 2-4 pictures of one shape each, in colours of their own,
+    asked about by number ("What color is the shape in picture 2?" -> "green."). With --vision-ids the number is
+    in the picture's label only, so this asks whether the decoder can find a picture by its label at all, where
+    the world's question asks it to write the label of a picture it found."""
+    count = rng.randint(2, 4)
+    colours = rng.sample(list(world.COLORS), count)
+    pairs = [(rng.choice(world.SHAPES), colour) for colour in colours]
+    target = rng.randrange(count)
+    return one_shape_pictures(rng, pairs, f"What color is the shape in picture {target + 1}?", f"{colours[target]}.")
+
+
 def multi_image_one_each(rng, shared: bool) -> dict:
     """The world's several-picture question with one shape in each picture. The other pictures' shapes share
     neither colour nor kind with the asked one (shared=False: either word alone finds it), or each exactly one of
@@ -560,7 +577,8 @@ QUESTIONS = dict(world.SCENE_QUESTIONS, side=ask_side, left_right_of_two=ask_lef
                  multi_image_color=ask_multi_image_color, multi_image_kind=ask_multi_image_kind,
                  multi_image_kind_digit=ask_multi_image_kind_digit,
                  multi_image_kind_by_colour=ask_multi_image_kind_by_colour,
-                 multi_image_color_number=ask_multi_image_color_number, count_balanced=ask_count_balanced)
+                 multi_image_color_number=ask_multi_image_color_number,
+                 multi_image_by_label=ask_multi_image_by_label, count_balanced=ask_count_balanced)
 REASONED = ("left_right_reasoned",)  # their answers open with a thinking block: trained and asked thinking-on
 
 
@@ -572,6 +590,7 @@ OWN_EXAMPLES = {ask_multi_image: world.multi_image_example, ask_multi_image_lone
                 ask_multi_image_kind_digit: multi_image_kind_digit_example,
                 ask_multi_image_kind_by_colour: multi_image_kind_by_colour_example,
                 ask_multi_image_color_number: multi_image_color_number_example,
+                ask_multi_image_by_label: multi_image_by_label_example,
                 ask_count_balanced: dm.count_example}
 
 

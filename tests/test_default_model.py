@@ -529,13 +529,13 @@ def test_train_default_refuses_a_missing_vision_tower_before_writing(tmp_path, c
         train_default(tmp_path / "model", steps=1, vision_pictures=0, vision_clips=0)
     with pytest.raises(SystemExit):
         main(["--output", str(tmp_path / "model"), "--vision-clips", "-2"])
-    assert "--vision-pictures 24 --vision-clips -2: counts of a tower pretraining" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="side_stage 0, left_right_stage -1: numbers of rows, 0 or more"):
+    assert "--vision-pictures 24, --vision-clips -2: counts of a tower pretraining" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="left_right_stage -1: a number of rows, 0 or more"):
         train_default(tmp_path / "model", steps=1, left_right_stage=-1)
     with pytest.raises(SystemExit):
         main(["--output", str(tmp_path / "model"), "--side-stage", "-5"])
     assert "--side-stage -5: a number of rows, 0 or more" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="late_stages 0, settle_left_right -0.5: a number of steps and a weight"):
+    with pytest.raises(ValueError, match="settle_left_right -0.5: a weight, 0 or more"):
         train_default(tmp_path / "model", steps=1, settle_left_right=-0.5)
     with pytest.raises(ValueError, match="late_rate 0.001: a rate above 0, with late_stages"):
         train_default(tmp_path / "model", steps=1, late_rate=1e-3)
@@ -556,11 +556,15 @@ def test_train_default_refuses_a_missing_vision_tower_before_writing(tmp_path, c
                       stretch_opening=True)
     with pytest.raises(SystemExit):
         main(["--output", str(tmp_path / "model"), "--steps", "4000", "--schedule-steps", "4800"])
-    assert "--schedule-steps 4800: a number of steps from 1 to --steps (4000)" in capsys.readouterr().err
+    refusal = capsys.readouterr().err
+    assert "--schedule-steps 4800: more than the opening's ~" in refusal and "no more than --steps (4000)" in refusal
     for flag in ("--binding-stage", "--picture-curriculum", "--scaffold-rows", "--sum-stage"):
         with pytest.raises(SystemExit):
             main(["--output", str(tmp_path / "model"), flag, "-3"])
         assert f"{flag} -3: a number of rows, 0 or more" in capsys.readouterr().err
+        setting = flag.removeprefix("--").replace("-", "_")
+        with pytest.raises(ValueError, match=f"^{setting} -3: a number of rows, 0 or more$"):
+            train_default(tmp_path / "model", **{setting: -3})
     assert list(tmp_path.iterdir()) == []
     import mlx.core as mx
 

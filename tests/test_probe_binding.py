@@ -451,3 +451,17 @@ def test_the_fortieth_sessions_questions_ask_what_they_say():
             n == target for n in range(1, len(example["scenes"]) + 1)]
         assert [numbers[scene.shapes[0].color] for scene in example["scenes"]] == list(
             range(1, len(example["scenes"]) + 1))
+
+
+def test_the_picture_asked_by_its_number_is_that_picture():
+    """"What color is the shape in picture n?" answers the colour of the shape in the n-th picture, each picture's
+    colour its own (so the colour names the picture), 2-4 pictures of one shape each."""
+    for seed in range(30):
+        example = probe.multi_image_by_label_example(random.Random(seed))
+        asked = int(re.fullmatch(r"What color is the shape in picture (\d)\?",
+                                 example["messages"][0]["content"][-1]["text"]).group(1))
+        colours = [scene.shapes[0].color for scene in example["scenes"]]
+        assert 2 <= len(colours) <= 4 and len(set(colours)) == len(colours)
+        assert all(len(scene.shapes) == 1 for scene in example["scenes"])
+        assert example["messages"][-1]["content"] == f"{colours[asked - 1]}."
+        assert sum(part["type"] == "image" for part in example["messages"][0]["content"]) == len(colours)

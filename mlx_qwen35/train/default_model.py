@@ -12,6 +12,7 @@ import json
 import math
 import random
 import shutil
+import string
 import sys
 import time
 from collections import Counter
@@ -571,6 +572,29 @@ def answer_accuracy(logits_fn, rows, batch_size: int = 16) -> float:
     return correct / max(1, len(rows))
 
 
+class RecipeError(ValueError):
+    """A train-default setting that cannot run, refused before anything is written. Its text names the settings
+    as `train_default`'s parameters (late_rate); `flags()` names them as the command line's (--late-rate)."""
+
+    def __init__(self, template: str, *values):
+        """`template`: str.format fields {setting} for names, {0}, {1}, ... for `values`."""
+        self.template, self.values = template, values
+        super().__init__(self.named(lambda setting: setting))
+
+    def named(self, name) -> str:
+        class Names(dict):
+            def __missing__(self, setting):
+                return name(setting)
+
+        return string.Formatter().vformat(self.template, self.values, Names())
+
+    def flags(self) -> str:
+        return self.named(lambda setting: "--" + FLAGS.get(setting, setting).replace("_", "-"))
+
+
+FLAGS = {"settle_steps": "settle"}  # train_default's parameters whose flags are not their names
+
+
 @exact_activations()  # the logged accuracies, like the weights, must not depend on the inference activations
 def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_batch: int = 2048,
                   vision_steps: int = VISION_PRETRAIN_STEPS, vision_weights: Path | None = None,
@@ -617,60 +641,58 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
 
     if vision_weights and not Path(vision_weights).is_file():
         raise FileNotFoundError(f"--vision-weights: no such file {vision_weights}")
+    for setting, rows in (("scaffold_rows", scaffold_rows), ("sum_stage", sum_stage),
+                          ("binding_stage", binding_stage), ("picture_curriculum", picture_curriculum),
+                          ("side_stage", side_stage), ("left_right_stage", left_right_stage)):
+        if rows < 0:
+            raise RecipeError(f"{{{setting}}} {{0}}: a number of rows, 0 or more", rows)
+    for setting, count in (("settle_steps", settle_steps), ("late_stages", late_stages)):
+        if count < 0:
+            raise RecipeError(f"{{{setting}}} {{0}}: a number of steps, 0 or more", count)
+    for setting, weight in (("count_rows", count_rows), ("vision_motion", vision_motion),
+                            ("settle_left_right", settle_left_right)):
+        if weight < 0:
+            raise RecipeError(f"{{{setting}}} {{0}}: a weight, 0 or more", weight)
     if experts not in EXPERT_PATHS:
-        raise ValueError(f"experts {experts!r}: one of {', '.join(EXPERT_PATHS)}")
+        raise RecipeError(f"{{experts}} {{0!r}}: one of {', '.join(EXPERT_PATHS)}", experts)
     if tool_tail is None:
         tool_tail = round(TOOL_TAIL_STEPS * steps / STEPS)
-    if sum_stage < 0:
-        raise ValueError(f"sum_stage {sum_stage}: a number of rows, 0 or more")
     opening_rows = sum_stage + binding_stage
     opening_steps = round(OPENING_STEPS * opening_rows / OPENING_ROWS)
     stretch = opening_rows / OPENING_ROWS if stretch_opening else 1.0
     added_steps = round(OPENING_STEPS * (stretch - 1)) if stretch > 1 else 0
     if added_steps and steps <= added_steps + warmup:
-        raise ValueError(f"steps {steps}: an opening of {opening_rows} rows adds {added_steps} steps "
-                         f"to the schedule, and the rest must outlast the warm-up ({warmup})")
+        raise RecipeError(f"{{steps}} {{0}}: an opening of {opening_rows} rows adds {added_steps} steps to the "
+                          f"schedule, and the rest must outlast the warm-up ({warmup})", steps)
+    if schedule_steps is not None and stretch_opening:
+        raise RecipeError("{schedule_steps}: not with {stretch_opening} (one stretch of the schedule at a time)")
     if schedule_steps is None:
         schedule_steps = SCHEDULE_STEPS if steps == STEPS and not stretch_opening else steps
-    if schedule_steps != steps:
-        if stretch_opening:
-            raise ValueError("schedule_steps: not with stretch_opening (one stretch of the schedule at a time)")
-        if not opening_steps + warmup < schedule_steps <= steps:
-            raise ValueError(f"schedule_steps {schedule_steps}: more than the opening's ~{opening_steps} steps and "
-                             f"the warm-up ({warmup}), and no more than steps ({steps})")
+    if schedule_steps != steps and not opening_steps + warmup < schedule_steps <= steps:
+        raise RecipeError(f"{{schedule_steps}} {{0}}: more than the opening's ~{opening_steps} steps and the "
+                          f"warm-up ({warmup}), and no more than {{steps}} ({{1}})", schedule_steps, steps)
     mix_stretch = (steps - opening_steps) / (schedule_steps - opening_steps) if schedule_steps != steps else 1.0
-    if settle_steps < 0:
-        raise ValueError(f"settle_steps {settle_steps}: a number of steps, 0 or more")
-    if count_rows < 0:
-        raise ValueError(f"count_rows {count_rows}: a weight, 0 or more")
-    if vision_motion < 0:
-        raise ValueError(f"vision_motion {vision_motion}: a weight, 0 or more")
     if vision_pictures < 0 or vision_clips < 0 or vision_pictures + vision_clips == 0:
-        raise ValueError(f"vision_pictures {vision_pictures}, vision_clips {vision_clips}: counts of a tower "
-                         "pretraining batch's items, 0 or more, not both 0")
-    if side_stage < 0 or left_right_stage < 0:
-        raise ValueError(f"side_stage {side_stage}, left_right_stage {left_right_stage}: numbers of rows, 0 or more")
+        raise RecipeError("{vision_pictures} {0}, {vision_clips} {1}: counts of a tower pretraining batch's items, "
+                          "0 or more, not both 0", vision_pictures, vision_clips)
+    unplaced = "(on the scaffold without places the side question was not learned)"
     if side_stage and not scaffold_position:
-        raise ValueError("side_stage: only with scaffold_position (on the scaffold without places the side question "
-                         "was not learned)")
-    if late_stages < 0 or settle_left_right < 0:
-        raise ValueError(f"late_stages {late_stages}, settle_left_right {settle_left_right}: a number of steps and "
-                         "a weight, 0 or more")
+        raise RecipeError("{side_stage}: only with {scaffold_position} " + unplaced)
     if late_rate is not None and not (late_stages and late_rate > 0):
-        raise ValueError(f"late_rate {late_rate}: a rate above 0, with late_stages")
+        raise RecipeError("{late_rate} {0}: a rate above 0, with {late_stages}", late_rate)
     if late_stages and not scaffold_position:
-        raise ValueError("late_stages: only with scaffold_position (on the scaffold without places the side question "
-                         "was not learned)")
+        raise RecipeError("{late_stages}: only with {scaffold_position} " + unplaced)
     if not 0 <= tool_tail <= steps:
-        raise ValueError(f"tool_tail {tool_tail}: a number of steps from 0 to steps ({steps})")
+        raise RecipeError("{tool_tail} {0}: a number of steps from 0 to {steps} ({1})", tool_tail, steps)
     if tower_first_stage and not grown_first_stage:
-        raise ValueError("tower_first_stage: only with grown_first_stage (the one-large-shape first stage reads the "
-                         "tower already)")
+        raise RecipeError("{tower_first_stage}: only with {grown_first_stage} (the one-large-shape first stage reads "
+                          "the tower already)")
     if city_pieces and not city_words:
-        raise ValueError("city_pieces: only with city_words (the cities as tokens of their own in the call)")
+        raise RecipeError("{city_pieces}: only with {city_words} (the cities as tokens of their own in the call)")
     unknown = [name for name in binding_questions if name not in SCAFFOLD_QUESTIONS]
     if unknown or not binding_questions:
-        raise ValueError(f"binding_questions {tuple(binding_questions)}: one or more of {SCAFFOLD_QUESTIONS}")
+        raise RecipeError(f"{{binding_questions}} {{0}}: one or more of {SCAFFOLD_QUESTIONS}",
+                          tuple(binding_questions))
     run_start = time.perf_counter()
     output = Path(output)
     partial = output.with_name(output.name + ".partial")
@@ -922,67 +944,27 @@ def main(argv=None) -> int:
     parser.add_argument("--settle", type=int, default=SETTLE_STEPS, help="steps added after --steps at the "
                         "schedule's final learning rate, drawing a video-heavy mix (SETTLE_MIX; 0: none)")
     args = parser.parse_args(argv)
-    if args.scaffold_rows < 0:
-        parser.error(f"--scaffold-rows {args.scaffold_rows}: a number of rows, 0 or more")
-    if args.sum_stage < 0:
-        parser.error(f"--sum-stage {args.sum_stage}: a number of rows, 0 or more")
-    if args.binding_stage < 0:
-        parser.error(f"--binding-stage {args.binding_stage}: a number of rows, 0 or more")
-    if args.tower_first_stage and not args.grown_first_stage:
-        parser.error("--tower-first-stage: only with --grown-first-stage (the one-large-shape first stage reads the "
-                     "tower already)")
-    if args.city_pieces and not args.city_words:
-        parser.error("--city-pieces: only with --city-words (the cities as tokens of their own in the call)")
-    if args.picture_curriculum < 0:
-        parser.error(f"--picture-curriculum {args.picture_curriculum}: a number of rows, 0 or more")
-    if args.tool_tail is not None and not 0 <= args.tool_tail <= args.steps:
-        parser.error(f"--tool-tail {args.tool_tail}: a number of steps from 0 to --steps ({args.steps})")
-    if args.settle < 0:
-        parser.error(f"--settle {args.settle}: a number of steps, 0 or more")
-    if args.count_rows < 0:
-        parser.error(f"--count-rows {args.count_rows}: a weight, 0 or more")
-    if args.vision_motion < 0:
-        parser.error(f"--vision-motion {args.vision_motion}: a weight, 0 or more")
-    if args.vision_pictures < 0 or args.vision_clips < 0 or args.vision_pictures + args.vision_clips == 0:
-        parser.error(f"--vision-pictures {args.vision_pictures} --vision-clips {args.vision_clips}: counts of a "
-                     "tower pretraining batch's items, 0 or more, not both 0")
-    for flag, rows in (("--side-stage", args.side_stage), ("--left-right-stage", args.left_right_stage)):
-        if rows < 0:
-            parser.error(f"{flag} {rows}: a number of rows, 0 or more")
-    if args.late_stages < 0:
-        parser.error(f"--late-stages {args.late_stages}: a number of steps, 0 or more")
-    if args.settle_left_right < 0:
-        parser.error(f"--settle-left-right {args.settle_left_right}: a weight, 0 or more")
-    if args.late_rate is not None and not (args.late_stages and args.late_rate > 0):
-        parser.error(f"--late-rate {args.late_rate}: a rate above 0, with --late-stages")
-    if args.late_stages and not args.scaffold_position:
-        parser.error("--late-stages: only with --scaffold-position (on the scaffold without places the side "
-                     "question was not learned)")
-    if args.side_stage and not args.scaffold_position:
-        parser.error("--side-stage: only with --scaffold-position (on the scaffold without places the side question "
-                     "was not learned)")
-    if args.schedule_steps is not None and args.stretch_opening:
-        parser.error("--schedule-steps: not with --stretch-opening (one stretch of the schedule at a time)")
-    if args.schedule_steps is not None and not 0 < args.schedule_steps <= args.steps:
-        parser.error(f"--schedule-steps {args.schedule_steps}: a number of steps from 1 to --steps ({args.steps})")
     if args.vision_weights and not Path(args.vision_weights).is_file():
         parser.error(f"--vision-weights: no such file {args.vision_weights}")
     from .. import platform  # noqa: F401  (OpenBLAS before MLX runs anything)
 
-    train_default(Path(args.output), seed=args.seed, steps=args.steps, tokens_per_batch=args.tokens_per_batch,
-                  learning_rate=args.learning_rate, vision_steps=args.vision_steps,
-                  vision_weights=args.vision_weights, scaffold_rows=args.scaffold_rows,
-                  city_words=args.city_words, city_pieces=args.city_pieces, tool_tail=args.tool_tail,
-                  picture_curriculum=args.picture_curriculum,
-                  grown_first_stage=args.grown_first_stage, binding_stage=args.binding_stage,
-                  tower_first_stage=args.tower_first_stage, binding_questions=tuple(args.binding_questions),
-                  sum_stage=args.sum_stage, stretch_opening=args.stretch_opening,
-                  schedule_steps=args.schedule_steps, settle_steps=args.settle, count_rows=args.count_rows,
-                  vision_motion=args.vision_motion, vision_pictures=args.vision_pictures,
-                  vision_clips=args.vision_clips, scaffold_position=args.scaffold_position,
-                  side_stage=args.side_stage, left_right_stage=args.left_right_stage,
-                  late_stages=args.late_stages, settle_left_right=args.settle_left_right, late_rate=args.late_rate,
-                  experts=args.experts)
+    try:
+        train_default(Path(args.output), seed=args.seed, steps=args.steps, tokens_per_batch=args.tokens_per_batch,
+                      learning_rate=args.learning_rate, vision_steps=args.vision_steps,
+                      vision_weights=args.vision_weights, scaffold_rows=args.scaffold_rows,
+                      city_words=args.city_words, city_pieces=args.city_pieces, tool_tail=args.tool_tail,
+                      picture_curriculum=args.picture_curriculum,
+                      grown_first_stage=args.grown_first_stage, binding_stage=args.binding_stage,
+                      tower_first_stage=args.tower_first_stage, binding_questions=tuple(args.binding_questions),
+                      sum_stage=args.sum_stage, stretch_opening=args.stretch_opening,
+                      schedule_steps=args.schedule_steps, settle_steps=args.settle, count_rows=args.count_rows,
+                      vision_motion=args.vision_motion, vision_pictures=args.vision_pictures,
+                      vision_clips=args.vision_clips, scaffold_position=args.scaffold_position,
+                      side_stage=args.side_stage, left_right_stage=args.left_right_stage,
+                      late_stages=args.late_stages, settle_left_right=args.settle_left_right, late_rate=args.late_rate,
+                      experts=args.experts)
+    except RecipeError as error:
+        parser.error(error.flags())
     print(f"wrote {args.output}")
     return 0
 
