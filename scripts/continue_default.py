@@ -93,10 +93,12 @@ def main(argv=None) -> int:
     while mixing_from is None or step < mixing_from + args.mix_steps - 1:
         batch_rows = next(batches)
         seen += len(batch_rows)
+        if mixing_from is None and seen >= stages_rows + dm.BATCH_POOL:  # the stages' last pool is spent
+            if args.mix_steps == 0:
+                break
+            mixing_from = step + 1
+            log.append(f"step {step + 1}  the stages' rows done ({seen} rows drawn): the mix from here")
         step += 1
-        if mixing_from is None and seen >= stages_rows + 64:  # the pool that held the stages' last rows is spent
-            mixing_from = step
-            log.append(f"step {step}  the stages' rows done ({seen} rows drawn): the mix from here")
         record = trainer.train_step(collate(batch_rows, pad_id=0, spatial_merge=dm.VISION_CONFIG["spatial_merge_size"]))
         losses.append(record["loss"])
         if step % args.log_every == 0:

@@ -81,3 +81,16 @@ def test_a_stage_rate_of_zero_or_less_is_refused_by_name(tmp_path, capsys, rate)
         continue_default.main(["--output", str(tmp_path / "out"), "--stage-rate", rate])
     assert f"--stage-rate {float(rate)}" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_no_mix_steps_stops_where_the_stages_rows_end(tmp_path):
+    """--mix-steps 0 after stages: every step trained is a stage's, none of the mix (the mix's first step is not
+    run)."""
+    output = tmp_path / "continued"
+    assert continue_default.main(["--model", str(DEFAULT_MODEL_PATH), "--output", str(output), "--side-stage", "8",
+                                  "--left-right-stage", "8", "--mix-steps", "0", "--tokens-per-batch", "512",
+                                  "--log-every", "1"]) == 0
+    log = (output / "training_log.txt").read_text()
+    assert "the mix from here" not in log
+    steps = int(re.search(r"^# finished: (\d+) steps", log, re.M).group(1))
+    assert steps >= 1 and [int(s) for s in re.findall(r"^step +(\d+)  loss", log, re.M)] == list(range(1, steps + 1))

@@ -205,6 +205,7 @@ CITY_WORDS = True
 # city in pieces after a space, so every call translates (world_tokenizer._pieces_after_space; docs). On
 # since run 30.
 CITY_PIECES = True
+BATCH_POOL = 64  # rows sorted by length together before they are cut into batches
 # A tool-heavy tail: the last `tool_tail` steps draw a fresh full-growth stream (world seed + TOOL_TAIL_SEED) with
 # TOOL_TAIL_MIX, tools about 31 % of the rows instead of 9 %. Run 19's weather calls were still improving at its
 # end (held-out tool lines 75-81 %), and 200 such steps after it called London, its one failing city, 13/13
@@ -519,7 +520,7 @@ def question_rows(seed: int, processor, ask, means: dict | None = None):
         yield on_the_scaffold(row, example, means) if means is not None else row
 
 
-def length_batches(rows, tokens_per_batch: int, pool: int = 64, seed: int = 0):
+def length_batches(rows, tokens_per_batch: int, pool: int = BATCH_POOL, seed: int = 0):
     """Group a stream of rows into batches of similar length with at most `tokens_per_batch` padded tokens
     (a longer row goes alone), shuffled within each pool of rows."""
     rng = random.Random(seed)
