@@ -356,11 +356,9 @@ def ask_left_right_one_of_two_kinds_either(rng, scene):
     """left_right_one_of_two_kinds with the named shape on either side of the question, half the time after the
     digit ("Is 5 left or right of the square?"): the lookup that left_right_stated_kinds needs in each of its two
     places, one at a time."""
-    if (question := ask_left_right_one_of_two_kinds(rng, scene)) is None or rng.random() < 0.5:
-        return question
-    text, answer = question
-    told, shape, digit = re.fullmatch(r"(.*) Is the (\w+) left or right of (\d+)\?", text).groups()
-    return f"{told} Is {digit} left or right of the {shape}?", "Right." if answer == "Left." else "Left."
+    if (placed := placed_pair(rng, scene)) is None or placed[0][0].kind == placed[0][1].kind:
+        return None
+    return one_of_two(rng, *placed, lambda shape: shape.kind, either_side=True)
 
 
 def ask_left_right_one_of_two_distinct(rng, scene):
@@ -372,13 +370,16 @@ def ask_left_right_one_of_two_distinct(rng, scene):
     return one_of_two(rng, *placed, lambda shape: shape.name)
 
 
-def one_of_two(rng, pair, places, name):
-    """Both places stated ("The {name} is at {place}.", in either order), the first shape asked against a digit."""
+def one_of_two(rng, pair, places, name, either_side: bool = False):
+    """Both places stated ("The {name} is at {place}.", in either order), the first shape asked against a digit;
+    `either_side`: half the time the digit asked against the shape ("Is 5 left or right of the square?")."""
     told = [f"The {name(shape)} is at {place}." for shape, place in zip(pair, places)]
     rng.shuffle(told)
     other = rng.choice([q for q in range(PLACES[0]) if q != places[0]])
-    return (f"{' '.join(told)} Is the {name(pair[0])} left or right of {other}?",
-            "Left." if places[0] < other else "Right.")
+    left = places[0] < other
+    if either_side and rng.random() >= 0.5:
+        return f"{' '.join(told)} Is {other} left or right of the {name(pair[0])}?", "Right." if left else "Left."
+    return f"{' '.join(told)} Is the {name(pair[0])} left or right of {other}?", "Left." if left else "Right."
 
 
 def ask_left_right_kinds(rng, scene):
