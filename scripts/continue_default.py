@@ -38,6 +38,9 @@ def main(argv=None) -> int:
     parser.add_argument("--mix-steps", type=int, default=600)
     parser.add_argument("--mix-left-right", type=float, default=0.0,
                         help="the mix also draws lone left/right questions at this weight beside SETTLE_MIX's")
+    parser.add_argument("--mix-count", type=float, default=0.0,
+                        help="counting rows (train-default's count_example, each count 0-4 equally often) in the mix "
+                             "at this weight beside SETTLE_MIX's")
     parser.add_argument("--learning-rate", type=float, default=FINAL_RATE)
     parser.add_argument("--stage-rate", type=float, default=None,
                         help="the decoder's rate in the stages (the tower's a tenth); the mix keeps --learning-rate")
@@ -51,9 +54,11 @@ def main(argv=None) -> int:
             parser.error(f"{flag} {value}: 0 or more")
     if args.stage_rate is not None and args.stage_rate <= 0:
         parser.error(f"--stage-rate {args.stage_rate}: a rate above 0")
-    if args.mix_left_right < 0:
-        parser.error(f"--mix-left-right {args.mix_left_right}: a weight, 0 or more")
-    mix = dict(dm.SETTLE_MIX, left_right=args.mix_left_right) if args.mix_left_right else dm.SETTLE_MIX
+    for flag, weight in (("--mix-left-right", args.mix_left_right), ("--mix-count", args.mix_count)):
+        if weight < 0:
+            parser.error(f"{flag} {weight}: a weight, 0 or more")
+    mix = dict(dm.SETTLE_MIX, **{name: weight for name, weight in (("left_right", args.mix_left_right),
+                                                                    ("count", args.mix_count)) if weight})
     if not (args.model / "config.json").is_file():
         parser.error(f"--model {args.model}: no config.json there")
     if args.output.resolve() == args.model.resolve():
@@ -84,6 +89,7 @@ def main(argv=None) -> int:
     log = [f"# continue_default: {args.model}, {args.side_stage} side rows on the scaffold with places, "
            f"{args.left_right_stage} left/right rows through the tower, then {args.mix_steps} steps of SETTLE_MIX"
            + (f" with lone left/right questions at weight {args.mix_left_right}" if args.mix_left_right else "")
+           + (f", counting rows at weight {args.mix_count}" if args.mix_count else "")
            + f"; learning rate {args.learning_rate}"
            + (f", in the stages {args.stage_rate}" if args.stage_rate is not None else "")
            + f" (tower {dm.VISION_LR_SCALE}x), ~{args.tokens_per_batch} tokens a step"]

@@ -19,6 +19,7 @@ SPEC.loader.exec_module(continue_default)
 @pytest.mark.parametrize("args, named", [
     (["--side-stage", "-1"], "--side-stage -1"),
     (["--mix-steps", "-3"], "--mix-steps -3"),
+    (["--mix-count", "-0.5"], "--mix-count -0.5: a weight"),
     (["--model", "/no/such/model"], "--model /no/such/model"),
 ])
 def test_bad_arguments_are_named_before_anything_is_written(tmp_path, capsys, args, named):
