@@ -537,11 +537,6 @@ def test_train_default_refuses_a_missing_vision_tower_before_writing(tmp_path, c
     assert "--side-stage -5: a number of rows, 0 or more" in capsys.readouterr().err
     with pytest.raises(ValueError, match="settle_left_right -0.5: a weight, 0 or more"):
         train_default(tmp_path / "model", steps=1, settle_left_right=-0.5)
-    with pytest.raises(ValueError, match="^settle_count -0.2: a weight, 0 or more$"):
-        train_default(tmp_path / "model", steps=1, settle_count=-0.2)
-    with pytest.raises(SystemExit):
-        main(["--output", str(tmp_path / "model"), "--settle-count", "-0.2"])
-    assert "--settle-count -0.2: a weight, 0 or more" in capsys.readouterr().err
     with pytest.raises(ValueError, match="late_rate 0.001: a rate above 0, with late_stages"):
         train_default(tmp_path / "model", steps=1, late_rate=1e-3)
     with pytest.raises(SystemExit):

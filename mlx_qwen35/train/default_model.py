@@ -189,9 +189,6 @@ LEFT_RIGHT_STAGE = 0
 # thirty-ninth session), so the stages want a rate of their own. Off: no recipe has run them yet.
 LATE_STAGES = 0
 SETTLE_LEFT_RIGHT = 0.0
-# The settling mix's weight of counting rows (count_example, each count 0-4 equally often; off): what keeps
-# count through the late stages, which ask no count (forty-first session, docs).
-SETTLE_COUNT = 0.0
 LATE_STAGES_SEED = 555  # the late stages' scenes: a stream of their own, apart from the tails'
 # The tool call writes its city after a newline ("<parameter=city>\nLima"), the question after a space (" Lima"):
 # two tokens of Qwen's pre-tokenisation, so a call must translate each city while add()'s digits are the same
@@ -612,7 +609,6 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                   vision_clips: int = VISION_CLIPS, scaffold_position: bool = SCAFFOLD_POSITION,
                   side_stage: int = SIDE_STAGE, left_right_stage: int = LEFT_RIGHT_STAGE,
                   late_stages: int = LATE_STAGES, settle_left_right: float = SETTLE_LEFT_RIGHT,
-                  settle_count: float = SETTLE_COUNT,
                   late_rate: float | None = None, experts: str = EXPERTS, learning_rate: float = 2e-3,
                   warmup: int = 100, log_every: int = 25, probe_every: int = 100, progress: bool = True) -> Path:
     """Train the default model into `output` (written atomically: weights, configs, tokenizer, training_log.txt).
@@ -637,8 +633,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     LEFT_RIGHT_STAGE); `late_stages`: steps of side rows, then as many of left/right rows, after `steps` and before
     the settling steps (LATE_STAGES); `late_rate`: the decoder's learning rate in the late stages (the tower's
     a VISION_LR_SCALE of it; None: the schedule's final rate); `settle_left_right`: the settling mix's weight of lone left/right questions
-    (SETTLE_LEFT_RIGHT); `settle_count`: its weight of counting rows (SETTLE_COUNT); `experts`: how the routed
-    experts run (EXPERTS, one of trainer.EXPERT_PATHS)."""
+    (SETTLE_LEFT_RIGHT); `experts`: how the routed experts run (EXPERTS, one of trainer.EXPERT_PATHS)."""
     from ..platform import cpu_setup
     from . import world
     from .data import collate
@@ -656,7 +651,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
         if count < 0:
             raise RecipeError(f"{{{setting}}} {{0}}: a number of steps, 0 or more", count)
     for setting, weight in (("count_rows", count_rows), ("vision_motion", vision_motion),
-                            ("settle_left_right", settle_left_right), ("settle_count", settle_count)):
+                            ("settle_left_right", settle_left_right)):
         if weight < 0:
             raise RecipeError(f"{{{setting}}} {{0}}: a weight, 0 or more", weight)
     if experts not in EXPERT_PATHS:
@@ -725,7 +720,6 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                  + (f" at learning rate {late_rate}" if late_rate is not None else "")
                  + (f", lone left/right questions at weight {settle_left_right} in the settling mix"
                     if settle_left_right else "")
-                 + (f", counting rows at weight {settle_count} in the settling mix" if settle_count else "")
                  + (f", the routed experts {experts}" if experts != EXPERTS else "")
                  + (f", picture scenes grown over {picture_curriculum} mixed rows"
                     if picture_curriculum != CURRICULUM_EXAMPLES else "")
@@ -788,8 +782,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                              tokens_per_batch, seed=seed)
     probes = probe_rows(seed, processor) if probe_every else {}
     left_right_from, settle_from = steps + late_stages + 1, steps + 2 * late_stages + 1
-    settle_mix = dict(SETTLE_MIX, **{name: weight for name, weight in (("left_right", settle_left_right),
-                                                                        ("count", settle_count)) if weight})
+    settle_mix = dict(SETTLE_MIX, left_right=settle_left_right) if settle_left_right else SETTLE_MIX
     last = steps + 2 * late_stages + settle_steps
     bar = _bar(last, progress)
     start, tokens, window = time.perf_counter(), 0, []
@@ -946,8 +939,6 @@ def main(argv=None) -> int:
                         "the schedule's final rate)")
     parser.add_argument("--settle-left-right", type=float, default=SETTLE_LEFT_RIGHT, help="the settling mix's "
                         "weight of lone left/right questions beside SETTLE_MIX's (SETTLE_LEFT_RIGHT)")
-    parser.add_argument("--settle-count", type=float, default=SETTLE_COUNT, help="the settling mix's weight of "
-                        "counting rows (each count 0-4 equally often) beside SETTLE_MIX's (SETTLE_COUNT)")
     parser.add_argument("--experts", choices=["dense", "segmented", "gathered"], default=EXPERTS,
                         help="how the routed experts run in training (EXPERTS): the same sums in another order; "
                         "segmented is the fastest on a CPU")
@@ -972,7 +963,6 @@ def main(argv=None) -> int:
                       vision_clips=args.vision_clips, scaffold_position=args.scaffold_position,
                       side_stage=args.side_stage, left_right_stage=args.left_right_stage,
                       late_stages=args.late_stages, settle_left_right=args.settle_left_right, late_rate=args.late_rate,
-                      settle_count=args.settle_count,
                       experts=args.experts)
     except RecipeError as error:
         parser.error(error.flags())
