@@ -124,13 +124,17 @@ def segmented_experts_forward(block, x, indices, weights):
 ROUTED_FORWARD = {"dense": dense_experts_forward, "segmented": segmented_experts_forward}
 
 
+def check_expert_path(experts: str):
+    if experts not in EXPERT_PATHS:
+        raise ValueError(f"experts {experts!r}: one of {', '.join(EXPERT_PATHS)}")
+
+
 @contextmanager
 def trainable_router(model, records=None, experts: str = "gathered"):
     """While the context is open, append each MoE block's (router probs [N, E], chosen experts [N, K]) to
     `records` when given (for the load-balancing loss), and run the routed experts on the path `experts`
     names (EXPERT_PATHS; "dense" and "segmented" for unquantised experts only, quantised ones stay gathered)."""
-    if experts not in EXPERT_PATHS:
-        raise ValueError(f"experts {experts!r}: one of {', '.join(EXPERT_PATHS)}")
+    check_expert_path(experts)
     blocks = [m for _, m in model.named_modules() if isinstance(m, SparseMoeBlock)]
 
     def route(self, x):
@@ -262,8 +266,7 @@ class Trainer:
             raise ValueError("no training rows")
         if config.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {config.dtype!r}")
-        if config.experts not in EXPERT_PATHS:
-            raise ValueError(f"experts {config.experts!r}: one of {', '.join(EXPERT_PATHS)}")
+        check_expert_path(config.experts)
         cast_model(model, getattr(mx, config.dtype))
         if config.grad_checkpoint:
             enable_grad_checkpoint(model)
