@@ -7,6 +7,8 @@ from pathlib import Path
 
 
 def train_main(argv=None) -> int:
+    from .trainer import EXPERT_PATHS
+
     parser = argparse.ArgumentParser(prog="mlx-qwen35 train", description=__doc__)
     parser.add_argument("model", help="checkpoint directory to fine-tune")
     parser.add_argument("--data", required=True, help="training rows, JSONL")
@@ -23,7 +25,7 @@ def train_main(argv=None) -> int:
     parser.add_argument("--grad-checkpoint", action="store_true")
     parser.add_argument("--moe-aux-weight", type=float, default=0.0)
     parser.add_argument("--mtp-weight", type=float, default=0.0)
-    parser.add_argument("--experts", choices=["gathered", "dense", "segmented"], default="gathered",
+    parser.add_argument("--experts", choices=EXPERT_PATHS, default="gathered",
                         help="how the MoE's routed experts run in training (same results): the model's gather_mm, "
                              "every expert, or each expert's chosen rows (fastest on a CPU)")
     parser.add_argument("--prompt-loss-weight", type=float, default=0.0,

@@ -27,6 +27,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from ..kernels.activations import exact as exact_activations
 from ..loading import DEFAULT_MODEL_PATH as SHIPPED_PATH
+from .trainer import EXPERT_PATHS
 
 TEXT_CONFIG = dict(
     model_type="qwen3_5_moe_text", vocab_size=1024, hidden_size=192, num_hidden_layers=4,
@@ -637,7 +638,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     from ..platform import cpu_setup
     from . import world
     from .data import collate
-    from .trainer import EXPERT_PATHS, TrainConfig, Trainer, warmup_cosine
+    from .trainer import TrainConfig, Trainer, warmup_cosine
     from .vision_pretrain import class_means, pretrain_vision
 
     if vision_weights and not Path(vision_weights).is_file():
@@ -939,7 +940,7 @@ def main(argv=None) -> int:
                         "the schedule's final rate)")
     parser.add_argument("--settle-left-right", type=float, default=SETTLE_LEFT_RIGHT, help="the settling mix's "
                         "weight of lone left/right questions beside SETTLE_MIX's (SETTLE_LEFT_RIGHT)")
-    parser.add_argument("--experts", choices=["dense", "segmented", "gathered"], default=EXPERTS,
+    parser.add_argument("--experts", choices=EXPERT_PATHS, default=EXPERTS,
                         help="how the routed experts run in training (EXPERTS): the same sums in another order; "
                         "segmented is the fastest on a CPU")
     parser.add_argument("--settle", type=int, default=SETTLE_STEPS, help="steps added after --steps at the "
