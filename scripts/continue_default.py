@@ -29,6 +29,21 @@ from mlx_qwen35.train.vision_pretrain import class_means
 FINAL_RATE = 2e-3 * 0.05  # train-default's peak times its schedule's final share
 
 
+def with_conversations(rows, conversations, stages_rows: int, share: float):
+    """`rows` with rows of `conversations` spread evenly among its first `stages_rows`, `share` of the stages'
+    rows then, and the stages' new row count."""
+    added = round(stages_rows * share / (1 - share))
+
+    def mixed():
+        for index in range(stages_rows):
+            if (index + 1) * added // stages_rows > index * added // stages_rows:
+                yield next(conversations)
+            yield next(rows)
+        yield from rows
+
+    return mixed(), stages_rows + added
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH, help="the model to continue")
@@ -41,6 +56,9 @@ def main(argv=None) -> int:
     parser.add_argument("--mix-count", type=float, default=0.0,
                         help="counting rows (train-default's count_example, each count 0-4 equally often) in the mix "
                              "at this weight beside SETTLE_MIX's")
+    parser.add_argument("--stage-images", type=float, default=0.0,
+                        help="this share of the stages' rows are the mixed stage's image conversations (through the "
+                             "tower, 1 to IMAGE_TURNS questions), added among the stages' own rows")
     parser.add_argument("--learning-rate", type=float, default=FINAL_RATE)
     parser.add_argument("--stage-rate", type=float, default=None,
                         help="the decoder's rate in the stages (the tower's a tenth); the mix keeps --learning-rate")
@@ -57,6 +75,8 @@ def main(argv=None) -> int:
     for flag, weight in (("--mix-left-right", args.mix_left_right), ("--mix-count", args.mix_count)):
         if weight < 0:
             parser.error(f"{flag} {weight}: a weight, 0 or more")
+    if not 0 <= args.stage_images < 1:
+        parser.error(f"--stage-images {args.stage_images}: a share of the stages' rows, 0 or more and below 1")
     mix = dict(dm.SETTLE_MIX, **{name: weight for name, weight in (("left_right", args.mix_left_right),
                                                                     ("count", args.mix_count)) if weight})
     if not (args.model / "config.json").is_file():
@@ -69,6 +89,10 @@ def main(argv=None) -> int:
     rows = dm.world_rows(args.seed + dm.SETTLE_SEED, processor, means, sum_stage=0, first_stage=0, curriculum=0,
                          side_stage=args.side_stage, left_right_stage=args.left_right_stage, mix=mix)
     stages_rows = args.side_stage + args.left_right_stage
+    if args.stage_images:
+        conversations = dm.world_rows(args.seed + dm.SETTLE_SEED + 1, processor, sum_stage=0, first_stage=0,
+                                      curriculum=0, mix={"image": 1.0})
+        rows, stages_rows = with_conversations(rows, conversations, stages_rows, args.stage_images)
     batches = dm.length_batches(rows, args.tokens_per_batch, seed=args.seed)
     trainer = Trainer(model, None, TrainConfig(steps=1, learning_rate=args.learning_rate, moe_aux_weight=0.01,
                                                mtp_weight=0.3, progress=False, grad_clip=1.0, weight_decay=0.01,
@@ -87,7 +111,9 @@ def main(argv=None) -> int:
     shutil.rmtree(partial, ignore_errors=True)
     shutil.copytree(args.model, partial, ignore=shutil.ignore_patterns("model.safetensors", "training_log.txt"))
     log = [f"# continue_default: {args.model}, {args.side_stage} side rows on the scaffold with places, "
-           f"{args.left_right_stage} left/right rows through the tower, then {args.mix_steps} steps of SETTLE_MIX"
+           f"{args.left_right_stage} left/right rows through the tower"
+           + (f", image conversations among them ({args.stage_images:.0%} of their rows)" if args.stage_images else "")
+           + f", then {args.mix_steps} steps of SETTLE_MIX"
            + (f" with lone left/right questions at weight {args.mix_left_right}" if args.mix_left_right else "")
            + (f", counting rows at weight {args.mix_count}" if args.mix_count else "")
            + f"; learning rate {args.learning_rate}"

@@ -20,6 +20,8 @@ SPEC.loader.exec_module(continue_default)
     (["--side-stage", "-1"], "--side-stage -1"),
     (["--mix-steps", "-3"], "--mix-steps -3"),
     (["--mix-count", "-0.5"], "--mix-count -0.5: a weight"),
+    (["--stage-images", "1"], "--stage-images 1.0: a share"),
+    (["--stage-images", "-0.1"], "--stage-images -0.1: a share"),
     (["--model", "/no/such/model"], "--model /no/such/model"),
 ])
 def test_bad_arguments_are_named_before_anything_is_written(tmp_path, capsys, args, named):
@@ -95,3 +97,37 @@ def test_no_mix_steps_stops_where_the_stages_rows_end(tmp_path):
     assert "the mix from here" not in log
     steps = int(re.search(r"^# finished: (\d+) steps", log, re.M).group(1))
     assert steps >= 1 and [int(s) for s in re.findall(r"^step +(\d+)  loss", log, re.M)] == list(range(1, steps + 1))
+
+
+@pytest.mark.parametrize("stages_rows, share", [(14400, 0.25), (10, 0.5), (7, 0.3)])
+def test_conversations_join_the_stages_rows_at_their_share_and_leave_the_rest_alone(stages_rows, share):
+    """The stages' own rows all come, in order, before any later row; the conversations among them are `share`
+    of the stages' rows (to the nearest row), never two in a row while the share is at most a half, and the
+    stages' new count is where the later rows start."""
+    import itertools
+
+    rows, conversations = iter(range(10 * stages_rows)), (f"c{i}" for i in itertools.count())
+    mixed, count = continue_default.with_conversations(rows, conversations, stages_rows, share)
+    stages = list(itertools.islice(mixed, count))
+    own = [row for row in stages if isinstance(row, int)]
+    added = [row for row in stages if isinstance(row, str)]
+    assert own == list(range(stages_rows))
+    assert added == [f"c{i}" for i in range(len(added))]
+    assert abs(len(added) - share * count) <= 1
+    assert not any(isinstance(a, str) and isinstance(b, str) for a, b in zip(stages, stages[1:]))
+    assert next(mixed) == stages_rows
+
+
+def test_a_continuation_with_conversations_in_its_stages_spends_them_before_the_mix(tmp_path):
+    """--stage-images 0.5 with 6 side and 6 left/right rows: 12 conversations join the stages, so the mix starts
+    only once a pool of rows past all 24 has been drawn, and the log says what the stages held."""
+    from mlx_qwen35.train import default_model
+
+    output = tmp_path / "continued"
+    assert continue_default.main(["--model", str(DEFAULT_MODEL_PATH), "--output", str(output), "--side-stage", "6",
+                                  "--left-right-stage", "6", "--stage-images", "0.5", "--mix-steps", "1",
+                                  "--tokens-per-batch", "512", "--log-every", "1"]) == 0
+    log = (output / "training_log.txt").read_text()
+    assert "image conversations among them (50% of their rows)" in log
+    drawn = int(re.search(r"the stages' rows done \((\d+) rows drawn\)", log).group(1))
+    assert drawn >= 24 + default_model.BATCH_POOL
