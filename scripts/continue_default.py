@@ -10,6 +10,7 @@ the settling mix (SETTLE_MIX), all at the schedule's final learning rate (a tent
 """
 
 import argparse
+import itertools
 import shutil
 import sys
 import time
@@ -30,18 +31,10 @@ FINAL_RATE = 2e-3 * 0.05  # train-default's peak times its schedule's final shar
 
 
 def with_conversations(rows, conversations, stages_rows: int, share: float):
-    """`rows` with rows of `conversations` spread evenly among its first `stages_rows`, `share` of the stages'
-    rows then, and the stages' new row count."""
-    added = round(stages_rows * share / (1 - share))
-
-    def mixed():
-        for index in range(stages_rows):
-            if (index + 1) * added // stages_rows > index * added // stages_rows:
-                yield next(conversations)
-            yield next(rows)
-        yield from rows
-
-    return mixed(), stages_rows + added
+    """`rows` with rows of `conversations` spread among its first `stages_rows` (`interleaved`), `share` of the
+    stages' rows then, and the stages' new row count."""
+    count = sum(1 for _ in dm.interleaved(range(stages_rows), itertools.repeat(None), share))  # the same spacing
+    return itertools.chain(dm.interleaved(itertools.islice(rows, stages_rows), conversations, share), rows), count
 
 
 def main(argv=None) -> int:

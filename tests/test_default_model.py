@@ -398,7 +398,7 @@ def test_train_default_writes_weights_and_a_log_with_held_out_checks(tmp_path):
                            probe_every=2, progress=False, vision_steps=2, scaffold_rows=100, tool_tail=1,
                            settle_steps=1, vision_pictures=4, vision_clips=2, scaffold_position=True,
                            binding_questions=("color", "side"), side_stage=3, left_right_stage=2, late_stages=1,
-                           settle_left_right=0.2, late_rate=3e-4)
+                           settle_left_right=0.2, late_rate=3e-4, late_images=0.5)
     assert not (tmp_path / "model.partial").exists()
     log = (output / "training_log.txt").read_text()
     assert "vision step    2" in log and "step     2" in log and "held-out answers right: color" in log
@@ -409,6 +409,7 @@ def test_train_default_writes_weights_and_a_log_with_held_out_checks(tmp_path):
     assert "after the opening 3 side questions on the scaffold, then 2 left/right questions through the tower" in log
     assert "after the schedule 1 steps of side questions on the scaffold, then 1 of left/right questions" in log
     assert "lone left/right questions at weight 0.2 in the settling mix" in log
+    assert "at learning rate 0.0003, 50% of their rows the mixed stage's image conversations" in log
     assert re.search(r"^step +5 ", log, re.M) and not re.search(r"^step +6 ", log, re.M)  # 2 + 2 late + 1 settling
     rates = dict(re.findall(r"^step +(\d+) .*  lr (\S+)", log, re.M))
     assert rates["5"] == rates["2"] != rates["3"]  # the settling step keeps the schedule's last rate
@@ -448,6 +449,22 @@ def test_train_default_with_no_flags_is_the_shipped_recipe(tmp_path, monkeypatch
 
     assert ours[0] == shipped[0]
     assert len(rates(shipped)) > 100 and rates(ours) == rates(shipped)
+
+
+@pytest.mark.parametrize("share", [0.25, 0.1, 0.3, 0.4, 0.5, 0.7])
+def test_interleaved_rows_keep_their_order_and_the_others_their_share_spread_evenly(share):
+    """Every row comes once, in order; the others are `share` of every prefix (to within a row) and never two in
+    a row while the share is at most a half."""
+    from mlx_qwen35.train.default_model import interleaved
+
+    given = list(interleaved(iter(range(1000)), (f"o{i}" for i in itertools.count()), share))
+    assert [row for row in given if isinstance(row, int)] == list(range(1000))
+    others = [row for row in given if isinstance(row, str)]
+    assert others == [f"o{i}" for i in range(len(others))]
+    for end in range(1, len(given) + 1):
+        assert abs(sum(isinstance(row, str) for row in given[:end]) - share * end) <= 1, end
+    if share <= 0.5:
+        assert not any(isinstance(a, str) and isinstance(b, str) for a, b in zip(given, given[1:]))
 
 
 def test_a_stretched_opening_keeps_the_schedule_after_it():
@@ -741,6 +758,10 @@ def test_question_rows_ask_one_question_the_side_ones_on_the_scaffold_and_the_mi
      dict(side_stage=100, scaffold_position=False), "side_stage: only with scaffold_position"),
     (["--late-stages", "100", "--no-scaffold-position"], "--late-stages: only with --scaffold-position",
      dict(late_stages=100, scaffold_position=False), "late_stages: only with scaffold_position"),
+    (["--late-images", "0.25"], "--late-images 0.25: a share of the late stages' rows, above 0 and below 1, with "
+     "--late-stages", dict(late_images=0.25), "late_images 0.25: a share of the late stages' rows"),
+    (["--late-images", "1", "--late-stages", "5", "--scaffold-position"], "--late-images 1.0: a share",
+     dict(late_images=1.0, late_stages=5, scaffold_position=True), "late_images 1.0: a share"),
 ])
 def test_a_flag_without_the_one_it_needs_is_refused_before_anything_is_written(capsys, tmp_path, flags, message,
                                                                                kwargs, api_message):
