@@ -712,7 +712,8 @@ def main():
     skeleton = Path("/tmp/probe-binding-skeleton")
     dm.TEXT_CONFIG["num_hidden_layers"] = args.layers
     if args.from_shipped:
-        model, processor = mlx_qwen35.load()
+        model, _ = mlx_qwen35.load()
+        processor = dm.training_processor(dm.SHIPPED_PATH)
     else:
         _, processor = dm.write_skeleton(skeleton, seed=args.seed)
         model = dm.build_model(skeleton, seed=args.seed)
