@@ -202,7 +202,8 @@ SETTLE_LEFT_RIGHT = 0.0
 # The late stages alone at four times the final rate took count from 80 to 74 % (400 questions) while left/right
 # rose to 92; with the mixed stage's image conversations spread among their rows at a quarter of them, count kept
 # 80 and left/right reached 95 (continuations of run 44, docs/default-model.md, forty-second session). The stages
-# keep their steps, so each holds fewer of its own rows. Off: no recipe has run it yet.
+# keep their LATE_STAGES steps, so give them more: with half their own rows left/right stayed at 57 %, and about
+# 450 steps each hold the rows that kept count. Off: no recipe has run it yet.
 LATE_IMAGES = 0.0
 LATE_STAGES_SEED = 555  # the late stages' scenes: a stream of their own, apart from the tails'
 # The tool call writes its city after a newline ("<parameter=city>\nLima"), the question after a space (" Lima"):
@@ -533,9 +534,9 @@ def on_the_scaffold(row, example, means: dict):
 
 
 def interleaved(rows, others, share: float):
-    """`rows` with rows of `others` spread evenly among them, `share` of all the rows given (to the row): before
-    each row of `rows` come as many of `others` as whole numbers its row carries the others' due past. Ends with
-    `rows`."""
+    """`rows` with rows of `others` spread evenly among them, `share` of all the rows given (to the row): after i
+    of `rows`, floor(i * share / (1 - share)) of `others` are due, and each comes before the row that makes it due.
+    Ends with `rows`."""
     share = Fraction(share).limit_denominator(10_000)
     ratio = share / (1 - share)
     for index, row in enumerate(rows):
@@ -645,7 +646,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                   vision_clips: int = VISION_CLIPS, scaffold_position: bool = SCAFFOLD_POSITION,
                   side_stage: int = SIDE_STAGE, left_right_stage: int = LEFT_RIGHT_STAGE,
                   late_stages: int = LATE_STAGES, settle_left_right: float = SETTLE_LEFT_RIGHT,
-                  late_rate: float | None = None, late_images: float = LATE_IMAGES, experts: str = EXPERTS, learning_rate: float = 2e-3,
+                  late_rate: float | None = None, late_images: float = LATE_IMAGES, experts: str = EXPERTS,
+                  learning_rate: float = 2e-3,
                   warmup: int = 100, log_every: int = 25, probe_every: int = 100, progress: bool = True) -> Path:
     """Train the default model into `output` (written atomically: weights, configs, tokenizer, training_log.txt).
     At logging steps that are multiples of `probe_every` (0: never) the log also gets held-out per-skill
@@ -669,8 +671,9 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     LEFT_RIGHT_STAGE); `late_stages`: steps of side rows, then as many of left/right rows, after `steps` and before
     the settling steps (LATE_STAGES); `late_rate`: the decoder's learning rate in the late stages (the tower's
     a VISION_LR_SCALE of it; None: the schedule's final rate); `late_images`: the share of the late stages' rows
-    that are the mixed stage's image conversations through the tower (LATE_IMAGES); `settle_left_right`: the settling mix's weight of lone left/right questions
-    (SETTLE_LEFT_RIGHT); `experts`: how the routed experts run (EXPERTS, one of trainer.EXPERT_PATHS)."""
+    that are the mixed stage's image conversations through the tower (LATE_IMAGES); `settle_left_right`: the
+    settling mix's weight of lone left/right questions (SETTLE_LEFT_RIGHT); `experts`: how the routed experts run
+    (EXPERTS, one of trainer.EXPERT_PATHS)."""
     from ..platform import cpu_setup
     from . import world
     from .data import collate
@@ -842,11 +845,11 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
             late_means = class_means(model.model.visual, processor, seed=seed + 5_000_101, position=True)
             conversations = world_rows(seed + LATE_STAGES_SEED + 4, processor, sum_stage=0, first_stage=0,
                                        curriculum=0, mix={"image": 1.0})
-            batches = length_batches(with_late_images(question_rows(seed + LATE_STAGES_SEED, processor, ask_side,
-                                                                    late_means)), tokens_per_batch, seed=seed)
+            sides = question_rows(seed + LATE_STAGES_SEED, processor, ask_side, late_means)
+            batches = length_batches(with_late_images(sides), tokens_per_batch, seed=seed)
         elif step == left_right_from:
-            batches = length_batches(with_late_images(question_rows(seed + LATE_STAGES_SEED + 2, processor,
-                                                                    world.ask_left_right)), tokens_per_batch, seed=seed)
+            left_rights = question_rows(seed + LATE_STAGES_SEED + 2, processor, world.ask_left_right)
+            batches = length_batches(with_late_images(left_rights), tokens_per_batch, seed=seed)
         elif step == steps - tool_tail + 1:
             batches = full_grown_stream(TOOL_TAIL_SEED, TOOL_TAIL_MIX)
         batch = collate(next(batches), pad_id=0, spatial_merge=VISION_CONFIG["spatial_merge_size"])
