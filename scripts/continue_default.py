@@ -77,8 +77,8 @@ def main(argv=None) -> int:
     if args.output.resolve() == args.model.resolve():
         parser.error("--output: a new directory, not the model being continued")
 
-    model, _ = mlx_qwen35.load(args.model)
-    processor = dm.training_processor(args.model)
+    model, processor = mlx_qwen35.load(args.model)
+    processor = dm.training_processor(processor.tokenizer)
     means = class_means(model.model.visual, processor, seed=args.seed + 5_000_101, position=True)
     rows = dm.world_rows(args.seed + dm.SETTLE_SEED, processor, means, sum_stage=0, first_stage=0, curriculum=0,
                          side_stage=args.side_stage, left_right_stage=args.left_right_stage, mix=mix)

@@ -712,8 +712,8 @@ def main():
     skeleton = Path("/tmp/probe-binding-skeleton")
     dm.TEXT_CONFIG["num_hidden_layers"] = args.layers
     if args.from_shipped:
-        model, _ = mlx_qwen35.load()
-        processor = dm.training_processor(dm.SHIPPED_PATH)
+        model, processor = mlx_qwen35.load()
+        processor = dm.training_processor(processor.tokenizer)
     else:
         _, processor = dm.write_skeleton(skeleton, seed=args.seed)
         model = dm.build_model(skeleton, seed=args.seed)

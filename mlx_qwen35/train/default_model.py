@@ -249,7 +249,7 @@ def write_skeleton(directory: Path, seed: int, city_words: bool = CITY_WORDS,
     """config.json, preprocessor configs (pictures read enlarged: READING_PREPROCESSOR) and the world tokenizer
     (`city_words`: CITY_WORDS, `city_pieces`: CITY_PIECES) in `directory`; returns (config dict, the processor
     training encodes with: `training_processor`)."""
-    from ..tokenizer import write_tokenizer_files
+    from ..tokenizer import load_tokenizer, write_tokenizer_files
     from . import world
     from .world_tokenizer import train_world_tokenizer
 
@@ -269,16 +269,15 @@ def write_skeleton(directory: Path, seed: int, city_words: bool = CITY_WORDS,
     (directory / "preprocessor_config.json").write_text(json.dumps(READING_PREPROCESSOR, indent=2))
     (directory / "video_preprocessor_config.json").write_text(json.dumps(VIDEO_PREPROCESSOR, indent=2))
     write_tokenizer_files(directory, tokenizer, added)
-    return config, training_processor(directory)
+    return config, training_processor(load_tokenizer(directory))
 
 
-def training_processor(path):
-    """The processor training encodes the world's rows with for the model in `path`: its tokenizer, pictures and
-    clips at the world's own sizes (PREPROCESSOR, VIDEO_PREPROCESSOR), not its preprocessor_config.json's."""
-    from ..loading import load_processor
+def training_processor(tokenizer):
+    """The processor training encodes the world's rows with, around a model's `tokenizer`: pictures and clips at
+    the world's own sizes (PREPROCESSOR, VIDEO_PREPROCESSOR), not its preprocessor_config.json's."""
     from ..processing.processor import Processor
 
-    return Processor(load_processor(path).tokenizer, PREPROCESSOR, VIDEO_PREPROCESSOR)
+    return Processor(tokenizer, PREPROCESSOR, VIDEO_PREPROCESSOR)
 
 
 def initial_weights(model, seed: int) -> dict:
