@@ -37,12 +37,20 @@ def with_conversations(rows, conversations, stages_rows: int, share: float):
     return itertools.chain(dm.interleaved(itertools.islice(rows, stages_rows), conversations, share), rows), count
 
 
+def with_stage(rows, stage, after: int, count: int):
+    """`rows`' first `after` rows, then `count` rows of `stage`, then the rest of `rows`."""
+    return itertools.chain(itertools.islice(rows, after), itertools.islice(stage, count), rows)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH, help="the model to continue")
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--side-stage", type=int, default=7200)
     parser.add_argument("--left-right-stage", type=int, default=7200)
+    parser.add_argument("--count-stage", type=int, default=0,
+                        help="after the left/right stage, this many counting rows alone (train-default's "
+                             "count_example: each count 0-4 equally often), read through the tower")
     parser.add_argument("--mix-steps", type=int, default=600)
     parser.add_argument("--mix-left-right", type=float, default=0.0,
                         help="the mix also draws lone left/right questions at this weight beside SETTLE_MIX's")
@@ -55,12 +63,15 @@ def main(argv=None) -> int:
     parser.add_argument("--learning-rate", type=float, default=FINAL_RATE)
     parser.add_argument("--stage-rate", type=float, default=None,
                         help="the decoder's rate in the stages (the tower's a tenth); the mix keeps --learning-rate")
+    parser.add_argument("--reading-size", action="store_true",
+                        help="training pictures under READING_SIDE px a side enlarged as they are read "
+                             "(READING_PREPROCESSOR) instead of at the world's own sizes")
     parser.add_argument("--tokens-per-batch", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0, help="the stream's world seed is this plus SETTLE_SEED")
     parser.add_argument("--log-every", type=int, default=25)
     args = parser.parse_args(argv)
     for flag, value in (("--side-stage", args.side_stage), ("--left-right-stage", args.left_right_stage),
-                        ("--mix-steps", args.mix_steps)):
+                        ("--count-stage", args.count_stage), ("--mix-steps", args.mix_steps)):
         if value < 0:
             parser.error(f"{flag} {value}: 0 or more")
     if args.stage_rate is not None and args.stage_rate <= 0:
@@ -78,11 +89,17 @@ def main(argv=None) -> int:
         parser.error("--output: a new directory, not the model being continued")
 
     model, processor = mlx_qwen35.load(args.model)
-    processor = dm.training_processor(processor.tokenizer)
+    processor = dm.training_processor(processor.tokenizer,
+                                      dm.READING_PREPROCESSOR if args.reading_size else dm.PREPROCESSOR)
     means = class_means(model.model.visual, processor, seed=args.seed + 5_000_101, position=True)
     rows = dm.world_rows(args.seed + dm.SETTLE_SEED, processor, means, sum_stage=0, first_stage=0, curriculum=0,
                          side_stage=args.side_stage, left_right_stage=args.left_right_stage, mix=mix)
     stages_rows = args.side_stage + args.left_right_stage
+    if args.count_stage:
+        counting = dm.world_rows(args.seed + dm.SETTLE_SEED + 2, processor, sum_stage=0, first_stage=0, curriculum=0,
+                                 mix={"count": 1.0})
+        rows = with_stage(rows, counting, stages_rows, args.count_stage)
+        stages_rows += args.count_stage
     if args.stage_images:
         conversations = dm.world_rows(args.seed + dm.SETTLE_SEED + 1, processor, sum_stage=0, first_stage=0,
                                       curriculum=0, mix={"image": 1.0})
@@ -106,10 +123,12 @@ def main(argv=None) -> int:
     shutil.copytree(args.model, partial, ignore=shutil.ignore_patterns("model.safetensors", "training_log.txt"))
     log = [f"# continue_default: {args.model}, {args.side_stage} side rows on the scaffold with places, "
            f"{args.left_right_stage} left/right rows through the tower"
+           + (f", {args.count_stage} counting rows through the tower" if args.count_stage else "")
            + (f", image conversations among them ({args.stage_images:.0%} of their rows)" if args.stage_images else "")
            + f", then {args.mix_steps} steps of SETTLE_MIX"
            + (f" with lone left/right questions at weight {args.mix_left_right}" if args.mix_left_right else "")
            + (f", counting rows at weight {args.mix_count}" if args.mix_count else "")
+           + (f", pictures enlarged to {dm.READING_SIDE} px a side as read" if args.reading_size else "")
            + f"; learning rate {args.learning_rate}"
            + (f", in the stages {args.stage_rate}" if args.stage_rate is not None else "")
            + f" (tower {dm.VISION_LR_SCALE}x), ~{args.tokens_per_batch} tokens a step"]

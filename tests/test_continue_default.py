@@ -1,6 +1,7 @@
 """scripts/continue_default.py: late stages of the curriculum run on a trained model."""
 
 import importlib.util
+import itertools
 import re
 from pathlib import Path
 
@@ -19,6 +20,7 @@ SPEC.loader.exec_module(continue_default)
 @pytest.mark.parametrize("args, named", [
     (["--side-stage", "-1"], "--side-stage -1"),
     (["--mix-steps", "-3"], "--mix-steps -3"),
+    (["--count-stage", "-2"], "--count-stage -2: 0 or more"),
     (["--mix-count", "-0.5"], "--mix-count -0.5: a weight"),
     (["--stage-images", "1"], "--stage-images 1.0: a share"),
     (["--stage-images", "-0.1"], "--stage-images -0.1: a share"),
@@ -131,3 +133,40 @@ def test_a_continuation_with_conversations_in_its_stages_spends_them_before_the_
     assert "image conversations among them (50% of their rows)" in log
     drawn = int(re.search(r"the stages' rows done \((\d+) rows drawn\)", log).group(1))
     assert drawn >= 24 + default_model.BATCH_POOL
+
+
+@pytest.mark.parametrize("flags, pictures", [([], "PREPROCESSOR"), (["--reading-size"], "READING_PREPROCESSOR")])
+def test_training_pictures_are_encoded_at_their_size_or_enlarged_as_read(tmp_path, monkeypatch, flags, pictures):
+    """The rows are encoded at the world's sizes, or with --reading-size as the shipped model reads pictures
+    (READING_PREPROCESSOR, whose grids the default model's tests work out), and the log says which."""
+    dm = continue_default.dm
+    made = []
+    real = dm.training_processor
+    monkeypatch.setattr(dm, "training_processor", lambda tokenizer, config=dm.PREPROCESSOR:
+                        made.append(config) or real(tokenizer, config))
+    output = tmp_path / "continued"
+    assert continue_default.main(["--model", str(DEFAULT_MODEL_PATH), "--output", str(output), "--side-stage", "0",
+                                  "--left-right-stage", "0", "--mix-steps", "1", "--tokens-per-batch", "512",
+                                  *flags]) == 0
+    assert made == [getattr(dm, pictures)]
+    log = (output / "training_log.txt").read_text()
+    assert ("pictures enlarged to 160 px a side as read" in log) == bool(flags)
+
+
+def test_a_stage_joins_after_the_stages_before_it_and_the_rest_follows():
+    stage = (f"count {i}" for i in itertools.count())
+    assert list(continue_default.with_stage(iter(range(6)), stage, 2, 3)) == \
+        [0, 1, "count 0", "count 1", "count 2", 2, 3, 4, 5]
+    assert next(stage) == "count 3"  # no more of the stage drawn than it was given
+
+
+def test_a_count_stage_alone_ends_where_its_rows_do(tmp_path):
+    """--count-stage 10 and no other stage: the log names it, and with no mix steps the run stops once its rows
+    (and the pool drawn with them) are spent."""
+    output = tmp_path / "continued"
+    assert continue_default.main(["--model", str(DEFAULT_MODEL_PATH), "--output", str(output), "--side-stage", "0",
+                                  "--left-right-stage", "0", "--count-stage", "10", "--mix-steps", "0",
+                                  "--tokens-per-batch", "512", "--log-every", "1"]) == 0
+    log = (output / "training_log.txt").read_text()
+    assert "0 left/right rows through the tower, 10 counting rows through the tower" in log
+    assert re.search(r"^# finished: [1-9]\d* steps", log, re.M) and "the mix from here" not in log

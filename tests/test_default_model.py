@@ -499,15 +499,17 @@ def test_a_stretched_mixed_stage_keeps_the_opening_and_ends_where_the_schedule_e
 def test_the_model_reads_small_pictures_enlarged_while_training_encodes_them_at_their_size(tmp_path):
     """write_skeleton's preprocessor config (the shipped one too) enlarges a picture under READING_SIDE squared
     to that area in 32-px steps, aspect kept, and leaves a large one and the clips alone; the processor training
-    encodes with keeps every picture at its own size rounded to 32 px. Grids in 16-px patches, worked out by hand."""
+    encodes with keeps every picture at its own size rounded to 32 px, or, given READING_PREPROCESSOR, enlarges
+    them as read. Grids in 16-px patches, worked out by hand."""
     from PIL import Image
 
     from mlx_qwen35.loading import load_processor
-    from mlx_qwen35.train.default_model import READING_SIDE, write_skeleton
+    from mlx_qwen35.train.default_model import READING_PREPROCESSOR, READING_SIDE, training_processor, write_skeleton
 
     assert READING_SIDE == 160  # the grids below are worked out for it
     _, training = write_skeleton(tmp_path, seed=0)
-    for reader in (load_processor(tmp_path), load_processor(DEFAULT_MODEL_PATH)):
+    trained_as_read = training_processor(training.tokenizer, READING_PREPROCESSOR)
+    for reader in (load_processor(tmp_path), load_processor(DEFAULT_MODEL_PATH), trained_as_read):
         for (width, height), trained, read in (((64, 64), (4, 4), (10, 10)),  # x 2.5: 160 x 160
                                                ((96, 64), (4, 6), (10, 14)),  # x 2.04: 131 x 196 up to 160 x 224
                                                ((200, 180), (12, 12), (12, 12))):  # 192 x 192 already

@@ -272,12 +272,13 @@ def write_skeleton(directory: Path, seed: int, city_words: bool = CITY_WORDS,
     return config, training_processor(load_tokenizer(directory))
 
 
-def training_processor(tokenizer):
+def training_processor(tokenizer, pictures: dict = PREPROCESSOR):
     """The processor training encodes the world's rows with, around a model's `tokenizer`: pictures and clips at
-    the world's own sizes (PREPROCESSOR, VIDEO_PREPROCESSOR), not its preprocessor_config.json's."""
+    the world's own sizes (PREPROCESSOR, VIDEO_PREPROCESSOR), not its preprocessor_config.json's; `pictures`:
+    another picture config (READING_PREPROCESSOR: pictures enlarged as they are read)."""
     from ..processing.processor import Processor
 
-    return Processor(tokenizer, PREPROCESSOR, VIDEO_PREPROCESSOR)
+    return Processor(tokenizer, pictures, VIDEO_PREPROCESSOR)
 
 
 def initial_weights(model, seed: int) -> dict:
