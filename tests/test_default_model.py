@@ -388,17 +388,22 @@ def test_answer_accuracy_counts_rows_with_every_assistant_token_right(tmp_path):
     assert answer_accuracy(oracle(spoil=False), rows[:4], batch_size=4) == 1.0
 
 
-def test_train_default_writes_weights_and_a_log_with_held_out_checks(tmp_path):
+def test_train_default_writes_weights_and_a_log_with_held_out_checks(tmp_path, monkeypatch):
     """Two steps of the real pipeline: the run lands atomically with its weights, configs, tokenizer and a
     log that carries the per-skill held-out line."""
     from mlx_qwen35.loading import load
+    from mlx_qwen35.train import default_model
     from mlx_qwen35.train.default_model import train_default
 
+    counting_rows = []  # nothing before the late count stage draws them in this run (no counting questions)
+    real_count_example = default_model.count_example
+    monkeypatch.setattr(default_model, "count_example",
+                        lambda rng: counting_rows.append(rng) or real_count_example(rng))
     output = train_default(tmp_path / "model", steps=2, tokens_per_batch=512, warmup=1, log_every=1,
                            probe_every=2, progress=False, vision_steps=2, scaffold_rows=100, tool_tail=1,
                            settle_steps=1, vision_pictures=4, vision_clips=2, scaffold_position=True,
                            binding_questions=("color", "side"), side_stage=3, left_right_stage=2, late_stages=1,
-                           settle_left_right=0.2, late_rate=3e-4, late_images=0.5)
+                           late_count_stage=1, settle_left_right=0.2, late_rate=3e-4, late_images=0.5)
     assert not (tmp_path / "model.partial").exists()
     log = (output / "training_log.txt").read_text()
     assert "vision step    2" in log and "step     2" in log and "held-out answers right: color" in log
@@ -407,13 +412,15 @@ def test_train_default_writes_weights_and_a_log_with_held_out_checks(tmp_path):
     assert "4 pictures and 2 clips a tower pretraining batch" in log and "centre tokens with their places" in log
     assert "color 1/2, side 1/2 questions among the sum stage's sums" in log
     assert "after the opening 3 side questions on the scaffold, then 2 left/right questions through the tower" in log
-    assert "after the schedule 1 steps of side questions on the scaffold, then 1 of left/right questions" in log
+    assert ("after the schedule 1 steps of side questions on the scaffold, then 1 of left/right questions through "
+            "the tower, then 1 of counting rows at learning rate 0.0003") in log
+    assert counting_rows  # the count stage's rows
     assert "lone left/right questions at weight 0.2 in the settling mix" in log
     assert "at learning rate 0.0003, 50% of their rows the mixed stage's image conversations" in log
-    assert re.search(r"^step +5 ", log, re.M) and not re.search(r"^step +6 ", log, re.M)  # 2 + 2 late + 1 settling
+    assert re.search(r"^step +6 ", log, re.M) and not re.search(r"^step +7 ", log, re.M)  # 2 + 3 late + 1 settling
     rates = dict(re.findall(r"^step +(\d+) .*  lr (\S+)", log, re.M))
-    assert rates["5"] == rates["2"] != rates["3"]  # the settling step keeps the schedule's last rate
-    assert float(rates["3"]) == float(rates["4"]) == 3e-4  # the late stages' own rate
+    assert rates["6"] == rates["2"] != rates["3"]  # the settling step keeps the schedule's last rate
+    assert float(rates["3"]) == float(rates["4"]) == float(rates["5"]) == 3e-4  # the late stages' own rate
     model, processor = load(output)
     assert processor.tokenizer.encode("red") and model.config.text_config.num_experts == 8
 
@@ -588,6 +595,9 @@ def test_train_default_refuses_a_missing_vision_tower_before_writing(tmp_path, c
     with pytest.raises(SystemExit):
         main(["--output", str(tmp_path / "model"), "--late-stages", "-2"])
     assert "--late-stages -2: a number of steps, 0 or more" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--output", str(tmp_path / "model"), "--late-count-stage", "-1"])
+    assert "--late-count-stage -1: a number of steps, 0 or more" in capsys.readouterr().err
     with pytest.raises(ValueError, match="sum_stage -1: a number of rows"):
         train_default(tmp_path / "model", steps=1, sum_stage=-1)
     with pytest.raises(ValueError, match="steps 1000: an opening of 59200 rows adds 925 steps"):
@@ -782,6 +792,8 @@ def test_question_rows_ask_one_question_the_side_ones_on_the_scaffold_and_the_mi
      dict(city_pieces=True, city_words=False), "city_pieces: only with city_words"),
     (["--side-stage", "100", "--no-scaffold-position"], "--side-stage: only with --scaffold-position",
      dict(side_stage=100, scaffold_position=False), "side_stage: only with scaffold_position"),
+    (["--late-count-stage", "100"], "--late-count-stage: only with --late-stages",
+     dict(late_count_stage=100), "late_count_stage: only with late_stages"),
     (["--late-stages", "100", "--no-scaffold-position"], "--late-stages: only with --scaffold-position",
      dict(late_stages=100, scaffold_position=False), "late_stages: only with scaffold_position"),
     (["--late-images", "0.25"], "--late-images 0.25: a share of the late stages' rows, above 0 and below 1, with "
