@@ -17,6 +17,14 @@ continue_default = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(continue_default)
 
 
+def continued_log(tmp_path, *flags) -> str:
+    """The training log of a short continuation of the shipped model (512-token steps, every step logged)."""
+    output = tmp_path / "continued"
+    assert continue_default.main(["--model", str(DEFAULT_MODEL_PATH), "--output", str(output),
+                                  "--tokens-per-batch", "512", "--log-every", "1", *flags]) == 0
+    return (output / "training_log.txt").read_text()
+
+
 @pytest.mark.parametrize("args, named", [
     (["--side-stage", "-1"], "--side-stage -1"),
     (["--mix-steps", "-3"], "--mix-steps -3"),
@@ -66,11 +74,8 @@ def test_the_stages_run_at_their_own_rate_and_the_mix_at_the_learning_rate(tmp_p
     """--stage-rate 4e-4 with --learning-rate 1e-4: each logged step's decoder rate is the 20-step warm-up
     (from a twentieth of the rate) of the stages' rate while the stages' rows last, and of 1e-4 from the mix's
     first step on (the rate a step trains at is the schedule at the steps taken before it)."""
-    output = tmp_path / "continued"
-    assert continue_default.main(["--model", str(DEFAULT_MODEL_PATH), "--output", str(output), "--side-stage", "8",
-                                  "--left-right-stage", "8", "--mix-steps", "2", "--tokens-per-batch", "512",
-                                  "--learning-rate", "1e-4", "--stage-rate", "4e-4", "--log-every", "1"]) == 0
-    log = (output / "training_log.txt").read_text()
+    log = continued_log(tmp_path, "--side-stage", "8", "--left-right-stage", "8", "--mix-steps", "2",
+                        "--learning-rate", "1e-4", "--stage-rate", "4e-4")
     assert "learning rate 0.0001, in the stages 0.0004" in log
     mixing_from = int(re.search(r"^step (\d+)  the stages' rows done", log, re.M).group(1))
     rates = {int(s): float(r) for s, r in re.findall(r"^step +(\d+)  loss \S+  rows \d+  lr (\S+)", log, re.M)}
@@ -91,11 +96,7 @@ def test_a_stage_rate_of_zero_or_less_is_refused_by_name(tmp_path, capsys, rate)
 def test_no_mix_steps_stops_where_the_stages_rows_end(tmp_path):
     """--mix-steps 0 after stages: every step trained is a stage's, none of the mix (the mix's first step is not
     run)."""
-    output = tmp_path / "continued"
-    assert continue_default.main(["--model", str(DEFAULT_MODEL_PATH), "--output", str(output), "--side-stage", "8",
-                                  "--left-right-stage", "8", "--mix-steps", "0", "--tokens-per-batch", "512",
-                                  "--log-every", "1"]) == 0
-    log = (output / "training_log.txt").read_text()
+    log = continued_log(tmp_path, "--side-stage", "8", "--left-right-stage", "8", "--mix-steps", "0")
     assert "the mix from here" not in log
     steps = int(re.search(r"^# finished: (\d+) steps", log, re.M).group(1))
     assert steps >= 1 and [int(s) for s in re.findall(r"^step +(\d+)  loss", log, re.M)] == list(range(1, steps + 1))
@@ -125,11 +126,8 @@ def test_a_continuation_with_conversations_in_its_stages_spends_them_before_the_
     only once a pool of rows past all 24 has been drawn, and the log says what the stages held."""
     from mlx_qwen35.train import default_model
 
-    output = tmp_path / "continued"
-    assert continue_default.main(["--model", str(DEFAULT_MODEL_PATH), "--output", str(output), "--side-stage", "6",
-                                  "--left-right-stage", "6", "--stage-images", "0.5", "--mix-steps", "1",
-                                  "--tokens-per-batch", "512", "--log-every", "1"]) == 0
-    log = (output / "training_log.txt").read_text()
+    log = continued_log(tmp_path, "--side-stage", "6", "--left-right-stage", "6", "--stage-images", "0.5",
+                        "--mix-steps", "1")
     assert "image conversations among them (50% of their rows)" in log
     drawn = int(re.search(r"the stages' rows done \((\d+) rows drawn\)", log).group(1))
     assert drawn >= 24 + default_model.BATCH_POOL
@@ -144,12 +142,8 @@ def test_training_pictures_are_encoded_at_their_size_or_enlarged_as_read(tmp_pat
     real = dm.training_processor
     monkeypatch.setattr(dm, "training_processor", lambda tokenizer, config=dm.PREPROCESSOR:
                         made.append(config) or real(tokenizer, config))
-    output = tmp_path / "continued"
-    assert continue_default.main(["--model", str(DEFAULT_MODEL_PATH), "--output", str(output), "--side-stage", "0",
-                                  "--left-right-stage", "0", "--mix-steps", "1", "--tokens-per-batch", "512",
-                                  *flags]) == 0
+    log = continued_log(tmp_path, "--side-stage", "0", "--left-right-stage", "0", "--mix-steps", "1", *flags)
     assert made == [getattr(dm, pictures)]
-    log = (output / "training_log.txt").read_text()
     assert ("pictures enlarged to 160 px a side as read" in log) == bool(flags)
 
 
@@ -163,10 +157,7 @@ def test_a_stage_joins_after_the_stages_before_it_and_the_rest_follows():
 def test_a_count_stage_alone_ends_where_its_rows_do(tmp_path):
     """--count-stage 10 and no other stage: the log names it, and with no mix steps the run stops once its rows
     (and the pool drawn with them) are spent."""
-    output = tmp_path / "continued"
-    assert continue_default.main(["--model", str(DEFAULT_MODEL_PATH), "--output", str(output), "--side-stage", "0",
-                                  "--left-right-stage", "0", "--count-stage", "10", "--mix-steps", "0",
-                                  "--tokens-per-batch", "512", "--log-every", "1"]) == 0
-    log = (output / "training_log.txt").read_text()
+    log = continued_log(tmp_path, "--side-stage", "0", "--left-right-stage", "0", "--count-stage", "10",
+                        "--mix-steps", "0")
     assert "0 left/right rows through the tower, 10 counting rows through the tower" in log
     assert re.search(r"^# finished: [1-9]\d* steps", log, re.M) and "the mix from here" not in log
