@@ -471,8 +471,7 @@ def train_bench(paths=("dense", "segmented", "gathered"), batches=8, repeats=5, 
     with tempfile.TemporaryDirectory() as directory:
         _, processor = recipe.write_skeleton(Path(directory) / "model", seed)
         model = recipe.build_model(Path(directory) / "model", seed)
-    stream = recipe.length_batches(recipe.world_rows(seed, processor, sum_stage=0, first_stage=0, curriculum=0),
-                                   2048, seed=seed)
+    stream = recipe.length_batches(recipe.grown_rows(seed, processor), 2048, seed=seed)
     fixed = [collate(next(stream), pad_id=0, spatial_merge=recipe.VISION_CONFIG["spatial_merge_size"])
              for _ in range(batches)]
     tokens = sum(b["input_ids"].size for b in fixed)

@@ -97,13 +97,11 @@ def main(argv=None) -> int:
                          side_stage=args.side_stage, left_right_stage=args.left_right_stage, mix=mix)
     stages_rows = args.side_stage + args.left_right_stage
     if args.count_stage:
-        counting = dm.world_rows(args.seed + dm.SETTLE_SEED + 2, processor, sum_stage=0, first_stage=0, curriculum=0,
-                                 mix={"count": 1.0})
+        counting = dm.grown_rows(args.seed + dm.SETTLE_SEED + 2, processor, {"count": 1.0})
         rows = with_stage(rows, counting, stages_rows, args.count_stage)
         stages_rows += args.count_stage
     if args.stage_images:
-        conversations = dm.world_rows(args.seed + dm.SETTLE_SEED + 1, processor, sum_stage=0, first_stage=0,
-                                      curriculum=0, mix={"image": 1.0})
+        conversations = dm.grown_rows(args.seed + dm.SETTLE_SEED + 1, processor, {"image": 1.0})
         rows, stages_rows = with_conversations(rows, conversations, stages_rows, args.stage_images)
     batches = dm.length_batches(rows, args.tokens_per_batch, seed=args.seed)
     trainer = Trainer(model, None, TrainConfig(steps=1, learning_rate=args.learning_rate, moe_aux_weight=0.01,

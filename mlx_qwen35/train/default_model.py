@@ -528,6 +528,12 @@ def world_rows(seed: int, processor, means: dict | None = None, scaffold_rows: i
         yield on_the_scaffold(row, example, means) if means is not None and on_scaffold else row
 
 
+def grown_rows(seed: int, processor, mix: dict = TRAIN_MIX):
+    """Endless rows of the grown world drawn with `mix` (`world_rows` with no opening and no curriculum): the
+    streams of the tails and the late stages, apart from the curriculum's."""
+    return world_rows(seed, processor, sum_stage=0, first_stage=0, curriculum=0, mix=mix)
+
+
 def on_the_scaffold(row, example, means: dict):
     """`row` with its pictures' image features the binding scaffold's (`vision_pretrain.scaffold_features`);
     rows without pictures, or with a video, as they are."""
@@ -844,29 +850,24 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     bar = _bar(last, progress)
     start, tokens, window = time.perf_counter(), 0, []
 
-    def with_late_images(rows):
-        return interleaved(rows, conversations, late_images) if late_images else rows
+    def late_batches(rows):  # a late stage's rows, the image conversations among them
+        return length_batches(interleaved(rows, conversations, late_images) if late_images else rows,
+                              tokens_per_batch, seed=seed)
 
-    def full_grown_stream(seed_offset, mix):  # the tails' own rows, apart from the curriculum's stream
-        return length_batches(world_rows(seed + seed_offset, processor, sum_stage=0, first_stage=0, curriculum=0,
-                                         mix=mix), tokens_per_batch, seed=seed)
+    def full_grown_stream(seed_offset, mix):
+        return length_batches(grown_rows(seed + seed_offset, processor, mix), tokens_per_batch, seed=seed)
 
     for step in range(1, last + 1):
         if step == settle_from:
             batches = full_grown_stream(SETTLE_SEED, settle_mix)
         elif step == steps + 1:  # the late stages, their scaffold the tower's class means as it is now
             late_means = class_means(model.model.visual, processor, seed=seed + 5_000_101, position=True)
-            conversations = world_rows(seed + LATE_STAGES_SEED + 4, processor, sum_stage=0, first_stage=0,
-                                       curriculum=0, mix={"image": 1.0})
-            sides = question_rows(seed + LATE_STAGES_SEED, processor, ask_side, late_means)
-            batches = length_batches(with_late_images(sides), tokens_per_batch, seed=seed)
+            conversations = grown_rows(seed + LATE_STAGES_SEED + 4, processor, {"image": 1.0})
+            batches = late_batches(question_rows(seed + LATE_STAGES_SEED, processor, ask_side, late_means))
         elif step == left_right_from:
-            left_rights = question_rows(seed + LATE_STAGES_SEED + 2, processor, world.ask_left_right)
-            batches = length_batches(with_late_images(left_rights), tokens_per_batch, seed=seed)
+            batches = late_batches(question_rows(seed + LATE_STAGES_SEED + 2, processor, world.ask_left_right))
         elif step == count_from:
-            counting = world_rows(seed + LATE_STAGES_SEED + 6, processor, sum_stage=0, first_stage=0, curriculum=0,
-                                  mix={"count": 1.0})
-            batches = length_batches(with_late_images(counting), tokens_per_batch, seed=seed)
+            batches = late_batches(grown_rows(seed + LATE_STAGES_SEED + 6, processor, {"count": 1.0}))
         elif step == steps - tool_tail + 1:
             batches = full_grown_stream(TOOL_TAIL_SEED, TOOL_TAIL_MIX)
         batch = collate(next(batches), pad_id=0, spatial_merge=VISION_CONFIG["spatial_merge_size"])
