@@ -2,7 +2,7 @@
 before a whole run takes them: `--side-stage` side questions alone on the binding scaffold with places, then
 `--left-right-stage` of the world's left/right questions alone through the tower, then `--count-stage` counting
 rows alone (none unless asked), then `--mix-steps` steps of the settling mix (SETTLE_MIX), all at the schedule's
-final learning rate (a tenth of it for the tower) unless `--stage-rate` gives the stages their own, as
+final learning rate (the tower at `--tower-scale` of it, a tenth unless asked) unless `--stage-rate` gives the stages their own, as
 train-default's `--late-rate` does. The model goes to --output (its configs and tokenizer copied, the weights
 new), for `mlx-qwen35 eval-default --model`.
 
@@ -63,7 +63,10 @@ def main(argv=None) -> int:
                              "tower, 1 to IMAGE_TURNS questions), added among the stages' own rows")
     parser.add_argument("--learning-rate", type=float, default=FINAL_RATE)
     parser.add_argument("--stage-rate", type=float, default=None,
-                        help="the decoder's rate in the stages (the tower's a tenth); the mix keeps --learning-rate")
+                        help="the decoder's rate in the stages (the tower's --tower-scale of it); the mix keeps "
+                             "--learning-rate")
+    parser.add_argument("--tower-scale", type=float, default=dm.VISION_LR_SCALE,
+                        help="the vision tower's rate as a share of the decoder's, in the stages and the mix")
     parser.add_argument("--reading-size", action="store_true",
                         help="training pictures under READING_SIDE px a side enlarged as they are read "
                              "(READING_PREPROCESSOR) instead of at the world's own sizes")
@@ -80,6 +83,8 @@ def main(argv=None) -> int:
     for flag, weight in (("--mix-left-right", args.mix_left_right), ("--mix-count", args.mix_count)):
         if weight < 0:
             parser.error(f"{flag} {weight}: a weight, 0 or more")
+    if args.tower_scale < 0:
+        parser.error(f"--tower-scale {args.tower_scale}: a share of the decoder's rate, 0 or more")
     if not 0 <= args.stage_images < 1:
         parser.error(f"--stage-images {args.stage_images}: a share of the stages' rows, 0 or more and below 1")
     mix = dict(dm.SETTLE_MIX, **{name: weight for name, weight in (("left_right", args.mix_left_right),
@@ -116,7 +121,7 @@ def main(argv=None) -> int:
             optim.linear_schedule(peak * 0.05, peak, 20)
         return lambda step: mix_rate(step) if mixing_from is not None else stages(step)  # read as it is then
 
-    trainer.optimizer = dm.tower_and_decoder_optimizer(rate, args.learning_rate)
+    trainer.optimizer = dm.tower_and_decoder_optimizer(rate, args.learning_rate, args.tower_scale)
     partial = args.output.with_name(args.output.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     shutil.copytree(args.model, partial, ignore=shutil.ignore_patterns("model.safetensors", "training_log.txt"))
@@ -130,7 +135,7 @@ def main(argv=None) -> int:
            + (f", pictures enlarged to {dm.READING_SIDE} px a side as read" if args.reading_size else "")
            + f"; learning rate {args.learning_rate}"
            + (f", in the stages {args.stage_rate}" if args.stage_rate is not None else "")
-           + f" (tower {dm.VISION_LR_SCALE}x), ~{args.tokens_per_batch} tokens a step"]
+           + f" (tower {args.tower_scale}x), ~{args.tokens_per_batch} tokens a step"]
     print(log[0], file=sys.stderr, flush=True)
     start, seen, step = time.perf_counter(), 0, 0
     losses = []
@@ -148,6 +153,7 @@ def main(argv=None) -> int:
         if step % args.log_every == 0:
             log.append(f"step {step:5d}  loss {sum(losses) / len(losses):.4f}  rows {seen}  "
                        f"lr {trainer.optimizer.optimizers[1].learning_rate.item():.2e}  "
+                       f"tower {trainer.optimizer.optimizers[0].learning_rate.item():.2e}  "
                        f"{(time.perf_counter() - start) / 60:.1f} min")
             losses = []
             print(log[-1], file=sys.stderr, flush=True)

@@ -32,6 +32,7 @@ def continued_log(tmp_path, *flags) -> str:
     (["--mix-count", "-0.5"], "--mix-count -0.5: a weight"),
     (["--stage-images", "1"], "--stage-images 1.0: a share"),
     (["--stage-images", "-0.1"], "--stage-images -0.1: a share"),
+    (["--tower-scale", "-1"], "--tower-scale -1.0: a share of the decoder's rate"),
     (["--model", "/no/such/model"], "--model /no/such/model"),
 ])
 def test_bad_arguments_are_named_before_anything_is_written(tmp_path, capsys, args, named):
@@ -83,6 +84,19 @@ def test_the_stages_run_at_their_own_rate_and_the_mix_at_the_learning_rate(tmp_p
     for step, logged in rates.items():
         peak = 4e-4 if step < mixing_from else 1e-4
         assert logged == pytest.approx(peak * (0.05 + 0.95 * (step - 1) / 20), rel=1e-2), step
+
+
+@pytest.mark.parametrize("flags, share", [([], 0.1), (["--tower-scale", "1"], 1.0), (["--tower-scale", "0"], 0.0)])
+def test_the_tower_trains_at_its_share_of_the_decoders_rate(tmp_path, flags, share):
+    """Each logged step's tower rate is `share` of the decoder's (a tenth unless --tower-scale says), in the
+    stages and in the mix, and the log's header says the share."""
+    log = continued_log(tmp_path, "--side-stage", "4", "--left-right-stage", "4", "--mix-steps", "2",
+                        "--stage-rate", "4e-4", *flags)
+    assert f"(tower {share}x)" in log
+    rates = re.findall(r"^step +\d+  loss \S+  rows \d+  lr (\S+)  tower (\S+)", log, re.M)
+    assert len(rates) >= 3 and "the mix from here" in log
+    for decoder, tower in rates:
+        assert float(tower) == pytest.approx(share * float(decoder), rel=1e-2, abs=1e-12)
 
 
 @pytest.mark.parametrize("rate", ["0", "-0.0001"])
