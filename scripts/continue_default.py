@@ -2,9 +2,9 @@
 before a whole run takes them: `--side-stage` side questions alone on the binding scaffold with places, then
 `--left-right-stage` of the world's left/right questions alone through the tower, then `--count-stage` counting
 rows alone (none unless asked), then `--mix-steps` steps of the settling mix (SETTLE_MIX), all at the schedule's
-final learning rate (the tower at `--tower-scale` of it, a tenth unless asked) unless `--stage-rate` gives the stages their own, as
-train-default's `--late-rate` does. The model goes to --output (its configs and tokenizer copied, the weights
-new), for `mlx-qwen35 eval-default --model`.
+final learning rate (the tower at `--tower-scale` of it, a tenth unless asked) unless `--stage-rate` gives the
+stages their own, as train-default's `--late-rate` does. The model goes to --output (its configs and tokenizer
+copied, the weights new), for `mlx-qwen35 eval-default --model`.
 
     .venv/bin/python scripts/continue_default.py --output artifacts/continued --side-stage 7200 \\
         --left-right-stage 7200 --mix-steps 600 --mix-left-right 0.15 --stage-rate 4e-4
