@@ -209,7 +209,8 @@ LATE_IMAGES = 0.0
 # through the tower, at their rate and with their image conversations. Continued from run 40 so (4,800 rows,
 # about 310 steps of 2,048 tokens, then the settling mix), count rose from 87.0 to 91.2 % (400 questions) and
 # threes were counted for the first time; colour and shape kept (docs/default-model.md, forty-third session).
-# Off: no recipe has run it yet.
+# After the side and left/right stages it added nothing (357 of 400 with and without it, forty-fourth session),
+# and it kept its lift alone with the tower frozen but lost it with the tower at the decoder's rate. Off.
 LATE_COUNT_STAGE = 0
 LATE_STAGES_SEED = 555  # the late stages' scenes: a stream of their own, apart from the tails'
 # The tool call writes its city after a newline ("<parameter=city>\nLima"), the question after a space (" Lima"):
