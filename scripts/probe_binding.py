@@ -93,6 +93,9 @@ one run is one noisy measurement.
                                `add_vision_id`) in training rows and held-out prompts alike
     --picture-index S          each picture's digit ("1" for the first; its word embedding scaled to norm S)
                                added at its shape-centre tokens: the picture a token is in, given
+    --distractor-ramp A:B      several-picture training rows with the other pictures' features (all but the
+                               asked one) times a weight: 0 before step A (they read as blank: the lone form),
+                               rising linearly to 1 at step B (the asked form); held-out questions always at 1
     --sum-share F              then each row a sum with probability F (a stage of sums and colour questions mixed);
                                with sums in the stream the held-out line also gives 64 held-out sums (teacher-forced)
 
@@ -175,6 +178,8 @@ class Features:
         """`words` of one picture, or `words_of` several (which adds each token's picture)."""
         if len(words) == 3:
             words = (*words, np.ones(len(words[0]), int))
+        if len(words) == 4:  # each token's weight (--distractor-ramp): 1 unless a training row says otherwise
+            words = (*words, np.ones(len(words[0]), np.float32))
         self._current, self.cursor = words, 0
 
     def fit_means(self, tower, processor, pictures: int = 400, seed: int = 11):
@@ -225,7 +230,7 @@ class Features:
         tokens = int(np.asarray(grid).reshape(-1, 3).prod(axis=1).sum()) // 4
         if self.cursor + tokens > len(self._current[0]):
             self.cursor = 0
-        kinds, colours, places, pictures = (part[self.cursor:self.cursor + tokens] for part in self._current)
+        kinds, colours, places, pictures, weights = (part[self.cursor:self.cursor + tokens] for part in self._current)
         self.cursor += tokens
         words = {"kind": self.embed(kinds), "colour": self.embed(colours)}
         name, scale = self.mode
@@ -245,6 +250,7 @@ class Features:
                 out = out + scale * mx.random.normal(out.shape)
         if self.picture_words is not None:
             out = out + self.picture_words[mx.array(pictures)] * present(kinds)
+        out = out * mx.array(weights)[:, None]
         return out * present(kinds) if self.only_centres else out
 
 
@@ -580,7 +586,10 @@ QUESTIONS = dict(world.SCENE_QUESTIONS, side=ask_side, left_right_of_two=ask_lef
                  multi_image_kind_by_colour=ask_multi_image_kind_by_colour,
                  multi_image_color_number=ask_multi_image_color_number,
                  multi_image_by_label=ask_multi_image_by_label, count_balanced=ask_count_balanced)
-REASONED = ("left_right_reasoned",)  # their answers open with a thinking block: trained and asked thinking-on
+REASONED = ("left_right_reasoned",)
+# Several-picture questions whose answer names the asked picture by its number ("Picture 2." or "2.")
+PICTURE_ANSWERS = ("multi_image", "multi_image_distinct", "multi_image_shared", "multi_image_kind",
+                   "multi_image_kind_digit", "multi_image_kind_by_colour")  # their answers open with a thinking block: trained and asked thinking-on
 
 
 # The marker questions' own example makers: their rows are not one scene's question.
@@ -628,6 +637,19 @@ def label_pictures(processor):
     processor.apply_chat_template = partial(processor.apply_chat_template, add_vision_id=True)
 
 
+def picture_weights(rows, weight: float) -> np.ndarray:
+    """Each token's feature weight over `rows` (their `words`, one after another): `weight` on the tokens of every
+    picture but the one a row's answer names (`asked_picture`, --distractor-ramp's rows), 1 everywhere else."""
+    return np.concatenate([np.where(row.words[3] == row.asked_picture, 1.0, weight)
+                           if getattr(row, "asked_picture", None) else np.ones(len(row.words[0]))
+                           for row in rows]).astype(np.float32)
+
+
+def ramp_weight(step: int, first: int, last: int) -> float:
+    """--distractor-ramp first:last's weight at `step`: 0 up to `first`, rising linearly to 1 at `last`."""
+    return min(1.0, max(0.0, (step - first) / (last - first)))
+
+
 def present(ids: np.ndarray) -> mx.array:
     """[tokens, 1]: 1 where a word id is given, 0 where it is -1."""
     return mx.array((ids >= 0)[:, None].astype(np.float32))
@@ -658,6 +680,7 @@ def main():
     parser.add_argument("--sum-share", type=float, default=0.0)
     parser.add_argument("--vision-ids", action="store_true")
     parser.add_argument("--picture-index", type=float, default=0.0)
+    parser.add_argument("--distractor-ramp", help="A:B, steps")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--schedule-steps", type=int)
     parser.add_argument("--tokens-per-batch", type=int, default=1024)
@@ -682,6 +705,14 @@ def main():
         parser.error("--also-from and --also-after-switch both say where the --also rows join: give one")
     if args.schedule_steps is not None and not 30 < args.schedule_steps <= args.steps:
         parser.error(f"--schedule-steps {args.schedule_steps}: past the 30 warm-up steps, at most --steps")
+    ramp = None
+    if args.distractor_ramp:
+        bounds = args.distractor_ramp.split(":")
+        if len(bounds) != 2 or not all(b.isdigit() for b in bounds) or int(bounds[0]) >= int(bounds[1]):
+            parser.error(f"--distractor-ramp {args.distractor_ramp}: A:B, two steps with 0 <= A < B")
+        if args.question not in PICTURE_ANSWERS:
+            parser.error(f"--distractor-ramp: a question answered by a picture's number, one of {PICTURE_ANSWERS}")
+        ramp = (int(bounds[0]), int(bounds[1]))
     if args.lone_first and not args.switch_at:
         parser.error("--lone-first needs --switch-at (where the world's pictures begin)")
     if args.sums_first < 0:
@@ -747,6 +778,7 @@ def main():
     image_token = model.config.image_token_id
 
     lone = [args.lone_first]
+    distractor_weight = [1.0]
     first = [QUESTIONS[args.first] if args.first else None]
     mixing = [not args.also_from]
 
@@ -765,6 +797,8 @@ def main():
                     example["thinking"] = True
                 row = dm.encode_example(example, processor, thinking_rng, add_vision_id=args.vision_ids)
                 row.words = features.words_of(example["scenes"], row.image_grid_thw)
+                if ramp and asked is question:  # the picture its answer names, kept at full weight
+                    row.asked_picture = int(re.search(r"(\d+)\.$", evaluate._answer(example)).group(1))
             yield row
 
     def with_aux(batch_rows):
@@ -776,7 +810,8 @@ def main():
             kinds = row.words[0]
             targets[i, at[kinds >= 0]], weight[i, at[kinds >= 0]] = kinds[kinds >= 0], args.aux_kind
         batch["aux_targets"], batch["aux_weight"] = mx.array(targets), mx.array(weight)
-        features.current = tuple(np.concatenate([row.words[j] for row in batch_rows]) for j in range(4))
+        features.current = (*(np.concatenate([row.words[j] for row in batch_rows]) for j in range(4)),
+                            picture_weights(batch_rows, distractor_weight[0]))
         return batch
 
     next_token_losses = training.token_losses
@@ -864,10 +899,12 @@ def main():
         if args.also_from and step == args.also_from:
             mixing[0] = True
             print(f"step {step}  training rows now also ask {args.also}", flush=True)
+        if ramp:
+            distractor_weight[0] = ramp_weight(step, *ramp)
         record = trainer.train_step(with_aux(batch_rows))
         if step % args.every == 0 or step == args.steps:
-            print(f"step {step}  rows {seen}  loss {record['loss']:.3f}  {time.perf_counter() - start:.0f} s",
-                  flush=True)
+            print(f"step {step}  rows {seen}  loss {record['loss']:.3f}  {time.perf_counter() - start:.0f} s"
+                  + (f"  other pictures at {distractor_weight[0]:.2f}" if ramp else ""), flush=True)
             held_out_accuracy(step)
 
 

@@ -196,7 +196,10 @@ def test_bad_arguments_are_named_before_anything_runs():
                         (["--also-from", "300"], "--also-from 300"),
                         (["--schedule-steps", "900"], "--schedule-steps 900"),
                         (["--from-shipped", "--layers", "2"], "--from-shipped"),
-                        (["--also", "color:0.5", "--also-from", "700", "--steps", "600"], "--also-from 700")):
+                        (["--also", "color:0.5", "--also-from", "700", "--steps", "600"], "--also-from 700"),
+                        (["--question", "multi_image", "--distractor-ramp", "300:200"], "--distractor-ramp 300:200"),
+                        (["--question", "multi_image", "--distractor-ramp", "200"], "--distractor-ramp 200"),
+                        (["--question", "color", "--distractor-ramp", "1:2"], "a question answered by a picture's")):
         run = subprocess.run([sys.executable, str(ROOT / "scripts" / "probe_binding.py"), *args],
                              capture_output=True, text=True, timeout=120)
         assert run.returncode == 2 and named in run.stderr and not run.stdout
@@ -465,3 +468,26 @@ def test_the_picture_asked_by_its_number_is_that_picture():
         assert all(len(scene.shapes) == 1 for scene in example["scenes"])
         assert example["messages"][-1]["content"] == f"{colours[asked - 1]}."
         assert sum(part["type"] == "image" for part in example["messages"][0]["content"]) == len(colours)
+
+
+def test_a_distractor_ramp_weights_the_other_pictures_tokens_and_leaves_the_asked_ones(tmp_path):
+    """--distractor-ramp: the weight is 0 up to the ramp's first step and 1 from its last, linear between; a
+    several-picture row's tokens outside its asked picture take the weight, its asked picture's and other rows'
+    keep 1; and the features of a weighted token are the unweighted ones times its weight."""
+    assert [probe.ramp_weight(step, 100, 300) for step in (0, 100, 150, 200, 300, 400)] == [0, 0, 0.25, 0.5, 1, 1]
+    several = type("Row", (), {"words": (None, None, None, np.array([1, 1, 2, 2, 3])), "asked_picture": 2})()
+    single = type("Row", (), {"words": (np.array([4, 5]), None, None, np.array([1, 1]))})()
+    assert probe.picture_weights([several, single], 0.25).tolist() == [0.25, 0.25, 1, 1, 0.25, 1, 1]
+
+    _, processor = dm.write_skeleton(tmp_path, seed=0)
+    embeddings = type("Table", (), {"weight": mx.random.normal((1024, 8), key=mx.random.key(3))})()
+    scenes = [world.Scene(64, 64, (255, 255, 255), [world.Shape("circle", "red", 20, 20, 10)]),
+              world.Scene(64, 64, (255, 255, 255), [world.Shape("square", "blue", 40, 40, 10)])]
+    grids = np.array([(1, 4, 4), (1, 4, 4)])
+    features = probe.Features("oracle", processor.tokenizer, embeddings)
+    features.current = features.words_of(scenes, [(1, 4, 4), (1, 4, 4)])
+    plain = np.array(features(None, None, grids))
+    weights = np.array([1, 1, 1, 1, 0.25, 0.25, 0.25, 0.25], np.float32)
+    features.current = (*features.current[:4], weights)
+    assert plain[[0, 7]].any(axis=1).all()  # both centres carry words
+    assert np.allclose(np.array(features(None, None, grids)), plain * weights[:, None])
