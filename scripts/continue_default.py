@@ -1,10 +1,11 @@
-"""Continue a trained default model through late stages of train-default's curriculum, to see what they give
-before a whole run takes them: `--side-stage` side questions alone on the binding scaffold with places, then
+"""Continue a trained default model through late stages of train-default's curriculum, to see what they give before
+a whole run takes them: `--side-stage` side questions alone on the binding scaffold with places, then
 `--left-right-stage` of the world's left/right questions alone through the tower, then `--count-stage` counting
-rows alone (none unless asked), then `--mix-steps` steps of the settling mix (SETTLE_MIX), all at the schedule's
-final learning rate (the tower at `--tower-scale` of it, a tenth unless asked) unless `--stage-rate` gives the
-stages their own, as train-default's `--late-rate` does. The model goes to --output (its configs and tokenizer
-copied, the weights new), for `mlx-qwen35 eval-default --model`.
+rows alone (none unless asked; the tower frozen through them with `--count-frozen-tower`), then `--mix-steps`
+steps of the settling mix (SETTLE_MIX), all at the schedule's final learning rate (the tower at `--tower-scale`
+of it, a tenth unless asked) unless `--stage-rate` gives the stages their own, as train-default's `--late-rate`
+does. The model goes to --output (its configs and tokenizer copied, the weights new), for
+`mlx-qwen35 eval-default --model`.
 
     .venv/bin/python scripts/continue_default.py --output artifacts/continued --side-stage 7200 \\
         --left-right-stage 7200 --mix-steps 600 --mix-left-right 0.15 --stage-rate 4e-4
@@ -52,6 +53,9 @@ def main(argv=None) -> int:
     parser.add_argument("--count-stage", type=int, default=0,
                         help="after the left/right stage, this many counting rows alone (train-default's "
                              "count_example: each count 0-4 equally often), read through the tower")
+    parser.add_argument("--count-frozen-tower", action="store_true",
+                        help="the vision tower frozen while the count stage's rows train (from the first batch pool "
+                             "wholly past the left/right stage's rows to the mix)")
     parser.add_argument("--mix-steps", type=int, default=600)
     parser.add_argument("--mix-left-right", type=float, default=0.0,
                         help="the mix also draws lone left/right questions at this weight beside SETTLE_MIX's")
@@ -83,6 +87,8 @@ def main(argv=None) -> int:
     for flag, weight in (("--mix-left-right", args.mix_left_right), ("--mix-count", args.mix_count)):
         if weight < 0:
             parser.error(f"{flag} {weight}: a weight, 0 or more")
+    if args.count_frozen_tower and not args.count_stage:
+        parser.error("--count-frozen-tower: only with --count-stage")
     if args.tower_scale < 0:
         parser.error(f"--tower-scale {args.tower_scale}: a share of the decoder's rate, 0 or more")
     if not 0 <= args.stage_images < 1:
@@ -105,8 +111,11 @@ def main(argv=None) -> int:
         counting = dm.grown_rows(args.seed + dm.SETTLE_SEED + 2, processor, {"count": 1.0})
         rows = with_stage(rows, counting, stages_rows, args.count_stage)
         stages_rows += args.count_stage
+    count_from = args.side_stage + args.left_right_stage  # the count stage's first row among those drawn
     if args.stage_images:
         conversations = dm.grown_rows(args.seed + dm.SETTLE_SEED + 1, processor, {"image": 1.0})
+        spread = dm.interleaved(range(stages_rows), itertools.repeat(None), args.stage_images)
+        count_from = next(i for i, row in enumerate(spread) if row == count_from) if args.count_stage else count_from
         rows, stages_rows = with_conversations(rows, conversations, stages_rows, args.stage_images)
     batches = dm.length_batches(rows, args.tokens_per_batch, seed=args.seed)
     trainer = Trainer(model, None, TrainConfig(steps=1, learning_rate=args.learning_rate, moe_aux_weight=0.01,
@@ -128,6 +137,7 @@ def main(argv=None) -> int:
     log = [f"# continue_default: {args.model}, {args.side_stage} side rows on the scaffold with places, "
            f"{args.left_right_stage} left/right rows through the tower"
            + (f", {args.count_stage} counting rows through the tower" if args.count_stage else "")
+           + (" (frozen)" if args.count_frozen_tower else "")
            + (f", image conversations among them ({args.stage_images:.0%} of their rows)" if args.stage_images else "")
            + f", then {args.mix_steps} steps of SETTLE_MIX"
            + (f" with lone left/right questions at weight {args.mix_left_right}" if args.mix_left_right else "")
@@ -138,6 +148,7 @@ def main(argv=None) -> int:
            + f" (tower {args.tower_scale}x), ~{args.tokens_per_batch} tokens a step"]
     print(log[0], file=sys.stderr, flush=True)
     start, seen, step = time.perf_counter(), 0, 0
+    frozen = froze = False
     losses = []
     while mixing_from is None or step < mixing_from + args.mix_steps - 1:
         batch_rows = next(batches)
@@ -147,6 +158,15 @@ def main(argv=None) -> int:
                 break
             mixing_from = step + 1
             log.append(f"step {step + 1}  the stages' rows done ({seen} rows drawn): the mix from here")
+            if frozen:
+                model.model.visual.unfreeze()
+                frozen = False
+                log.append(f"step {step + 1}  the tower trains again")
+        elif (args.count_frozen_tower and mixing_from is None and not frozen and not froze
+              and seen - len(batch_rows) >= count_from + dm.BATCH_POOL):
+            model.model.visual.freeze()
+            frozen = froze = True
+            log.append(f"step {step + 1}  the tower frozen for the count stage ({seen} rows drawn)")
         step += 1
         record = trainer.train_step(collate(batch_rows, pad_id=0, spatial_merge=dm.VISION_CONFIG["spatial_merge_size"]))
         losses.append(record["loss"])

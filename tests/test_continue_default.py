@@ -33,6 +33,7 @@ def continued_log(tmp_path, *flags) -> str:
     (["--stage-images", "1"], "--stage-images 1.0: a share"),
     (["--stage-images", "-0.1"], "--stage-images -0.1: a share"),
     (["--tower-scale", "-1"], "--tower-scale -1.0: a share of the decoder's rate"),
+    (["--count-frozen-tower"], "--count-frozen-tower: only with --count-stage"),
     (["--model", "/no/such/model"], "--model /no/such/model"),
 ])
 def test_bad_arguments_are_named_before_anything_is_written(tmp_path, capsys, args, named):
@@ -175,3 +176,35 @@ def test_a_count_stage_alone_ends_where_its_rows_do(tmp_path):
                         "--mix-steps", "0")
     assert "0 left/right rows through the tower, 10 counting rows through the tower" in log
     assert re.search(r"^# finished: [1-9]\d* steps", log, re.M) and "the mix from here" not in log
+
+
+def test_a_frozen_tower_stays_still_through_the_count_stage_and_trains_again_in_the_mix(tmp_path, monkeypatch):
+    """--count-frozen-tower after 24 left/right rows: the tower moves with every step until the log says it
+    froze, not at all from there to the mix (no trainable tower parameter, the same weights), and with every
+    mixed step again."""
+    from mlx.utils import tree_flatten
+
+    steps = []
+    train_step = continue_default.Trainer.train_step
+
+    def tower(trainer):
+        return np.concatenate([np.array(v).ravel() for _, v in tree_flatten(trainer.model.model.visual.parameters())])
+
+    def recorded(trainer, batch=None):
+        before = tower(trainer)
+        trainable = bool(tree_flatten(trainer.model.model.visual.trainable_parameters()))
+        record = train_step(trainer, batch)
+        steps.append((trainable, not np.array_equal(before, tower(trainer))))
+        return record
+
+    monkeypatch.setattr(continue_default.Trainer, "train_step", recorded)
+    log = continued_log(tmp_path, "--side-stage", "0", "--left-right-stage", "24", "--count-stage", "160",
+                        "--count-frozen-tower", "--mix-steps", "3")
+    assert "160 counting rows through the tower (frozen)" in log
+    frozen_at = int(re.search(r"^step (\d+)  the tower frozen for the count stage", log, re.M).group(1))
+    again_at = int(re.search(r"^step (\d+)  the tower trains again", log, re.M).group(1))
+    assert 1 < frozen_at < again_at == int(re.search(r"^step (\d+)  the stages' rows done", log, re.M).group(1))
+    assert len(steps) == again_at + 2
+    assert all(trainable and moved for trainable, moved in steps[:frozen_at - 1])
+    assert not any(trainable or moved for trainable, moved in steps[frozen_at - 1:again_at - 1])
+    assert all(trainable and moved for trainable, moved in steps[again_at - 1:])
