@@ -113,9 +113,10 @@ def main(argv=None) -> int:
         stages_rows += args.count_stage
     count_from = args.side_stage + args.left_right_stage  # the count stage's first row among those drawn
     if args.stage_images:
+        if args.count_stage:  # its place once the conversations are spread among the stages' rows
+            spread = dm.interleaved(range(stages_rows), itertools.repeat(None), args.stage_images)
+            count_from = next(i for i, row in enumerate(spread) if row == count_from)
         conversations = dm.grown_rows(args.seed + dm.SETTLE_SEED + 1, processor, {"image": 1.0})
-        spread = dm.interleaved(range(stages_rows), itertools.repeat(None), args.stage_images)
-        count_from = next(i for i, row in enumerate(spread) if row == count_from) if args.count_stage else count_from
         rows, stages_rows = with_conversations(rows, conversations, stages_rows, args.stage_images)
     batches = dm.length_batches(rows, args.tokens_per_batch, seed=args.seed)
     trainer = Trainer(model, None, TrainConfig(steps=1, learning_rate=args.learning_rate, moe_aux_weight=0.01,
@@ -148,7 +149,7 @@ def main(argv=None) -> int:
            + f" (tower {args.tower_scale}x), ~{args.tokens_per_batch} tokens a step"]
     print(log[0], file=sys.stderr, flush=True)
     start, seen, step = time.perf_counter(), 0, 0
-    frozen = froze = False
+    frozen = False
     losses = []
     while mixing_from is None or step < mixing_from + args.mix_steps - 1:
         batch_rows = next(batches)
@@ -162,10 +163,10 @@ def main(argv=None) -> int:
                 model.model.visual.unfreeze()
                 frozen = False
                 log.append(f"step {step + 1}  the tower trains again")
-        elif (args.count_frozen_tower and mixing_from is None and not frozen and not froze
+        elif (args.count_frozen_tower and mixing_from is None and not frozen
               and seen - len(batch_rows) >= count_from + dm.BATCH_POOL):
             model.model.visual.freeze()
-            frozen = froze = True
+            frozen = True
             log.append(f"step {step + 1}  the tower frozen for the count stage ({seen} rows drawn)")
         step += 1
         record = trainer.train_step(collate(batch_rows, pad_id=0, spatial_merge=dm.VISION_CONFIG["spatial_merge_size"]))

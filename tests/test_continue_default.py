@@ -178,10 +178,13 @@ def test_a_count_stage_alone_ends_where_its_rows_do(tmp_path):
     assert re.search(r"^# finished: [1-9]\d* steps", log, re.M) and "the mix from here" not in log
 
 
-def test_a_frozen_tower_stays_still_through_the_count_stage_and_trains_again_in_the_mix(tmp_path, monkeypatch):
-    """--count-frozen-tower after 24 left/right rows: the tower moves with every step until the log says it
-    froze, not at all from there to the mix (no trainable tower parameter, the same weights), and with every
-    mixed step again."""
+@pytest.mark.parametrize("flags, left_right_drawn", [([], 24), (["--stage-images", "0.5"], 48)])
+def test_a_frozen_tower_stays_still_through_the_count_stage_and_trains_again_in_the_mix(tmp_path, monkeypatch,
+                                                                                        flags, left_right_drawn):
+    """--count-frozen-tower after 24 left/right rows (48 rows drawn with as many conversations among them): the
+    tower moves with every step until the log says it froze, which is only once a whole batch pool past those rows
+    has been drawn; not at all from there to the mix (no trainable tower parameter, the same weights); and with
+    every mixed step again."""
     from mlx.utils import tree_flatten
 
     steps = []
@@ -199,9 +202,11 @@ def test_a_frozen_tower_stays_still_through_the_count_stage_and_trains_again_in_
 
     monkeypatch.setattr(continue_default.Trainer, "train_step", recorded)
     log = continued_log(tmp_path, "--side-stage", "0", "--left-right-stage", "24", "--count-stage", "160",
-                        "--count-frozen-tower", "--mix-steps", "3")
+                        "--count-frozen-tower", "--mix-steps", "3", *flags)
     assert "160 counting rows through the tower (frozen)" in log
-    frozen_at = int(re.search(r"^step (\d+)  the tower frozen for the count stage", log, re.M).group(1))
+    frozen = re.search(r"^step (\d+)  the tower frozen for the count stage \((\d+) rows drawn\)", log, re.M)
+    frozen_at = int(frozen.group(1))
+    assert int(frozen.group(2)) >= left_right_drawn + continue_default.dm.BATCH_POOL
     again_at = int(re.search(r"^step (\d+)  the tower trains again", log, re.M).group(1))
     assert 1 < frozen_at < again_at == int(re.search(r"^step (\d+)  the stages' rows done", log, re.M).group(1))
     assert len(steps) == again_at + 2
