@@ -586,10 +586,10 @@ QUESTIONS = dict(world.SCENE_QUESTIONS, side=ask_side, left_right_of_two=ask_lef
                  multi_image_kind_by_colour=ask_multi_image_kind_by_colour,
                  multi_image_color_number=ask_multi_image_color_number,
                  multi_image_by_label=ask_multi_image_by_label, count_balanced=ask_count_balanced)
-REASONED = ("left_right_reasoned",)
+REASONED = ("left_right_reasoned",)  # their answers open with a thinking block: trained and asked thinking-on
 # Several-picture questions whose answer names the asked picture by its number ("Picture 2." or "2.")
 PICTURE_ANSWERS = ("multi_image", "multi_image_distinct", "multi_image_shared", "multi_image_kind",
-                   "multi_image_kind_digit", "multi_image_kind_by_colour")  # their answers open with a thinking block: trained and asked thinking-on
+                   "multi_image_kind_digit", "multi_image_kind_by_colour")
 
 
 # The marker questions' own example makers: their rows are not one scene's question.
