@@ -598,6 +598,11 @@ def test_train_default_refuses_a_missing_vision_tower_before_writing(tmp_path, c
     with pytest.raises(SystemExit):
         main(["--output", str(tmp_path / "model"), "--late-count-stage", "-1"])
     assert "--late-count-stage -1: a number of steps, 0 or more" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="workers 0: 1 or more"):
+        train_default(tmp_path / "model", steps=1, workers=0)
+    with pytest.raises(SystemExit):
+        main(["--output", str(tmp_path / "model"), "--workers", "-1"])
+    assert "--workers -1: 1 or more" in capsys.readouterr().err
     with pytest.raises(ValueError, match="sum_stage -1: a number of rows"):
         train_default(tmp_path / "model", steps=1, sum_stage=-1)
     with pytest.raises(ValueError, match="steps 1000: an opening of 59200 rows adds 925 steps"):

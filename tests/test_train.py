@@ -2,6 +2,7 @@
 gradients and fusing, loss going down, exact resume, and clear errors for bad rows and foreign adapters."""
 
 import itertools
+import math
 import random
 import re
 from types import SimpleNamespace
@@ -19,7 +20,7 @@ from mlx_qwen35.train import world
 from mlx_qwen35.train.data import DataError, collate, encode, encode_all
 from mlx_qwen35.train.lora import AdapterError, apply_lora, fuse_lora, load_adapter
 from mlx_qwen35.train.trainer import (TrainConfig, Trainer, dense_experts_forward, hidden_states, loss_fn,
-                                      segmented_experts_forward)
+                                      segmented_experts_forward, split_rows)
 
 ndimage = pytest.importorskip("scipy.ndimage")
 
@@ -595,6 +596,69 @@ def test_segmented_experts_match_float64_numpy():
 def test_an_unknown_expert_path_is_refused_by_name():
     with pytest.raises(ValueError, match="experts 'sparse'"):
         Trainer(tiny_model(moe=True), None, TrainConfig(experts="sparse"))
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 5])
+def test_split_rows_keeps_every_row_and_cuts_at_the_smallest_largest_padded_part(parts):
+    """Every row in exactly one part; the parts runs of rows in length order; the largest part's padded size
+    (rows x longest row) the least any cut of the length-ordered rows into that many runs gives (all cuts tried);
+    one part: the rows as given, in their order."""
+    rng = random.Random(parts)
+    for trial in range(20):
+        rows = [list(range(rng.randint(1, 60))) for _ in range(rng.randint(1, 9))]
+        groups = split_rows(rows, parts)
+        assert sorted(id(r) for g in groups for r in g) == sorted(id(r) for r in rows)
+        if parts == 1:
+            assert groups == [rows] and all(a is b for a, b in zip(groups[0], rows))
+            continue
+        assert len(groups) == min(parts, len(rows)) and all(groups)
+        lengths = [len(r) for g in groups for r in g]
+        assert lengths == sorted(lengths)
+        ordered = sorted(len(r) for r in rows)
+        best = min(max((b - a) * ordered[b - 1] for a, b in zip((0, *cuts), (*cuts, len(rows))))
+                   for cuts in itertools.combinations(range(1, len(rows)), len(groups) - 1))
+        assert max(len(g) * max(len(r) for r in g) for g in groups) == best
+
+
+def test_a_step_in_parts_trains_as_the_whole_batch(processor):
+    """TrainConfig.workers: a step's rows in parts, each part's loss and gradients on a thread of its own, summed.
+    With the load-balancing loss off, the parts' cross-entropy and MTP losses and their gradients are the whole
+    batch's (token means over the whole step), and three optimizer steps leave the same weights; with it on, every
+    step still runs and its loss is finite. Rows of different lengths, pictures among them."""
+    rng = random.Random(21)
+    rows = encode_all([world.image_example(rng), world.sum_example(rng), world.image_example(rng),
+                       world.recall_example(rng, max_tokens=120), world.sum_example(rng)], processor)
+    assert len({len(r) for r in rows}) > 2
+
+    def trainer(workers, aux=0.0):
+        config = TrainConfig(learning_rate=3e-3, moe_aux_weight=aux, mtp_weight=0.3, progress=False, pad_id=258,
+                             workers=workers)
+        return Trainer(tiny_model(moe=True, mtp_layers=1), None, config)
+
+    whole, parts = trainer(1), trainer(3)
+    loss, count, terms, grads = whole.gradients(collate(rows, pad_id=258))
+    part_loss, part_count, part_terms, part_grads = parts.gradients(
+        [collate(p, pad_id=258) for p in split_rows(rows, 3)])
+    assert len(split_rows(rows, 3)) == 3
+    assert float(part_count) == float(count)
+    for name in ("ce", "mtp"):
+        assert abs(part_terms[name].item() - terms[name].item()) <= 1e-5 * terms[name].item()
+    assert abs(part_loss.item() - loss.item()) <= 1e-5 * loss.item()
+    for (name, a), (_, b) in zip(tree_flatten(grads), tree_flatten(part_grads)):
+        np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-4, atol=1e-6, err_msg=name)
+    for _ in range(3):
+        whole.train_step(collate(rows, pad_id=258))
+        parts.train_step(rows)
+    for (name, a), (_, b) in zip(tree_flatten(whole.model.parameters()), tree_flatten(parts.model.parameters())):
+        np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-4, atol=1e-5, err_msg=name)
+    balanced = trainer(2, aux=0.01)
+    records = [balanced.train_step(rows) for _ in range(2)]
+    assert all(math.isfinite(r["loss"]) and r["aux"] > 0 for r in records)
+
+
+def test_workers_below_one_are_refused_by_name():
+    with pytest.raises(ValueError, match="workers 0: 1 or more"):
+        Trainer(tiny_model(), None, TrainConfig(workers=0))
 
 
 def test_training_lowers_loss_and_resumes_exactly(processor, tmp_path):

@@ -54,6 +54,9 @@ class MRoPE:
     def __init__(self, rotary_dim: int, theta: float, sections, interleaved: bool):
         half = rotary_dim // 2
         self.inv_freq = theta ** (-mx.arange(0, rotary_dim, 2, dtype=mx.float32) / rotary_dim)
+        # Not a parameter, so nothing else evaluates it: left lazy, it would belong to this thread's stream, and
+        # a forward on another thread (training's parts, `Trainer.gradients`) could not evaluate it.
+        mx.eval(self.inv_freq)
         axis = [0] * half
         if interleaved:
             for i in range(half):

@@ -249,6 +249,9 @@ ADAM_BETAS = [0.9, 0.95]
 # bit for bit. Run 40, the shipped model, ran "dense" (all 8 experts); "segmented" (each expert's own rows) is
 # about 1.2x the tok/s on these CPUs (docs/benchmarks.md) and is for the next shipped run.
 EXPERTS = "dense"
+# A step's rows in this many parts evaluated side by side, each on a CPU thread of its own (TrainConfig.workers):
+# the same token-mean losses, the load-balancing loss each part's own, so another run. Run 40 ran 1.
+WORKERS = 1
 
 
 def write_skeleton(directory: Path, seed: int, city_words: bool = CITY_WORDS,
@@ -661,7 +664,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                   late_stages: int = LATE_STAGES, late_count_stage: int = LATE_COUNT_STAGE,
                   settle_left_right: float = SETTLE_LEFT_RIGHT,
                   late_rate: float | None = None, late_images: float = LATE_IMAGES, experts: str = EXPERTS,
-                  learning_rate: float = 2e-3,
+                  workers: int = WORKERS, learning_rate: float = 2e-3,
                   warmup: int = 100, log_every: int = 25, probe_every: int = 100, progress: bool = True) -> Path:
     """Train the default model into `output` (written atomically: weights, configs, tokenizer, training_log.txt).
     At logging steps that are multiples of `probe_every` (0: never) the log also gets held-out per-skill
@@ -688,10 +691,9 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     a VISION_LR_SCALE of it; None: the schedule's final rate); `late_images`: the share of the late stages' rows
     that are the mixed stage's image conversations through the tower (LATE_IMAGES); `settle_left_right`: the
     settling mix's weight of lone left/right questions (SETTLE_LEFT_RIGHT); `experts`: how the routed experts run
-    (EXPERTS, one of trainer.EXPERT_PATHS)."""
+    (EXPERTS, one of trainer.EXPERT_PATHS); `workers`: each step's rows in this many parts side by side (WORKERS)."""
     from ..platform import cpu_setup
     from . import world
-    from .data import collate
     from .trainer import TrainConfig, Trainer, warmup_cosine
     from .vision_pretrain import class_means, pretrain_vision
 
@@ -712,6 +714,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
             raise RecipeError(f"{{{setting}}} {{0}}: a weight, 0 or more", weight)
     if experts not in EXPERT_PATHS:
         raise RecipeError(f"{{experts}} {{0!r}}: one of {', '.join(EXPERT_PATHS)}", experts)
+    if workers < 1:
+        raise RecipeError("{workers} {0}: 1 or more", workers)
     if tool_tail is None:
         tool_tail = round(TOOL_TAIL_STEPS * steps / STEPS)
     opening_rows = sum_stage + binding_stage
@@ -784,6 +788,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                  + (f", lone left/right questions at weight {settle_left_right} in the settling mix"
                     if settle_left_right else "")
                  + (f", the routed experts {experts}" if experts != EXPERTS else "")
+                 + (f", each step's rows in {workers} parts side by side" if workers != WORKERS else "")
                  + (f", picture scenes grown over {picture_curriculum} mixed rows"
                     if picture_curriculum != CURRICULUM_EXAMPLES else "")
                  + (f", {sum_stage} sums in the sum stage" if sum_stage != SUM_STAGE else "")
@@ -815,7 +820,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
 
     train_config = TrainConfig(steps=steps, learning_rate=learning_rate, moe_aux_weight=0.01, mtp_weight=0.3,
                                seed=seed, progress=False, grad_clip=1.0, weight_decay=0.01,
-                               experts=experts)
+                               experts=experts, workers=workers)
     trainer = Trainer(model, None, train_config)
 
     def schedule_for(peak):
@@ -871,8 +876,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
             batches = late_batches(grown_rows(seed + LATE_STAGES_SEED + 6, processor, {"count": 1.0}))
         elif step == steps - tool_tail + 1:
             batches = full_grown_stream(TOOL_TAIL_SEED, TOOL_TAIL_MIX)
-        batch = collate(next(batches), pad_id=0, spatial_merge=VISION_CONFIG["spatial_merge_size"])
-        record = trainer.train_step(batch)
+        record = trainer.train_step(next(batches))
         tokens += record["tokens"]
         window.append(record)
         if step % log_every == 0 or step == last:
@@ -1015,6 +1019,8 @@ def main(argv=None) -> int:
     parser.add_argument("--experts", choices=EXPERT_PATHS, default=EXPERTS,
                         help="how the routed experts run in training (EXPERTS): the same sums in another order; "
                         "segmented is the fastest on a CPU")
+    parser.add_argument("--workers", type=int, default=WORKERS, help="each step's rows in this many parts, "
+                        "each part's loss and gradients on a CPU thread of its own (WORKERS)")
     parser.add_argument("--settle", type=int, default=SETTLE_STEPS, help="steps added after --steps at the "
                         "schedule's final learning rate, drawing a video-heavy mix (SETTLE_MIX; 0: none)")
     args = parser.parse_args(argv)
@@ -1037,7 +1043,8 @@ def main(argv=None) -> int:
                       side_stage=args.side_stage, left_right_stage=args.left_right_stage,
                       late_stages=args.late_stages, late_count_stage=args.late_count_stage,
                       settle_left_right=args.settle_left_right, late_rate=args.late_rate,
-                      late_images=args.late_images, experts=args.experts)
+                      late_images=args.late_images, experts=args.experts,
+                      workers=args.workers)
     except RecipeError as error:
         parser.error(error.flags())
     print(f"wrote {args.output}")

@@ -5,7 +5,9 @@ checkpoints (trainable weights + optimizer state + step) that resume exactly."""
 import json
 import math
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..kernels.activations import exact as exact_activations
 from ..models.moe import Experts, SparseMoeBlock
@@ -41,6 +43,7 @@ class TrainConfig:
     mtp_weight: float = 0.0  # loss on the token after next through the MTP head, when the model has one
     prompt_loss_weight: float = 0.0  # weight of the prompt's text tokens in the loss (assistant tokens: 1)
     experts: str = "gathered"  # the routed experts' path in training: one of EXPERT_PATHS
+    workers: int = 1  # a step's rows in this many parts, on the CPU each on a thread of its own (`split_rows`)
     seed: int = 0
     eval_every: int = 0
     save_every: int = 0
@@ -228,16 +231,19 @@ def mtp_head(model):
     return getattr(model, "mtp", None) if callable(getattr(model, "mtp", None)) else None
 
 
-def loss_fn(model, batch, config: TrainConfig):
-    """(loss, (target weight, {"ce", "aux", "mtp"}))."""
+def loss_fn(model, batch, config: TrainConfig, step: dict | None = None):
+    """(loss, (target weight, {"ce", "aux", "mtp"})). `step`, when `batch` is one part of a step's rows
+    (`step_totals`): the sums divided by the whole step's target weights, so the parts' losses and gradients add
+    up to the step's, and the load-balancing loss the part's own times its share of the step's tokens (as
+    data-parallel training takes it)."""
     aux_on = config.moe_aux_weight > 0 and model.config.text_config.is_moe
     records = [] if aux_on else None
     with trainable_router(model, records, experts=config.experts):
         total, count, h = token_losses(model, batch, config.prompt_loss_weight)
-    loss = total / mx.maximum(count, 1.0)
+    loss = total / mx.maximum(step["count"] if step else count, 1.0)
     parts = {"ce": loss}
     if aux_on:
-        parts["aux"] = load_balancing_loss(records)
+        parts["aux"] = load_balancing_loss(records) * (step["share"] if step else 1.0)
         loss = loss + config.moe_aux_weight * parts["aux"]
     head = mtp_head(model) if config.mtp_weight > 0 else None
     if head is not None:
@@ -245,9 +251,40 @@ def loss_fn(model, batch, config: TrainConfig):
         hidden = head.hidden(h[:, :-2], batch["input_ids"][:, 1:-1])
         weight = target_weights(batch, config.prompt_loss_weight)[:, 2:]
         total = weighted_cross_entropy(head.logits, hidden, batch["input_ids"][:, 2:], weight)
-        parts["mtp"] = total / mx.maximum(weight.sum(), 1.0)
+        parts["mtp"] = total / mx.maximum(step["mtp_count"] if step else weight.sum(), 1.0)
         loss = loss + config.mtp_weight * parts["mtp"]
     return loss, (count, parts)
+
+
+def split_rows(rows: list, parts: int) -> list[list]:
+    """`rows` in at most `parts` groups of rows adjacent in length order, cut so that the largest group's padded
+    size (its rows times its longest row) is as small as it can be: one step's parts, each padded on its own.
+    One part: `rows` as they are."""
+    if parts <= 1 or len(rows) <= 1:
+        return [list(rows)]
+    ordered = sorted(rows, key=len)
+    lengths = [len(r) for r in ordered]
+    n, parts = len(ordered), min(parts, len(ordered))
+    # best[p][j]: the smallest largest padded size of the first j rows in p groups, and where its last group starts
+    best = [[(0, 0)] + [(math.inf, 0)] * n] + [[(math.inf, 0)] * (n + 1) for _ in range(parts)]
+    for p in range(1, parts + 1):
+        for j in range(1, n + 1):
+            best[p][j] = min((max(best[p - 1][i][0], (j - i) * lengths[j - 1]), i) for i in range(j))
+    groups, j = [], n
+    for p in range(parts, 0, -1):
+        i = best[p][j][1]
+        groups.append(ordered[i:j])
+        j = i
+    return groups[::-1]
+
+
+def step_totals(parts: list[dict], prompt_weight: float = 0.0) -> list[dict]:
+    """For each part of a step's rows, `loss_fn`'s `step`: the whole step's target weights for the next token and
+    for the token after next, and the part's share of the step's tokens."""
+    count = sum(float(target_weights(p, prompt_weight)[:, 1:].sum()) for p in parts)
+    mtp_count = sum(float(target_weights(p, prompt_weight)[:, 2:].sum()) for p in parts)
+    tokens = sum(p["input_ids"].size for p in parts)
+    return [{"count": count, "mtp_count": mtp_count, "share": p["input_ids"].size / tokens} for p in parts]
 
 
 def warmup_cosine(peak: float, warmup: int, total: int, start: float, final: float):
@@ -267,6 +304,8 @@ class Trainer:
         if config.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {config.dtype!r}")
         check_expert_path(config.experts)
+        if config.workers < 1:
+            raise ValueError(f"workers {config.workers}: 1 or more")
         cast_model(model, getattr(mx, config.dtype))
         if config.grad_checkpoint:
             enable_grad_checkpoint(model)
@@ -280,7 +319,11 @@ class Trainer:
                                              else lambda _: config.learning_rate], [config.warmup_steps])
         self.optimizer = optim.AdamW(learning_rate=schedule, weight_decay=config.weight_decay)
         self.step = self.skipped = 0
-        self._grad = nn.value_and_grad(model, lambda m, b: loss_fn(m, b, config))
+        self._grad = nn.value_and_grad(model, lambda m, b, step=None: loss_fn(m, b, config, step))
+        self._building = threading.Lock()
+        self._helpers = ThreadPoolExecutor(config.workers - 1) if config.workers > 1 else None
+        vision = getattr(model.config, "vision_config", None)
+        self.spatial_merge = getattr(vision, "spatial_merge_size", 2)
         self.history = []
 
     def batch_indices(self, step: int) -> list[int]:
@@ -291,26 +334,61 @@ class Trainer:
         size = min(self.config.batch_size, len(self.rows))
         return order[i * size:(i + 1) * size].tolist()
 
-    def train_step(self, batch: dict | None = None) -> dict:
-        """One optimizer step on `batch` (a collated dict), or on the rows this trainer holds for this step."""
+    def train_step(self, batch: dict | list | None = None) -> dict:
+        """One optimizer step on `batch`: a collated dict, or rows (in `config.workers` parts, `split_rows`), or
+        None: the rows this trainer holds for this step."""
         if batch is None:
-            batch = collate([self.rows[i] for i in self.batch_indices(self.step)], self.config.pad_id)
+            batch = [self.rows[i] for i in self.batch_indices(self.step)]
+        if isinstance(batch, list):
+            batch = [collate(part, self.config.pad_id, self.spatial_merge)
+                     for part in split_rows(batch, self.config.workers)]
         self.model.train()
-        # Checkpointed layers recompute in the backward pass, after loss_fn returned: keep routing trainable.
-        with trainable_router(self.model, experts=self.config.experts), exact_activations():
-            (loss, (count, parts)), grads = self._grad(self.model, batch)
+        loss, count, parts, grads = self.gradients(batch)
+        tokens = sum(b["input_ids"].size for b in (batch if isinstance(batch, list) else [batch]))
         grads, norm = optim.clip_grad_norm(grads, self.config.grad_clip or float("inf"))
         mx.eval(loss, norm)
         if not (math.isfinite(loss.item()) and math.isfinite(norm.item())):
             # A non-finite step is skipped rather than written into the weights (and counted).
             self.skipped += 1
             self.step += 1
-            return {"step": self.step, "loss": float("nan"), "tokens": int(batch["input_ids"].size), "skipped": 1}
+            return {"step": self.step, "loss": float("nan"), "tokens": tokens, "skipped": 1}
         self.optimizer.update(self.model, grads)
         mx.eval(loss, count, parts, self.model.trainable_parameters(), self.optimizer.state)
         self.step += 1
-        return {"step": self.step, "loss": loss.item(), "tokens": int(batch["input_ids"].size),
-                **{k: v.item() for k, v in parts.items()}}
+        return {"step": self.step, "loss": loss.item(), "tokens": tokens, **{k: v.item() for k, v in parts.items()}}
+
+    def gradients(self, batch: dict | list[dict]):
+        """(loss, target weight, {"ce", "aux", "mtp"}, gradients) of a collated batch, or of a step given in
+        parts: on the CPU each part on a thread of its own, so that their graphs run side by side (MLX's
+        evaluation of one graph runs its ops one after another), summed."""
+        if isinstance(batch, dict) or len(batch) == 1:
+            (loss, (count, parts)), grads = self._value_and_grad(batch if isinstance(batch, dict) else batch[0])
+            return loss, count, parts, grads
+        jobs = list(zip(batch, step_totals(batch, self.config.prompt_loss_weight)))
+        if self._helpers is not None and mx.default_device() == mx.cpu:
+            others = [self._helpers.submit(self._value_and_grad, *job, evaluate=True) for job in jobs[1:]]
+            results = [self._value_and_grad(*jobs[0], evaluate=True)] + [future.result() for future in others]
+        else:
+            results = [self._value_and_grad(*job) for job in jobs]
+        values, grads = zip(*results)
+        losses, extras = zip(*values)
+        counts, parts = zip(*extras)
+        return (sum(losses), sum(counts), {k: sum(p[k] for p in parts) for k in parts[0]},
+                tree_map(lambda *g: sum(g[1:], g[0]), *grads))
+
+    def _value_and_grad(self, batch: dict, step: dict | None = None, evaluate: bool = False):
+        """((loss, (target weight, parts)), gradients) of one batch or part, `evaluate`d on this thread when
+        asked: a graph is evaluated on the thread that built it (MLX streams belong to their thread)."""
+        with self._building:  # trainable_router swaps the MoE blocks' classes for the whole process
+            trainable = self.model.trainable_parameters()
+            # Checkpointed layers recompute in the backward pass, after loss_fn returned: keep routing trainable.
+            with trainable_router(self.model, experts=self.config.experts), exact_activations():
+                result = self._grad(self.model, batch, step)
+            # value_and_grad leaves its traced copies in the model, made on this thread's stream
+            self.model.update(trainable)
+        if evaluate:
+            mx.eval(result)
+        return result
 
     def evaluate(self, rows=None) -> float:
         """Mean cross-entropy per assistant token over `rows` (default: the validation rows)."""
