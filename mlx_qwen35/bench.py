@@ -454,47 +454,64 @@ def speculative_bench(path=None, drafts=(1, 2), count=10, repeats=3, max_tokens=
               f"accepted {accepted}/{drafted} = {accepted / max(drafted, 1):.0%} ({kinds}); {same}")
 
 
-def train_bench(paths=("dense", "segmented", "gathered"), batches=8, repeats=5, seed=0):
-    """The default model's training step, loss and gradients (AdamW is the same for every path), for each
-    routed-experts path of trainer.EXPERT_PATHS in turn on the same weights and the recipe's full-grown mixed
-    batches (train-default's TRAIN_MIX, 2,048 padded tokens), paths interleaved in each of `repeats` rounds:
-    padded tok/s per path and each round's ratio to the first path, medians."""
+def train_bench(setups=("dense", "segmented", "gathered"), rows=192, repeats=5, seed=0):
+    """The default model's training step, loss and gradients (AdamW is the same for every setup), for each setup
+    "PATH[:WORKERS[:POOL]]" (the routed experts' path, trainer.EXPERT_PATHS; each step's rows in WORKERS parts
+    side by side, TrainConfig.workers, default 1; rows sorted into batches by length in pools of POOL,
+    default BATCH_POOL) on the same weights and the same `rows` rows of the recipe's full-grown mixed stream
+    (train-default's TRAIN_MIX) in batches of at most 2,048 padded tokens, setups interleaved in each of
+    `repeats` rounds: the rows' own tokens a second (padding not counted) and each round's ratio to the first
+    setup, medians."""
     import tempfile
+    from itertools import islice
 
-    import mlx.nn as nn
-
-    from .kernels.activations import exact
     from .train import default_model as recipe
     from .train.data import collate
-    from .train.trainer import TrainConfig, loss_fn, trainable_router
+    from .train.trainer import EXPERT_PATHS, TrainConfig, Trainer, split_rows
 
+    parsed = []
+    for setup in setups:
+        fields = setup.split(":")
+        path, workers, pool = (fields + ["1", str(recipe.BATCH_POOL)][len(fields) - 1:] if len(fields) <= 3
+                               else ["", "", ""])
+        if path not in EXPERT_PATHS or not workers.isdigit() or not pool.isdigit() or min(int(workers), int(pool)) < 1:
+            raise ValueError(f"--train-setups {setup!r}: PATH[:WORKERS[:POOL]], PATH one of {', '.join(EXPERT_PATHS)}, "
+                             "WORKERS and POOL whole numbers from 1")
+        parsed.append((setup, path, int(workers), int(pool)))
     with tempfile.TemporaryDirectory() as directory:
         _, processor = recipe.write_skeleton(Path(directory) / "model", seed)
         model = recipe.build_model(Path(directory) / "model", seed)
-    stream = recipe.length_batches(recipe.grown_rows(seed, processor), 2048, seed=seed)
-    fixed = [collate(next(stream), pad_id=0, spatial_merge=recipe.VISION_CONFIG["spatial_merge_size"])
-             for _ in range(batches)]
-    tokens = sum(b["input_ids"].size for b in fixed)
+    drawn = list(islice(recipe.grown_rows(seed, processor), rows))
+    real = sum(len(r) for r in drawn)
+    runs = {}
+    for setup, path, workers, pool in parsed:
+        trainer = Trainer(model, None, TrainConfig(moe_aux_weight=0.01, mtp_weight=0.3, experts=path,
+                                                   workers=workers, progress=False))
+        batches = [[collate(part, 0, trainer.spatial_merge) for part in split_rows(batch, workers)]
+                   for batch in recipe.length_batches(iter(drawn), 2048, pool=pool, seed=seed)]
+        runs[setup] = (trainer, batches)
     model.train()
 
-    def seconds(path):
-        config = TrainConfig(moe_aux_weight=0.01, mtp_weight=0.3, experts=path)
-        grad = nn.value_and_grad(model, lambda m, b: loss_fn(m, b, config)[0])
+    def seconds(setup):
+        trainer, batches = runs[setup]
         start = time.perf_counter()
-        for batch in fixed:
-            with trainable_router(model, experts=path), exact():
-                mx.eval(grad(model, batch))
+        for batch in batches:
+            mx.eval(trainer.gradients(batch))
         return time.perf_counter() - start
 
-    for path in paths:  # warm-up: first-call costs out of the rounds
-        seconds(path)
-    rounds = [{path: seconds(path) for path in paths} for _ in range(repeats)]
-    print(f"# training step (loss and gradients) of the default model, {batches} mixed batches of ~2,048 padded "
-          f"tokens ({tokens} in all), {repeats} rounds, paths interleaved; {platform.cpu_setup()}")
-    for path in paths:
-        ratio = statistics.median(r[paths[0]] / r[path] for r in rounds)
-        print(f"{path:10s} {tokens / statistics.median(r[path] for r in rounds):7.0f} tok/s   "
-              f"{ratio:.2f}x {paths[0]} (median of per-round ratios)", flush=True)
+    for setup in runs:  # warm-up: first-call costs out of the rounds
+        seconds(setup)
+    rounds = [{setup: seconds(setup) for setup in runs} for _ in range(repeats)]
+    first = parsed[0][0]
+    print(f"# training step (loss and gradients) of the default model, {rows} rows of the mixed stream ({real} "
+          f"tokens) in batches of at most 2,048 padded tokens, {repeats} rounds, setups interleaved; "
+          f"{platform.cpu_setup()}")
+    for setup, _, workers, pool in parsed:
+        padded = sum(p["input_ids"].size for batch in runs[setup][1] for p in batch)
+        ratio = statistics.median(r[first] / r[setup] for r in rounds)
+        print(f"{setup:16s} {real / statistics.median(r[setup] for r in rounds):7.0f} tok/s   "
+              f"{len(runs[setup][1])} batches, padding {1 - real / padded:.1%}   "
+              f"{ratio:.2f}x {first} (median of per-round ratios)", flush=True)
     return rounds
 
 

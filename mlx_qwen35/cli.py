@@ -233,7 +233,7 @@ def cmd_bench(args):
     from .bench import attention_memory, bench, cpu_bench, kernels_bench, speculative_bench, train_bench, vision_bench
 
     if args.train:
-        return train_bench(repeats=args.repeats)
+        return train_bench(tuple(args.train_setups), rows=args.train_rows, repeats=args.repeats)
     if args.speculative:
         return speculative_bench(args.model, tuple(args.speculative), repeats=args.repeats)
     if args.attention_memory:
@@ -353,8 +353,13 @@ def main(argv=None):
                        "--compare mlx-lm / mlx-vlm: only those peers)")
     bench.add_argument("--vision", action="store_true",
                        help="image encode time at --prompt-lengths pixels per side against mlx-vlm's tower")
-    bench.add_argument("--train", action="store_true", help="the default model's training step with each way of "
-                       "running the routed experts (train-default --experts), side by side")
+    bench.add_argument("--train", action="store_true", help="the default model's training step in each of "
+                       "--train-setups, side by side")
+    bench.add_argument("--train-setups", nargs="+", default=["dense", "segmented", "gathered"],
+                       metavar="PATH[:WORKERS[:POOL]]", help="with --train: the routed experts' path (train-default "
+                       "--experts), each step's rows in WORKERS parts side by side (--workers, default 1), batches "
+                       "cut from pools of POOL rows (default the recipe's BATCH_POOL); the first is the baseline")
+    bench.add_argument("--train-rows", type=int, default=192, help="with --train: rows of the mixed stream timed")
     bench.add_argument("--vision-depth", type=int, help="with --vision: fewer blocks (memory runs at large sizes)")
     bench.set_defaults(run=cmd_bench)
 

@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 OPENBLAS_PATHS = (
@@ -32,6 +33,7 @@ OPENBLAS_PATHS = (
 GEMV_FORWARD_SOURCE = Path(__file__).with_name("gemv_forward.c")
 
 _openblas_status = "not attempted"
+_openblas = None  # the loaded OpenBLAS (ctypes.CDLL), for its thread count
 _gemv_forward = None  # the loaded shim (ctypes.CDLL), once bound to OpenBLAS
 _gemv_forward_status = "not attempted"
 
@@ -95,7 +97,8 @@ def _preload_openblas() -> str:
                 if shim.gemv_forward_init(path.encode()) != 0:
                     raise ImportError(f"gemv_forward could not bind {path}; set MLX_QWEN35_NO_GEMV_FORWARD=1")
                 _gemv_forward, _gemv_forward_status = shim, "on"
-            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            global _openblas
+            _openblas = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
             return f"loaded {path}"
     return "not found (apt-get install libopenblas0-pthread)"
 
@@ -143,6 +146,22 @@ def _tune_malloc() -> str:
 
 
 _malloc_status = _tune_malloc()
+
+
+@contextmanager
+def blas_threads(count: int):
+    """OpenBLAS's thread count `count` inside the block (nothing changes where OpenBLAS is not ours): while
+    training's parts run each on a thread of its own, OpenBLAS's helper threads would only spin on the same
+    cores. Set from one thread while no other runs BLAS."""
+    if _openblas is None or not hasattr(_openblas, "openblas_set_num_threads"):
+        yield
+        return
+    before = _openblas.openblas_get_num_threads()
+    _openblas.openblas_set_num_threads(count)
+    try:
+        yield
+    finally:
+        _openblas.openblas_set_num_threads(before)
 
 
 def cpu_setup() -> str:

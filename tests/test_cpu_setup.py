@@ -113,3 +113,13 @@ def test_cpu_setup_names_the_processor_its_vector_width_and_cores():
         assert ("AVX-512" in model) == ("avx512f" in first_flags)
         name = next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name"))
         assert model.startswith(name)
+
+
+@pytest.mark.skipif(platform._openblas is None, reason="OpenBLAS is not loaded here")
+def test_blas_threads_sets_openblas_thread_count_inside_the_block_and_restores_it():
+    count = platform._openblas.openblas_get_num_threads
+    before = count()
+    with pytest.raises(KeyError), platform.blas_threads(1):
+        assert count() == 1
+        raise KeyError("left by an error")
+    assert count() == before

@@ -646,6 +646,28 @@ def test_speculative_bench_keeps_the_tokens_and_counts_accepted_drafts(capsys):
     assert "same tokens" in line and drafted > 0 and accepted / drafted > 0.5
 
 
+@pytest.mark.parametrize("setup", ["sparse", "dense:0", "segmented:2:x", "gathered:1:64:2", "dense:1:0"])
+def test_train_bench_refuses_a_setup_it_cannot_read_by_name(setup):
+    from mlx_qwen35.bench import train_bench
+
+    with pytest.raises(ValueError, match=f"--train-setups '{setup}': PATH\\[:WORKERS\\[:POOL\\]\\]"):
+        train_bench((setup,), rows=1, repeats=1)
+
+
+def test_length_batches_ends_with_a_finite_stream_and_keeps_every_row():
+    """Every row of a finite stream in exactly one batch, rows of a batch from one pool, each batch within the
+    padded budget unless a single row is longer."""
+    from mlx_qwen35.train.default_model import length_batches
+
+    rng = random.Random(3)
+    rows = [[0] * rng.randint(1, 300) for _ in range(150)]
+    batches = list(length_batches(rows, 512, pool=64, seed=1))
+    assert sorted(id(r) for b in batches for r in b) == sorted(id(r) for r in rows)
+    pool_of = {id(r): i // 64 for i, r in enumerate(rows)}
+    assert all(len({pool_of[id(r)] for r in b}) == 1 for b in batches)
+    assert all(len(b) * max(len(r) for r in b) <= 512 or len(b) == 1 for b in batches)
+
+
 def test_speculative_bench_refuses_draft_counts_below_one():
     from mlx_qwen35.bench import speculative_bench
 

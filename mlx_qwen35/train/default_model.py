@@ -575,10 +575,9 @@ def question_rows(seed: int, processor, ask, means: dict | None = None):
 
 def length_batches(rows, tokens_per_batch: int, pool: int = BATCH_POOL, seed: int = 0):
     """Group a stream of rows into batches of similar length with at most `tokens_per_batch` padded tokens
-    (a longer row goes alone), shuffled within each pool of rows."""
-    rng = random.Random(seed)
-    while True:
-        bucket = sorted((next(rows) for _ in range(pool)), key=len)
+    (a longer row goes alone), shuffled within each pool of rows; a finite stream ends with its last pool."""
+    rng, rows = random.Random(seed), iter(rows)
+    while bucket := sorted(itertools.islice(rows, pool), key=len):
         batches, current = [], []
         for row in bucket:
             if current and len(row) * (len(current) + 1) > tokens_per_batch:

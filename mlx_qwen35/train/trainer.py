@@ -19,6 +19,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..kernels.activations import exact as exact_activations
+from ..platform import blas_threads
 from ..models.moe import Experts, SparseMoeBlock
 from .data import collate
 
@@ -366,8 +367,9 @@ class Trainer:
             return loss, count, parts, grads
         jobs = list(zip(batch, step_totals(batch, self.config.prompt_loss_weight)))
         if self._helpers is not None and mx.default_device() == mx.cpu:
-            others = [self._helpers.submit(self._value_and_grad, *job, evaluate=True) for job in jobs[1:]]
-            results = [self._value_and_grad(*jobs[0], evaluate=True)] + [future.result() for future in others]
+            with blas_threads(1):
+                others = [self._helpers.submit(self._value_and_grad, *job, evaluate=True) for job in jobs[1:]]
+                results = [self._value_and_grad(*jobs[0], evaluate=True)] + [future.result() for future in others]
         else:
             results = [self._value_and_grad(*job) for job in jobs]
         values, grads = zip(*results)
