@@ -471,13 +471,12 @@ def train_bench(setups=("dense", "segmented", "gathered"), rows=192, repeats=5, 
 
     parsed = []
     for setup in setups:
-        fields = setup.split(":")
-        path, workers, pool = (fields + ["1", str(recipe.BATCH_POOL)][len(fields) - 1:] if len(fields) <= 3
-                               else ["", "", ""])
-        if path not in EXPERT_PATHS or not workers.isdigit() or not pool.isdigit() or min(int(workers), int(pool)) < 1:
-            raise ValueError(f"--train-setups {setup!r}: PATH[:WORKERS[:POOL]], PATH one of {', '.join(EXPERT_PATHS)}, "
-                             "WORKERS and POOL whole numbers from 1")
-        parsed.append((setup, path, int(workers), int(pool)))
+        path, *numbers = setup.split(":")
+        numbers += ["1", str(recipe.BATCH_POOL)][len(numbers):]
+        if path not in EXPERT_PATHS or len(numbers) > 2 or not all(n.isdigit() and int(n) >= 1 for n in numbers):
+            raise ValueError(f"--train-setups {setup!r}: PATH[:WORKERS[:POOL]], PATH one of "
+                             f"{', '.join(EXPERT_PATHS)}, WORKERS and POOL whole numbers from 1")
+        parsed.append((setup, path, *map(int, numbers)))
     with tempfile.TemporaryDirectory() as directory:
         _, processor = recipe.write_skeleton(Path(directory) / "model", seed)
         model = recipe.build_model(Path(directory) / "model", seed)
@@ -506,7 +505,7 @@ def train_bench(setups=("dense", "segmented", "gathered"), rows=192, repeats=5, 
     print(f"# training step (loss and gradients) of the default model, {rows} rows of the mixed stream ({real} "
           f"tokens) in batches of at most 2,048 padded tokens, {repeats} rounds, setups interleaved; "
           f"{platform.cpu_setup()}")
-    for setup, _, workers, pool in parsed:
+    for setup, *_ in parsed:
         padded = sum(p["input_ids"].size for batch in runs[setup][1] for p in batch)
         ratio = statistics.median(r[first] / r[setup] for r in rounds)
         print(f"{setup:16s} {real / statistics.median(r[setup] for r in rounds):7.0f} tok/s   "

@@ -656,6 +656,27 @@ def test_a_step_in_parts_trains_as_the_whole_batch(processor):
     assert all(math.isfinite(r["loss"]) and r["aux"] > 0 for r in records)
 
 
+def test_train_command_fine_tunes_in_parts_and_refuses_workers_below_one(tmp_path, capsys):
+    """`mlx-qwen35 train --workers 2` on the shipped default model: a LoRA fine-tune whose steps run in two parts
+    writes its adapter; --workers 0 is refused by name before anything is loaded."""
+    import json
+
+    from mlx_qwen35.loading import DEFAULT_MODEL_PATH
+    from mlx_qwen35.train.cli import train_main
+
+    rng = random.Random(8)
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(world.sum_example(rng)) + "\n" for _ in range(8)))
+    command = [str(DEFAULT_MODEL_PATH), "--data", str(data), "--output", str(tmp_path / "out")]
+    with pytest.raises(SystemExit):
+        train_main(command + ["--workers", "0"])
+    assert "--workers 0: 1 or more" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert train_main(command + ["--lora", "--steps", "2", "--batch-size", "4", "--workers", "2"]) == 0
+    assert (tmp_path / "out" / "adapters.safetensors").is_file()
+    assert json.loads((tmp_path / "out" / "state.json").read_text())["config"]["workers"] == 2
+
+
 def test_workers_below_one_are_refused_by_name():
     with pytest.raises(ValueError, match="workers 0: 1 or more"):
         Trainer(tiny_model(), None, TrainConfig(workers=0))

@@ -28,6 +28,8 @@ def train_main(argv=None) -> int:
     parser.add_argument("--experts", choices=EXPERT_PATHS, default="gathered",
                         help="how the MoE's routed experts run in training (same results): the model's gather_mm, "
                              "every expert, or each expert's chosen rows (fastest on a CPU)")
+    parser.add_argument("--workers", type=int, default=1, help="each step's rows in this many parts, each part's "
+                        "loss and gradients on a CPU thread of its own (token means over the whole step)")
     parser.add_argument("--prompt-loss-weight", type=float, default=0.0,
                         help="also learn the prompts' text at this weight (answers: 1; images and videos: never)")
     parser.add_argument("--eval-every", type=int, default=0)
@@ -36,6 +38,8 @@ def train_main(argv=None) -> int:
     parser.add_argument("--no-thinking", action="store_true", help="render rows with enable_thinking=False")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers {args.workers}: 1 or more")
 
     from ..loading import load
     from .data import encode_all
@@ -58,7 +62,7 @@ def train_main(argv=None) -> int:
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
                          dtype=args.dtype, grad_checkpoint=args.grad_checkpoint, moe_aux_weight=args.moe_aux_weight,
                          mtp_weight=args.mtp_weight, prompt_loss_weight=args.prompt_loss_weight, experts=args.experts,
-                         eval_every=args.eval_every, save_every=args.save_every, seed=args.seed)
+                         workers=args.workers, eval_every=args.eval_every, save_every=args.save_every, seed=args.seed)
     trainer = Trainer(model, rows, config, val_rows=val_rows, output_dir=args.output)
     if args.resume:
         trainer.resume(args.resume)

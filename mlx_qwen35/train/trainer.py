@@ -19,8 +19,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..kernels.activations import exact as exact_activations
-from ..platform import blas_threads
 from ..models.moe import Experts, SparseMoeBlock
+from ..platform import blas_threads
 from .data import collate
 
 FLOAT32_SUFFIXES = ("layernorm.weight", "norm.weight", "A_log", "dt_bias")
@@ -367,6 +367,9 @@ class Trainer:
             return loss, count, parts, grads
         jobs = list(zip(batch, step_totals(batch, self.config.prompt_loss_weight)))
         if self._helpers is not None and mx.default_device() == mx.cpu:
+            # Weights still lazy (loaded, cast, new adapters) belong to this thread's stream: the helpers' graphs
+            # could not evaluate them.
+            mx.eval(self.model.parameters())
             with blas_threads(1):
                 others = [self._helpers.submit(self._value_and_grad, *job, evaluate=True) for job in jobs[1:]]
                 results = [self._value_and_grad(*jobs[0], evaluate=True)] + [future.result() for future in others]
