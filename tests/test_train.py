@@ -604,7 +604,7 @@ def test_split_rows_keeps_every_row_and_cuts_at_the_smallest_largest_padded_part
     (rows x longest row) the least any cut of the length-ordered rows into that many runs gives (all cuts tried);
     one part: the rows as given, in their order."""
     rng = random.Random(parts)
-    for trial in range(20):
+    for _ in range(20):
         rows = [list(range(rng.randint(1, 60))) for _ in range(rng.randint(1, 9))]
         groups = split_rows(rows, parts)
         assert sorted(id(r) for g in groups for r in g) == sorted(id(r) for r in rows)
