@@ -389,8 +389,8 @@ def test_answer_accuracy_counts_rows_with_every_assistant_token_right(tmp_path):
 
 
 def test_train_default_writes_weights_and_a_log_with_held_out_checks(tmp_path, monkeypatch):
-    """Two steps of the real pipeline: the run lands atomically with its weights, configs, tokenizer and a
-    log that carries the per-skill held-out line."""
+    """Two steps of the real pipeline (with the next run's gathered experts and steps in two parts): the run lands
+    atomically with its weights, configs, tokenizer and a log that carries the per-skill held-out line."""
     from mlx_qwen35.loading import load
     from mlx_qwen35.train import default_model
     from mlx_qwen35.train.default_model import train_default
@@ -403,7 +403,8 @@ def test_train_default_writes_weights_and_a_log_with_held_out_checks(tmp_path, m
                            probe_every=2, progress=False, vision_steps=2, scaffold_rows=100, tool_tail=1,
                            settle_steps=1, vision_pictures=4, vision_clips=2, scaffold_position=True,
                            binding_questions=("color", "side"), side_stage=3, left_right_stage=2, late_stages=1,
-                           late_count_stage=1, settle_left_right=0.2, late_rate=3e-4, late_images=0.5)
+                           late_count_stage=1, settle_left_right=0.2, late_rate=3e-4, late_images=0.5,
+                           experts="gathered", workers=2)
     assert not (tmp_path / "model.partial").exists()
     log = (output / "training_log.txt").read_text()
     assert "vision step    2" in log and "step     2" in log and "held-out answers right: color" in log
@@ -416,6 +417,7 @@ def test_train_default_writes_weights_and_a_log_with_held_out_checks(tmp_path, m
             "the tower, then 1 of counting rows at learning rate 0.0003") in log
     assert counting_rows  # the count stage's rows
     assert "lone left/right questions at weight 0.2 in the settling mix" in log
+    assert "the routed experts gathered, each step's rows in 2 parts side by side" in log
     assert "at learning rate 0.0003, 50% of their rows the mixed stage's image conversations" in log
     assert re.search(r"^step +6 ", log, re.M) and not re.search(r"^step +7 ", log, re.M)  # 2 + 3 late + 1 settling
     rates = dict(re.findall(r"^step +(\d+) .*  lr (\S+)", log, re.M))
