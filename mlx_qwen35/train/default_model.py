@@ -247,7 +247,8 @@ SETTLE_SEED = 777
 ADAM_BETAS = [0.9, 0.95]
 # How the routed experts run in training (trainer.EXPERT_PATHS): the same sums in another order, so another run
 # bit for bit. Run 40, the shipped model, ran "dense" (all 8 experts); "segmented" (each expert's own rows) is
-# about 1.2x the tok/s on these CPUs (docs/benchmarks.md) and is for the next shipped run.
+# about 1.2x the tok/s on these CPUs in one part, "gathered" in two parts (WORKERS) 1.39x segmented's
+# (docs/benchmarks.md): that pair is for the next shipped run.
 EXPERTS = "dense"
 # A step's rows in this many parts evaluated side by side, each on a CPU thread of its own (TrainConfig.workers):
 # the same token-mean losses, the load-balancing loss each part's own, so another run. Run 40 ran 1.
