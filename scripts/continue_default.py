@@ -25,8 +25,7 @@ import mlx.optimizers as optim
 import mlx_qwen35
 from mlx_qwen35.loading import DEFAULT_MODEL_PATH
 from mlx_qwen35.train import default_model as dm
-from mlx_qwen35.train.data import collate
-from mlx_qwen35.train.trainer import TrainConfig, Trainer
+from mlx_qwen35.train.trainer import EXPERT_PATHS, TrainConfig, Trainer
 from mlx_qwen35.train.vision_pretrain import class_means
 
 FINAL_RATE = 2e-3 * 0.05  # train-default's peak times its schedule's final share
@@ -75,6 +74,10 @@ def main(argv=None) -> int:
                         help="training pictures under READING_SIDE px a side enlarged as they are read "
                              "(READING_PREPROCESSOR) instead of at the world's own sizes")
     parser.add_argument("--tokens-per-batch", type=int, default=2048)
+    parser.add_argument("--experts", choices=EXPERT_PATHS, default="segmented",
+                        help="how the routed experts run (train-default --experts; continuations so far: segmented)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="each step's rows in this many parts side by side (train-default --workers)")
     parser.add_argument("--seed", type=int, default=0, help="the stream's world seed is this plus SETTLE_SEED")
     parser.add_argument("--log-every", type=int, default=25)
     args = parser.parse_args(argv)
@@ -91,6 +94,8 @@ def main(argv=None) -> int:
         parser.error("--count-frozen-tower: only with --count-stage")
     if args.tower_scale < 0:
         parser.error(f"--tower-scale {args.tower_scale}: a share of the decoder's rate, 0 or more")
+    if args.workers < 1:
+        parser.error(f"--workers {args.workers}: 1 or more")
     if not 0 <= args.stage_images < 1:
         parser.error(f"--stage-images {args.stage_images}: a share of the stages' rows, 0 or more and below 1")
     mix = dict(dm.SETTLE_MIX, **{name: weight for name, weight in (("left_right", args.mix_left_right),
@@ -121,7 +126,7 @@ def main(argv=None) -> int:
     batches = dm.length_batches(rows, args.tokens_per_batch, seed=args.seed)
     trainer = Trainer(model, None, TrainConfig(steps=1, learning_rate=args.learning_rate, moe_aux_weight=0.01,
                                                mtp_weight=0.3, progress=False, grad_clip=1.0, weight_decay=0.01,
-                                               experts="segmented"))
+                                               experts=args.experts, workers=args.workers))
 
     stage_share = (args.stage_rate or args.learning_rate) / args.learning_rate
     mixing_from = None if stages_rows else 1  # the mix's first step, once the stages' rows are spent
@@ -169,7 +174,7 @@ def main(argv=None) -> int:
             frozen = True
             log.append(f"step {step + 1}  the tower frozen for the count stage ({seen} rows drawn)")
         step += 1
-        record = trainer.train_step(collate(batch_rows, pad_id=0, spatial_merge=dm.VISION_CONFIG["spatial_merge_size"]))
+        record = trainer.train_step(batch_rows)
         losses.append(record["loss"])
         if step % args.log_every == 0:
             log.append(f"step {step:5d}  loss {sum(losses) / len(losses):.4f}  rows {seen}  "

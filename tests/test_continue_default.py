@@ -35,6 +35,7 @@ def continued_log(tmp_path, *flags) -> str:
     (["--tower-scale", "-1"], "--tower-scale -1.0: a share of the decoder's rate"),
     (["--count-frozen-tower"], "--count-frozen-tower: only with --count-stage"),
     (["--model", "/no/such/model"], "--model /no/such/model"),
+    (["--workers", "0"], "--workers 0: 1 or more"),
 ])
 def test_bad_arguments_are_named_before_anything_is_written(tmp_path, capsys, args, named):
     with pytest.raises(SystemExit):
