@@ -282,8 +282,9 @@ def split_rows(rows: list, parts: int) -> list[list]:
 def step_totals(parts: list[dict], prompt_weight: float = 0.0) -> list[dict]:
     """For each part of a step's rows, `loss_fn`'s `step`: the whole step's target weights for the next token and
     for the token after next, and the part's share of the step's tokens."""
-    count = sum(float(target_weights(p, prompt_weight)[:, 1:].sum()) for p in parts)
-    mtp_count = sum(float(target_weights(p, prompt_weight)[:, 2:].sum()) for p in parts)
+    weights = [target_weights(p, prompt_weight) for p in parts]
+    count = sum(float(w[:, 1:].sum()) for w in weights)
+    mtp_count = sum(float(w[:, 2:].sum()) for w in weights)
     tokens = sum(p["input_ids"].size for p in parts)
     return [{"count": count, "mtp_count": mtp_count, "share": p["input_ids"].size / tokens} for p in parts]
 
