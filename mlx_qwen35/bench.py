@@ -456,18 +456,16 @@ def speculative_bench(path=None, drafts=(1, 2), count=10, repeats=3, max_tokens=
 
 def train_bench(setups=("dense", "segmented", "gathered"), rows=192, repeats=5, seed=0):
     """The default model's training step, loss and gradients (AdamW is the same for every setup), for each setup
-    "PATH[:WORKERS[:POOL]]" (the routed experts' path, trainer.EXPERT_PATHS; each step's rows in WORKERS parts
-    side by side, TrainConfig.workers, default 1; rows sorted into batches by length in pools of POOL,
-    default BATCH_POOL) on the same weights and the same `rows` rows of the recipe's full-grown mixed stream
-    (train-default's TRAIN_MIX) in batches of at most 2,048 padded tokens, setups interleaved in each of
-    `repeats` rounds: the rows' own tokens a second (padding not counted) and each round's ratio to the first
-    setup, medians."""
-    import tempfile
-    from itertools import islice
-
+    "PATH[:WORKERS[:POOL]]" (the routed experts' path, trainer.EXPERT_PATHS; each step's rows in WORKERS parts,
+    each in a process of its own, TrainConfig.workers, default 1; rows sorted into batches by length in pools of
+    POOL, default BATCH_POOL) on the same weights and the same `rows` rows of the recipe's full-grown mixed
+    stream (train-default's TRAIN_MIX) in batches of at most 2,048 padded tokens. Each setup runs in fresh
+    processes (`parallel.run_in_processes`, one or WORKERS) once a round, setups interleaved in each of `repeats`
+    rounds: the rows' own tokens a second (padding not counted) and each round's ratio to the first setup,
+    medians."""
     from .train import default_model as recipe
-    from .train.data import collate
-    from .train.trainer import EXPERT_PATHS, TrainConfig, Trainer, split_rows
+    from .train.parallel import run_in_processes
+    from .train.trainer import EXPERT_PATHS
 
     parsed = []
     for setup in setups:
@@ -477,41 +475,53 @@ def train_bench(setups=("dense", "segmented", "gathered"), rows=192, repeats=5, 
             raise ValueError(f"--train-setups {setup!r}: PATH[:WORKERS[:POOL]], PATH one of "
                              f"{', '.join(EXPERT_PATHS)}, WORKERS and POOL whole numbers from 1")
         parsed.append((setup, path, *map(int, numbers)))
+    rounds, shapes = [], {}
+    for _ in range(repeats):
+        timings = {}
+        for setup, path, workers, pool in parsed:
+            timings[setup], real, shapes[setup] = run_in_processes(train_pass_seconds, workers, path, workers, pool,
+                                                                   rows, seed)
+        rounds.append(timings)
+    first = parsed[0][0]
+    print(f"# training step (loss and gradients) of the default model, {rows} rows of the mixed stream ({real} "
+          f"tokens) in batches of at most 2,048 padded tokens, {repeats} rounds, setups interleaved, each setup in "
+          f"fresh processes; {platform.cpu_setup()}")
+    for setup, *_ in parsed:
+        batches, padded = shapes[setup]
+        ratio = statistics.median(r[first] / r[setup] for r in rounds)
+        print(f"{setup:16s} {real / statistics.median(r[setup] for r in rounds):7.0f} tok/s   "
+              f"{batches} batches, padding {1 - real / padded:.1%}   "
+              f"{ratio:.2f}x {first} (median of per-round ratios)", flush=True)
+    return rounds
+
+
+def train_pass_seconds(path: str, workers: int, pool: int, rows: int, seed: int):
+    """(seconds, the rows' own tokens, (batches, padded tokens)) of the second pass of `train_bench`'s setup over
+    its batches in this process's group: the first takes the first calls' costs (memory first touched)."""
+    import tempfile
+    from itertools import islice
+
+    from .train import default_model as recipe
+    from .train.data import collate
+    from .train.trainer import TrainConfig, Trainer, split_rows
+
     with tempfile.TemporaryDirectory() as directory:
         _, processor = recipe.write_skeleton(Path(directory) / "model", seed)
         model = recipe.build_model(Path(directory) / "model", seed)
     drawn = list(islice(recipe.grown_rows(seed, processor), rows))
-    real = sum(len(r) for r in drawn)
-    runs = {}
-    for setup, path, workers, pool in parsed:
-        trainer = Trainer(model, None, TrainConfig(moe_aux_weight=0.01, mtp_weight=0.3, experts=path,
-                                                   workers=workers, progress=False))
-        batches = [[collate(part, 0, trainer.spatial_merge) for part in split_rows(batch, workers)]
-                   for batch in recipe.length_batches(iter(drawn), 2048, pool=pool, seed=seed)]
-        runs[setup] = (trainer, batches)
+    trainer = Trainer(model, None, TrainConfig(moe_aux_weight=0.01, mtp_weight=0.3, experts=path, workers=workers,
+                                               progress=False))
+    batches = [[collate(part, 0, trainer.spatial_merge) for part in split_rows(batch, workers)]
+               for batch in recipe.length_batches(iter(drawn), 2048, pool=pool, seed=seed)]
     model.train()
-
-    def seconds(setup):
-        trainer, batches = runs[setup]
-        start = time.perf_counter()
-        for batch in batches:
-            mx.eval(trainer.gradients(batch))
-        return time.perf_counter() - start
-
-    for setup in runs:  # warm-up: first-call costs out of the rounds
-        seconds(setup)
-    rounds = [{setup: seconds(setup) for setup in runs} for _ in range(repeats)]
-    first = parsed[0][0]
-    print(f"# training step (loss and gradients) of the default model, {rows} rows of the mixed stream ({real} "
-          f"tokens) in batches of at most 2,048 padded tokens, {repeats} rounds, setups interleaved; "
-          f"{platform.cpu_setup()}")
-    for setup, *_ in parsed:
-        padded = sum(p["input_ids"].size for batch in runs[setup][1] for p in batch)
-        ratio = statistics.median(r[first] / r[setup] for r in rounds)
-        print(f"{setup:16s} {real / statistics.median(r[setup] for r in rounds):7.0f} tok/s   "
-              f"{len(runs[setup][1])} batches, padding {1 - real / padded:.1%}   "
-              f"{ratio:.2f}x {first} (median of per-round ratios)", flush=True)
-    return rounds
+    for batch in batches:
+        mx.eval(trainer.gradients(batch))
+    start = time.perf_counter()
+    for batch in batches:
+        mx.eval(trainer.gradients(batch))
+    seconds = time.perf_counter() - start
+    padded = sum(p["input_ids"].size for batch in batches for p in batch)
+    return seconds, sum(len(r) for r in drawn), (len(batches), padded)
 
 
 if __name__ == "__main__":  # the child processes of `bench` and `cpu_bench`

@@ -354,10 +354,11 @@ def main(argv=None):
     bench.add_argument("--vision", action="store_true",
                        help="image encode time at --prompt-lengths pixels per side against mlx-vlm's tower")
     bench.add_argument("--train", action="store_true", help="the default model's training step in each of "
-                       "--train-setups, side by side")
+                       "--train-setups, interleaved")
     bench.add_argument("--train-setups", nargs="+", default=["dense", "segmented", "gathered"],
                        metavar="PATH[:WORKERS[:POOL]]", help="with --train: the routed experts' path (train-default "
-                       "--experts), each step's rows in WORKERS parts side by side (--workers, default 1), batches "
+                       "--experts), each step's rows in WORKERS parts, each in a process of its own (--workers, default "
+                       "1), batches "
                        "cut from pools of POOL rows (default the recipe's BATCH_POOL); the first is the baseline")
     bench.add_argument("--train-rows", type=int, default=192, help="with --train: rows of the mixed stream timed")
     bench.add_argument("--vision-depth", type=int, help="with --vision: fewer blocks (memory runs at large sizes)")

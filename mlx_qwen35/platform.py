@@ -151,8 +151,8 @@ _malloc_status = _tune_malloc()
 @contextmanager
 def blas_threads(count: int):
     """OpenBLAS's thread count `count` inside the block (nothing changes where OpenBLAS is not ours): while
-    training's parts run each on a thread of its own, OpenBLAS's helper threads would only spin on the same
-    cores. Set from one thread while no other runs BLAS."""
+    training's processes (train/parallel.py) share the cores, one process's OpenBLAS helper threads would only
+    spin on the others'. Set from one thread while no other runs BLAS."""
     if _openblas is None or not hasattr(_openblas, "openblas_set_num_threads"):
         yield
         return

@@ -25,6 +25,7 @@ import mlx.optimizers as optim
 import mlx_qwen35
 from mlx_qwen35.loading import DEFAULT_MODEL_PATH
 from mlx_qwen35.train import default_model as dm
+from mlx_qwen35.train import parallel
 from mlx_qwen35.train.trainer import EXPERT_PATHS, TrainConfig, Trainer
 from mlx_qwen35.train.vision_pretrain import class_means
 
@@ -77,7 +78,8 @@ def main(argv=None) -> int:
     parser.add_argument("--experts", choices=EXPERT_PATHS, default="segmented",
                         help="how the routed experts run (train-default --experts; continuations so far: segmented)")
     parser.add_argument("--workers", type=int, default=1,
-                        help="each step's rows in this many parts side by side (train-default --workers)")
+                        help="each step's rows in this many parts, each in a process of its own (train-default "
+                        "--workers)")
     parser.add_argument("--seed", type=int, default=0, help="the stream's world seed is this plus SETTLE_SEED")
     parser.add_argument("--log-every", type=int, default=25)
     args = parser.parse_args(argv)
@@ -105,6 +107,15 @@ def main(argv=None) -> int:
     if args.output.resolve() == args.model.resolve():
         parser.error("--output: a new directory, not the model being continued")
 
+    continue_model(args, mix, workers=args.workers)
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+@parallel.over_processes("workers")
+def continue_model(args, mix: dict, workers: int = 1):
+    """The continuation `args` ask for, in `workers` processes (`parallel`: only rank 0 writes and prints)."""
+    writer = parallel.rank() == 0
     model, processor = mlx_qwen35.load(args.model)
     processor = dm.training_processor(processor.tokenizer,
                                       dm.READING_PREPROCESSOR if args.reading_size else dm.PREPROCESSOR)
@@ -126,7 +137,7 @@ def main(argv=None) -> int:
     batches = dm.length_batches(rows, args.tokens_per_batch, seed=args.seed)
     trainer = Trainer(model, None, TrainConfig(steps=1, learning_rate=args.learning_rate, moe_aux_weight=0.01,
                                                mtp_weight=0.3, progress=False, grad_clip=1.0, weight_decay=0.01,
-                                               experts=args.experts, workers=args.workers))
+                                               experts=args.experts, workers=workers))
 
     stage_share = (args.stage_rate or args.learning_rate) / args.learning_rate
     mixing_from = None if stages_rows else 1  # the mix's first step, once the stages' rows are spent
@@ -138,8 +149,9 @@ def main(argv=None) -> int:
 
     trainer.optimizer = dm.tower_and_decoder_optimizer(rate, args.learning_rate, args.tower_scale)
     partial = args.output.with_name(args.output.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(args.model, partial, ignore=shutil.ignore_patterns("model.safetensors", "training_log.txt"))
+    if writer:
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(args.model, partial, ignore=shutil.ignore_patterns("model.safetensors", "training_log.txt"))
     log = [f"# continue_default: {args.model}, {args.side_stage} side rows on the scaffold with places, "
            f"{args.left_right_stage} left/right rows through the tower"
            + (f", {args.count_stage} counting rows through the tower" if args.count_stage else "")
@@ -152,7 +164,8 @@ def main(argv=None) -> int:
            + f"; learning rate {args.learning_rate}"
            + (f", in the stages {args.stage_rate}" if args.stage_rate is not None else "")
            + f" (tower {args.tower_scale}x), ~{args.tokens_per_batch} tokens a step"]
-    print(log[0], file=sys.stderr, flush=True)
+    say = print_now if writer else (lambda line: None)
+    say(log[0])
     start, seen, step = time.perf_counter(), 0, 0
     frozen = False
     losses = []
@@ -182,14 +195,17 @@ def main(argv=None) -> int:
                        f"tower {trainer.optimizer.optimizers[0].learning_rate.item():.2e}  "
                        f"{(time.perf_counter() - start) / 60:.1f} min")
             losses = []
-            print(log[-1], file=sys.stderr, flush=True)
+            say(log[-1])
     log.append(f"# finished: {step} steps, {(time.perf_counter() - start) / 60:.1f} min")
-    dm.save_weights(model, partial / "model.safetensors")
-    (partial / "training_log.txt").write_text("\n".join(log) + "\n")
-    shutil.rmtree(args.output, ignore_errors=True)
-    partial.rename(args.output)
-    print(f"wrote {args.output}", file=sys.stderr)
-    return 0
+    if writer:
+        dm.save_weights(model, partial / "model.safetensors")
+        (partial / "training_log.txt").write_text("\n".join(log) + "\n")
+        shutil.rmtree(args.output, ignore_errors=True)
+        partial.rename(args.output)
+
+
+def print_now(line):
+    print(line, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

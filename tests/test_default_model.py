@@ -389,8 +389,7 @@ def test_answer_accuracy_counts_rows_with_every_assistant_token_right(tmp_path):
 
 
 def test_train_default_writes_weights_and_a_log_with_held_out_checks(tmp_path, monkeypatch):
-    """Two steps of the real pipeline (with the next run's gathered experts and steps in two parts): the run lands
-    atomically with its weights, configs, tokenizer and a log that carries the per-skill held-out line."""
+    """Two steps of the real pipeline (with the next run's gathered experts): the run lands atomically with its weights, configs, tokenizer and a log that carries the per-skill held-out line."""
     from mlx_qwen35.loading import load
     from mlx_qwen35.train import default_model
     from mlx_qwen35.train.default_model import train_default
@@ -404,7 +403,7 @@ def test_train_default_writes_weights_and_a_log_with_held_out_checks(tmp_path, m
                            settle_steps=1, vision_pictures=4, vision_clips=2, scaffold_position=True,
                            binding_questions=("color", "side"), side_stage=3, left_right_stage=2, late_stages=1,
                            late_count_stage=1, settle_left_right=0.2, late_rate=3e-4, late_images=0.5,
-                           experts="gathered", workers=2)
+                           experts="gathered")
     assert not (tmp_path / "model.partial").exists()
     log = (output / "training_log.txt").read_text()
     assert "vision step    2" in log and "step     2" in log and "held-out answers right: color" in log
@@ -417,7 +416,7 @@ def test_train_default_writes_weights_and_a_log_with_held_out_checks(tmp_path, m
             "the tower, then 1 of counting rows at learning rate 0.0003") in log
     assert counting_rows  # the count stage's rows
     assert "lone left/right questions at weight 0.2 in the settling mix" in log
-    assert "the routed experts gathered, each step's rows in 2 parts side by side" in log
+    assert "the routed experts gathered" in log
     assert "at learning rate 0.0003, 50% of their rows the mixed stage's image conversations" in log
     assert re.search(r"^step +6 ", log, re.M) and not re.search(r"^step +7 ", log, re.M)  # 2 + 3 late + 1 settling
     rates = dict(re.findall(r"^step +(\d+) .*  lr (\S+)", log, re.M))
@@ -425,6 +424,39 @@ def test_train_default_writes_weights_and_a_log_with_held_out_checks(tmp_path, m
     assert float(rates["3"]) == float(rates["4"]) == float(rates["5"]) == 3e-4  # the late stages' own rate
     model, processor = load(output)
     assert processor.tokenizer.encode("red") and model.config.text_config.num_experts == 8
+
+
+def test_train_default_in_two_processes_trains_as_one_process_taking_the_parts_in_turn(tmp_path, monkeypatch):
+    """`train_default(workers=2)`: two processes (train/parallel.py), each step's rows in two parts, land one model
+    and its log (rank 0 writes; the other's skeleton in a folder of its own, gone after), with the losses and
+    weights of one process taking the same parts in turn (`__wrapped__`: no group)."""
+    import mlx.core as mx
+
+    from mlx_qwen35.train.default_model import train_default
+
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # the training processes' own temporary folders
+    settings = dict(steps=3, settle_steps=0, tokens_per_batch=512, warmup=1, log_every=1, probe_every=0,
+                    progress=False, vision_steps=1, vision_pictures=2, vision_clips=1, experts="gathered", workers=2)
+    two = train_default(tmp_path / "two", **settings)
+    one = train_default.__wrapped__(tmp_path / "one", **settings)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "tmp", "two"]
+    assert not list((tmp_path / "tmp").glob("mlx-qwen35-*"))  # (MLX keeps its compiled CPU kernels in mlx/)
+    logs = [(path / "training_log.txt").read_text() for path in (one, two)]
+    assert all("each step's rows in 2 parts in as many processes" in log for log in logs)
+    losses = [[float(x) for x in re.findall(r"^step +\d+  loss (\S+)", log, re.M)] for log in logs]
+    assert len(losses[0]) == 3 and np.allclose(losses[1], losses[0], rtol=1e-5)
+    weights = [mx.load(str(path / "model.safetensors")) for path in (one, two)]
+    assert weights[0].keys() == weights[1].keys()
+    # Saved in bfloat16: float32 weights a rounding apart may land one bfloat16 step (2^-7 of the value) apart, and
+    # AdamW moves weights near 0 by steps of any sign for rounding-level gradients: each tensor's weights within
+    # a bfloat16 step at its own scale, nearly all of them equal.
+    same = total = 0
+    for name in weights[0]:
+        a, b = (np.array(w[name].astype(mx.float32)) for w in weights)
+        np.testing.assert_allclose(b, a, rtol=2 ** -7, atol=2 ** -8 * np.abs(a).max(), err_msg=name)
+        same, total = same + int((a == b).sum()), total + a.size
+    assert same >= 0.99 * total
 
 
 def test_train_default_with_no_flags_is_the_shipped_recipe(tmp_path, monkeypatch):

@@ -621,8 +621,7 @@ def test_split_rows_keeps_every_row_and_cuts_at_the_smallest_largest_padded_part
 
 
 def test_a_step_in_parts_trains_as_the_whole_batch(processor):
-    """TrainConfig.workers: a step's rows in parts, each part's loss and gradients on a thread of its own, summed.
-    With the load-balancing loss off, the parts' cross-entropy and MTP losses and their gradients are the whole
+    """TrainConfig.workers: a step's rows in parts, each part's loss and gradients summed. With the load-balancing loss off, the parts' cross-entropy and MTP losses and their gradients are the whole
     batch's (token means over the whole step), and three optimizer steps leave the same weights; with it on, every
     step still runs and its loss is finite. Rows of different lengths, pictures among them."""
     rng = random.Random(21)
@@ -654,6 +653,52 @@ def test_a_step_in_parts_trains_as_the_whole_batch(processor):
     balanced = trainer(2, aux=0.01)
     records = [balanced.train_step(rows) for _ in range(2)]
     assert all(math.isfinite(r["loss"]) and r["aux"] > 0 for r in records)
+
+
+def steps_in_a_group(rows, workers, aux=0.0):
+    """Steps of a tiny MoE model on `rows` in `workers` parts, then on its first row alone: (the weights as NumPy,
+    the step records, whether every process of the group holds the same weights, the group's size)."""
+    config = TrainConfig(learning_rate=3e-3, moe_aux_weight=aux, mtp_weight=0.3, progress=False, pad_id=258,
+                         workers=workers)
+    trainer = Trainer(tiny_model(moe=True, mtp_layers=1), None, config)
+    records = [trainer.train_step(batch) for batch in (rows, rows, rows[:1])]
+    weights = tree_flatten(trainer.model.parameters())
+    flat = mx.concatenate([v.reshape(-1) for _, v in weights])
+    everyone = mx.distributed.all_gather(flat[None], group=trainer.group)
+    return ({k: np.array(v) for k, v in weights}, records, bool((everyone == flat).all()), trainer.group.size())
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_a_group_of_processes_trains_as_one_process_with_the_parts_in_turn(processor, workers):
+    """`parallel.run_in_processes`: two processes, each with its share of a step's parts (2 or 3), the sums added
+    across them, reach the weights and losses of one process taking the parts in turn (which the test above holds
+    to the whole batch), every process holding the same weights; a step of one row leaves one process nothing to
+    add."""
+    from mlx_qwen35.train.parallel import run_in_processes
+
+    rng = random.Random(23)
+    rows = encode_all([world.image_example(rng), world.sum_example(rng), world.recall_example(rng, max_tokens=120),
+                       world.image_example(rng), world.sum_example(rng)], processor)
+    alone, alone_records, _, size = steps_in_a_group(rows, workers)
+    weights, records, same, group_size = run_in_processes(steps_in_a_group, 2, rows, workers)
+    assert (size, group_size) == (1, 2) and same
+    for a, b in zip(alone_records, records):
+        assert a.keys() == b.keys() and a["tokens"] == b["tokens"]
+        for name in ("loss", "ce", "mtp"):
+            assert abs(a[name] - b[name]) <= 1e-5 * abs(a[name]), name
+    for name, value in alone.items():
+        np.testing.assert_allclose(weights[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_an_error_or_a_death_in_a_training_process_is_raised_where_the_group_was_started():
+    import os
+
+    from mlx_qwen35.train.parallel import run_in_processes
+
+    with pytest.raises(ValueError, match="workers 0: 1 or more"):
+        run_in_processes(Trainer, 2, None, None, TrainConfig(workers=0))
+    with pytest.raises(RuntimeError, match="ended with exit code 3 and no result"):
+        run_in_processes(os._exit, 2, 3)
 
 
 def test_train_command_fine_tunes_in_parts_and_refuses_workers_below_one(tmp_path, capsys):

@@ -5,6 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
+from . import parallel
+
 
 def train_main(argv=None) -> int:
     from .trainer import EXPERT_PATHS
@@ -29,7 +31,7 @@ def train_main(argv=None) -> int:
                         help="how the MoE's routed experts run in training (same results): the model's gather_mm, "
                              "every expert, or each expert's chosen rows (fastest on a CPU)")
     parser.add_argument("--workers", type=int, default=1, help="each step's rows in this many parts, each part's "
-                        "loss and gradients on a CPU thread of its own (token means over the whole step)")
+                        "loss and gradients in a process of its own (token means over the whole step)")
     parser.add_argument("--prompt-loss-weight", type=float, default=0.0,
                         help="also learn the prompts' text at this weight (answers: 1; images and videos: never)")
     parser.add_argument("--eval-every", type=int, default=0)
@@ -41,6 +43,23 @@ def train_main(argv=None) -> int:
     if args.workers < 1:
         parser.error(f"--workers {args.workers}: 1 or more")
 
+    try:
+        validation = fine_tune(args, workers=args.workers)
+    except MissingTokenizer as error:
+        parser.error(str(error))
+    if validation is not None and parallel.rank() == 0:  # under mlx.launch every process returns it
+        print(f"validation loss {validation:.4f}")
+    return 0
+
+
+class MissingTokenizer(ValueError):
+    pass
+
+
+@parallel.over_processes("workers")
+def fine_tune(args, workers: int = 1):
+    """The fine-tune `args` ask for, in `workers` processes (`parallel`); the validation loss when there are
+    validation rows."""
     from ..loading import load
     from .data import encode_all
     from .lora import DEFAULT_TARGETS, apply_lora
@@ -48,7 +67,7 @@ def train_main(argv=None) -> int:
 
     model, processor = load(args.model, dtype=args.dtype)
     if processor is None:
-        parser.error(f"{args.model} has no tokenizer files")
+        raise MissingTokenizer(f"{args.model} has no tokenizer files")
 
     def read(path):
         lines = Path(path).read_text().splitlines()
@@ -62,12 +81,10 @@ def train_main(argv=None) -> int:
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
                          dtype=args.dtype, grad_checkpoint=args.grad_checkpoint, moe_aux_weight=args.moe_aux_weight,
                          mtp_weight=args.mtp_weight, prompt_loss_weight=args.prompt_loss_weight, experts=args.experts,
-                         workers=args.workers, eval_every=args.eval_every, save_every=args.save_every, seed=args.seed)
+                         workers=workers, eval_every=args.eval_every, save_every=args.save_every, seed=args.seed)
     trainer = Trainer(model, rows, config, val_rows=val_rows, output_dir=args.output)
     if args.resume:
         trainer.resume(args.resume)
     trainer.fit(max(0, args.steps - trainer.step))
     trainer.save(args.output)
-    if val_rows:
-        print(f"validation loss {trainer.evaluate():.4f}")
-    return 0
+    return trainer.evaluate() if val_rows else None

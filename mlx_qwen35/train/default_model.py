@@ -14,6 +14,7 @@ import random
 import shutil
 import string
 import sys
+import tempfile
 import time
 from collections import Counter
 from fractions import Fraction
@@ -27,6 +28,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from ..kernels.activations import exact as exact_activations
 from ..loading import DEFAULT_MODEL_PATH as SHIPPED_PATH
+from . import parallel
 from .trainer import EXPERT_PATHS
 
 TEXT_CONFIG = dict(
@@ -250,8 +252,9 @@ ADAM_BETAS = [0.9, 0.95]
 # about 1.2x the tok/s on these CPUs in one part, "gathered" in two parts (WORKERS) 1.39x segmented's
 # (docs/benchmarks.md): that pair is for the next shipped run.
 EXPERTS = "dense"
-# A step's rows in this many parts evaluated side by side, each on a CPU thread of its own (TrainConfig.workers):
-# the same token-mean losses, the load-balancing loss each part's own, so another run. Run 40 ran 1.
+# A step's rows in this many parts, each part's loss and gradients in a process of its own (TrainConfig.workers,
+# train/parallel.py): the same token-mean losses, the load-balancing loss each part's own, so another run. Run 40
+# ran 1.
 WORKERS = 1
 
 
@@ -635,6 +638,9 @@ class RecipeError(ValueError):
         self.template, self.values = template, values
         super().__init__(self.named(lambda setting: setting))
 
+    def __reduce__(self):  # raised in a training process, re-raised in the one that started it (`parallel`)
+        return type(self), (self.template, *self.values)
+
     def named(self, name) -> str:
         class Names(dict):
             def __missing__(self, setting):
@@ -649,6 +655,7 @@ class RecipeError(ValueError):
 FLAGS = {"settle_steps": "settle"}  # train_default's parameters whose flags are not their names
 
 
+@parallel.over_processes("workers")
 @exact_activations()  # the logged accuracies, like the weights, must not depend on the inference activations
 def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_batch: int = 2048,
                   vision_steps: int = VISION_PRETRAIN_STEPS, vision_weights: Path | None = None,
@@ -691,7 +698,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     a VISION_LR_SCALE of it; None: the schedule's final rate); `late_images`: the share of the late stages' rows
     that are the mixed stage's image conversations through the tower (LATE_IMAGES); `settle_left_right`: the
     settling mix's weight of lone left/right questions (SETTLE_LEFT_RIGHT); `experts`: how the routed experts run
-    (EXPERTS, one of trainer.EXPERT_PATHS); `workers`: each step's rows in this many parts side by side (WORKERS)."""
+    (EXPERTS, one of trainer.EXPERT_PATHS); `workers`: each step's rows in this many parts, each in a process of its own (WORKERS)."""
     from ..platform import cpu_setup
     from . import world
     from .trainer import TrainConfig, Trainer, warmup_cosine
@@ -761,7 +768,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                           tuple(binding_questions))
     run_start = time.perf_counter()
     output = Path(output)
-    partial = output.with_name(output.name + ".partial")
+    writer = parallel.rank() == 0  # in a group of processes (`workers`) the others write nothing
+    partial = output.with_name(output.name + ".partial") if writer else Path(tempfile.mkdtemp(prefix="mlx-qwen35-"))
     shutil.rmtree(partial, ignore_errors=True)
     config, processor = write_skeleton(partial, seed, city_words, city_pieces)
     model = build_model(partial, seed)
@@ -788,7 +796,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                  + (f", lone left/right questions at weight {settle_left_right} in the settling mix"
                     if settle_left_right else "")
                  + (f", the routed experts {experts}" if experts != EXPERTS else "")
-                 + (f", each step's rows in {workers} parts side by side" if workers != WORKERS else "")
+                 + (f", each step's rows in {workers} parts in as many processes" if workers != WORKERS else "")
                  + (f", picture scenes grown over {picture_curriculum} mixed rows"
                     if picture_curriculum != CURRICULUM_EXAMPLES else "")
                  + (f", {sum_stage} sums in the sum stage" if sum_stage != SUM_STAGE else "")
@@ -801,11 +809,21 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                  + (f", the first stage's {question_shares(binding_questions)} questions about the world's scenes"
                     if grown_first_stage else "")
                  + (" through the tower" if grown_first_stage and tower_first_stage else "")]
-    print(log_lines[0], file=sys.stderr)
+    progress = progress and writer
+
+    def say(line):
+        if writer:
+            print(line, file=sys.stderr, flush=True)
 
     def log(line):
         log_lines.append(line)
-        print(line, file=sys.stderr, flush=True)
+        say(line)
+
+    def write_log():
+        if writer:
+            (partial / "training_log.txt").write_text("\n".join(log_lines) + "\n")
+
+    say(log_lines[0])
 
     if vision_weights:
         try:
@@ -893,12 +911,13 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                 scores = {kind: answer_accuracy(teacher_forced(model), rows)
                           for kind, rows in probes.items()}
                 line += "\n  held-out answers right: " + "  ".join(f"{k} {v:.0%}" for k, v in scores.items())
-                save_weights(model, partial / "model.safetensors")  # a run cut short keeps its latest weights
+                if writer:  # a run cut short keeps its latest weights
+                    save_weights(model, partial / "model.safetensors")
             log_lines.append(line)
             window = []
             if bar is None:
-                print(line, file=sys.stderr, flush=True)
-            (partial / "training_log.txt").write_text("\n".join(log_lines) + "\n")
+                say(line)
+            write_log()
         if bar is not None:
             bar.set_postfix_str(f"loss {record['loss']:.3f} | {tokens / (time.perf_counter() - start):.0f} tok/s")
             bar.update(1)
@@ -907,7 +926,10 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     log_lines.append(f"# finished in {(time.perf_counter() - start) / 60:.1f} min, {tokens} tokens; "
                      f"{(time.perf_counter() - run_start) / 60:.1f} min in all (setup and the tower's pretraining "
                      f"included)")
-    (partial / "training_log.txt").write_text("\n".join(log_lines) + "\n")
+    if not writer:
+        shutil.rmtree(partial, ignore_errors=True)
+        return output
+    write_log()
     save_weights(model, partial / "model.safetensors")
     shutil.rmtree(output, ignore_errors=True)
     partial.rename(output)
@@ -1020,7 +1042,7 @@ def main(argv=None) -> int:
                         help="how the routed experts run in training (EXPERTS): the same sums in another order; "
                         "segmented is the fastest on a CPU")
     parser.add_argument("--workers", type=int, default=WORKERS, help="each step's rows in this many parts, "
-                        "each part's loss and gradients on a CPU thread of its own (WORKERS)")
+                        "each part's loss and gradients in a process of its own (WORKERS)")
     parser.add_argument("--settle", type=int, default=SETTLE_STEPS, help="steps added after --steps at the "
                         "schedule's final learning rate, drawing a video-heavy mix (SETTLE_MIX; 0: none)")
     args = parser.parse_args(argv)

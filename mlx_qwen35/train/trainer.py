@@ -5,9 +5,7 @@ checkpoints (trainable weights + optimizer state + step) that resume exactly."""
 import json
 import math
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +18,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..kernels.activations import exact as exact_activations
 from ..models.moe import Experts, SparseMoeBlock
-from ..platform import blas_threads
+from . import parallel
 from .data import collate
 
 FLOAT32_SUFFIXES = ("layernorm.weight", "norm.weight", "A_log", "dt_bias")
@@ -44,7 +42,7 @@ class TrainConfig:
     mtp_weight: float = 0.0  # loss on the token after next through the MTP head, when the model has one
     prompt_loss_weight: float = 0.0  # weight of the prompt's text tokens in the loss (assistant tokens: 1)
     experts: str = "gathered"  # the routed experts' path in training: one of EXPERT_PATHS
-    workers: int = 1  # a step's rows in this many parts, on the CPU each on a thread of its own (`split_rows`)
+    workers: int = 1  # a step's rows in this many parts (`split_rows`), each in a process of its own (`parallel`)
     seed: int = 0
     eval_every: int = 0
     save_every: int = 0
@@ -289,6 +287,15 @@ def step_totals(parts: list[dict], prompt_weight: float = 0.0) -> list[dict]:
     return [{"count": count, "mtp_count": mtp_count, "share": p["input_ids"].size / tokens} for p in parts]
 
 
+def all_sum(tree, group):
+    """Every array of `tree` summed across the processes of `group`, in one exchange."""
+    leaves = tree_flatten(tree)
+    flat = mx.distributed.all_sum(mx.concatenate([v.astype(mx.float32).reshape(-1) for _, v in leaves]), group=group)
+    offsets = np.cumsum([0] + [v.size for _, v in leaves]).tolist()
+    return tree_unflatten([(k, flat[a:b].reshape(v.shape).astype(v.dtype))
+                           for (k, v), a, b in zip(leaves, offsets, offsets[1:])])
+
+
 def warmup_cosine(peak: float, warmup: int, total: int, start: float, final: float):
     """Learning rate rising linearly from `start` to `peak` over `warmup` steps, then cosine-decaying to `final`
     by step `total`."""
@@ -321,9 +328,8 @@ class Trainer:
                                              else lambda _: config.learning_rate], [config.warmup_steps])
         self.optimizer = optim.AdamW(learning_rate=schedule, weight_decay=config.weight_decay)
         self.step = self.skipped = 0
-        self._grad = nn.value_and_grad(model, lambda m, b, step=None: loss_fn(m, b, config, step))
-        self._building = threading.Lock()
-        self._helpers = ThreadPoolExecutor(config.workers - 1) if config.workers > 1 else None
+        self._value_and_grad = nn.value_and_grad(model, lambda m, b, step=None: loss_fn(m, b, config, step))
+        self.group = parallel.group()
         vision = getattr(model.config, "vision_config", None)
         self.spatial_merge = getattr(vision, "spatial_merge_size", 2)
         self.history = []
@@ -337,13 +343,13 @@ class Trainer:
         return order[i * size:(i + 1) * size].tolist()
 
     def train_step(self, batch: dict | list | None = None) -> dict:
-        """One optimizer step on `batch`: a collated dict, or rows (in `config.workers` parts, `split_rows`), or
-        None: the rows this trainer holds for this step."""
+        """One optimizer step on `batch`: a collated dict, or rows (in `config.workers` parts, `split_rows`, at
+        least one a process of the group), or None: the rows this trainer holds for this step."""
         if batch is None:
             batch = [self.rows[i] for i in self.batch_indices(self.step)]
         if isinstance(batch, list):
             batch = [collate(part, self.config.pad_id, self.spatial_merge)
-                     for part in split_rows(batch, self.config.workers)]
+                     for part in split_rows(batch, max(self.config.workers, self.group.size()))]
         self.model.train()
         loss, count, parts, grads = self.gradients(batch)
         tokens = sum(b["input_ids"].size for b in (batch if isinstance(batch, list) else [batch]))
@@ -360,41 +366,30 @@ class Trainer:
         return {"step": self.step, "loss": loss.item(), "tokens": tokens, **{k: v.item() for k, v in parts.items()}}
 
     def gradients(self, batch: dict | list[dict]):
-        """(loss, target weight, {"ce", "aux", "mtp"}, gradients) of a collated batch, or of a step given in
-        parts: on the CPU each part on a thread of its own, so that their graphs run side by side (MLX's
-        evaluation of one graph runs its ops one after another), summed."""
-        if isinstance(batch, dict) or len(batch) == 1:
-            (loss, (count, parts)), grads = self._value_and_grad(batch if isinstance(batch, dict) else batch[0])
-            return loss, count, parts, grads
-        jobs = list(zip(batch, step_totals(batch, self.config.prompt_loss_weight)))
-        if self._helpers is not None and mx.default_device() == mx.cpu:
-            # Weights still lazy (loaded, cast, new adapters) belong to this thread's stream: the helpers' graphs
-            # could not evaluate them.
-            mx.eval(self.model.parameters())
-            with blas_threads(1):
-                others = [self._helpers.submit(self._value_and_grad, *job, evaluate=True) for job in jobs[1:]]
-                results = [self._value_and_grad(*jobs[0], evaluate=True)] + [future.result() for future in others]
-        else:
-            results = [self._value_and_grad(*job) for job in jobs]
+        """(loss, target weight, {"ce", "aux", "mtp"}, gradients) of a collated batch, or of a step given in parts
+        (`step_totals`), summed. In a group of processes (`parallel`) each takes every size-th part, and the sums
+        are added across the group: each process ends with the whole step's."""
+        parts = [batch] if isinstance(batch, dict) else list(batch)
+        jobs = list(zip(parts, step_totals(parts, self.config.prompt_loss_weight) if len(parts) > 1 else [None]))
+        rank, size = self.group.rank(), self.group.size()
+        mine = jobs[rank::size]
+        results = [self._grad(self.model, *job) for job in mine or jobs[:1]]
         values, grads = zip(*results)
         losses, extras = zip(*values)
-        counts, parts = zip(*extras)
-        return (sum(losses), sum(counts), {k: sum(p[k] for p in parts) for k in parts[0]},
-                tree_map(lambda *g: sum(g[1:], g[0]), *grads))
+        counts, sums = zip(*extras)
+        total = (sum(losses), sum(counts), {k: sum(p[k] for p in sums) for k in sums[0]},
+                 tree_map(lambda *g: sum(g[1:], g[0]), *grads))
+        if size == 1:
+            return total
+        if not mine:  # fewer parts than processes: this one adds nothing
+            total = tree_map(mx.zeros_like, total)
+        return all_sum(total, self.group)
 
-    def _value_and_grad(self, batch: dict, step: dict | None = None, evaluate: bool = False):
-        """((loss, (target weight, parts)), gradients) of one batch or part, `evaluate`d on this thread when
-        asked: a graph is evaluated on the thread that built it (MLX streams belong to their thread)."""
-        with self._building:  # trainable_router swaps the MoE blocks' classes for the whole process
-            trainable = self.model.trainable_parameters()
-            # Checkpointed layers recompute in the backward pass, after loss_fn returned: keep routing trainable.
-            with trainable_router(self.model, experts=self.config.experts), exact_activations():
-                result = self._grad(self.model, batch, step)
-            # value_and_grad leaves its traced copies in the model, made on this thread's stream
-            self.model.update(trainable)
-        if evaluate:
-            mx.eval(result)
-        return result
+    def _grad(self, model, batch: dict, step: dict | None = None):
+        """((loss, (target weight, parts)), gradients) of one batch or part."""
+        # Checkpointed layers recompute in the backward pass, after loss_fn returned: keep routing trainable.
+        with trainable_router(model, experts=self.config.experts), exact_activations():
+            return self._value_and_grad(model, batch, step)
 
     def evaluate(self, rows=None) -> float:
         """Mean cross-entropy per assistant token over `rows` (default: the validation rows)."""
@@ -411,7 +406,7 @@ class Trainer:
 
     def fit(self, steps: int | None = None) -> list[dict]:
         steps = self.config.steps if steps is None else steps
-        bar = _progress(steps, self.config.progress)
+        bar = _progress(steps, self.config.progress and self.group.rank() == 0)
         start, tokens = time.perf_counter(), 0
         for _ in range(steps):
             record = self.train_step()
@@ -428,10 +423,13 @@ class Trainer:
 
     def save(self, directory) -> Path:
         """trainable.safetensors, optimizer.safetensors and state.json (step, config); LoRA runs also write the
-        adapter (adapters.safetensors + adapter_config.json) for `load(..., adapter=directory)`."""
+        adapter (adapters.safetensors + adapter_config.json) for `load(..., adapter=directory)`. In a group of
+        processes only rank 0 writes (each holds the same weights)."""
         from .lora import lora_layers, save_adapter
 
         directory = Path(directory)
+        if self.group.rank() != 0:
+            return directory
         directory.mkdir(parents=True, exist_ok=True)
         trainable = dict(tree_flatten(self.model.trainable_parameters()))
         mx.save_safetensors(str(directory / "trainable.safetensors"), trainable)
