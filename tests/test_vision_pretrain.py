@@ -4,6 +4,7 @@ in the tower's token order, and a pretraining step changes the tower and nothing
 import random
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
@@ -167,6 +168,65 @@ def test_pretraining_changes_the_tower_and_nothing_else():
     for pictures, videos in ((-1, 4), (24, -2), (0, 0)):
         with pytest.raises(ValueError, match=f"pictures={pictures}, videos={videos}: counts"):
             vp.pretrain_vision(tower, PROCESSOR, steps=1, pictures=pictures, videos=videos, log=lambda line: None)
+
+
+def test_a_batch_in_parts_with_the_whole_batchs_counts_adds_up_to_the_batchs_loss_and_gradients():
+    """`batch_parts` draws `batch_arrays`' items (the same rng) and deals them out; each part's `loss` with
+    `loss_counts` of all parts as its denominators, added, is the whole batch's loss, and so are the gradients."""
+    from functools import partial
+
+    from mlx.utils import tree_map
+
+    from mlx_qwen35.models.vision import VisionConfig, VisionModel
+
+    whole = vp.batch_arrays(random.Random(5), PROCESSOR, 5, 3)
+    parts = vp.batch_parts(random.Random(5), PROCESSOR, 5, 3, parts=3)
+    assert sum(len(p["grid"]) for p in parts) == len(whole["grid"]) and len(parts) == 3
+    assert sorted(map(tuple, whole["grid"])) == sorted(tuple(g) for p in parts for g in p["grid"])
+    mx.random.seed(3)
+    probe = vp.Probe(VisionModel(VisionConfig.from_dict(dict(dm.VISION_CONFIG, depth=1))), motion=True)
+    step = nn.value_and_grad(probe, partial(vp.loss, motion_weight=1.0))
+    value, grads = step(probe, vp.as_mlx(whole))
+    counts = vp.loss_counts(parts)
+    results = [step(probe, vp.as_mlx(p), counts=counts) for p in parts]
+    part_value = sum(v for v, _ in results)
+    part_grads = tree_map(lambda *g: sum(g[1:], g[0]), *[g for _, g in results])
+    assert abs(part_value.item() - value.item()) <= 1e-5 * value.item()
+    for (name, a), (_, b) in zip(tree_flatten(grads), tree_flatten(part_grads)):
+        np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def pretrained_tower(steps: int) -> tuple[np.ndarray, np.ndarray, list]:
+    """A fresh one-block tower's weights before and after `steps` pretraining steps (flat), and its log."""
+    from mlx_qwen35.models.vision import VisionConfig, VisionModel
+
+    mx.random.seed(4)
+    tower = VisionModel(VisionConfig.from_dict(dict(dm.VISION_CONFIG, depth=1)))
+
+    def flat():
+        return np.concatenate([np.array(v).reshape(-1) for _, v in tree_flatten(tower.parameters())])
+
+    before, lines = flat(), []
+    vp.pretrain_vision(tower, PROCESSOR, steps=steps, pictures=3, videos=2, motion_weight=1.0, log=lines.append,
+                       log_every=1)
+    return before, flat(), lines
+
+
+def test_pretraining_in_two_processes_trains_as_one_process():
+    """The tower's pretraining in a group of two processes (train/parallel.py: each its part of every batch, the
+    sums added) logs one process's losses (the whole batch's denominators), and its weights move as one process's
+    do: the updates' difference a thousandth of their size at most (AdamW turns rounding-level gradients of a
+    few weights into steps of any sign, so weights are compared as a whole, not one by one)."""
+    from mlx_qwen35.train.parallel import run_in_processes
+
+    before, alone, alone_lines = pretrained_tower(3)
+    before_too, grouped, lines = run_in_processes(pretrained_tower, 2, 3)
+    losses = [[float(line.split("loss ")[1].split()[0]) for line in log] for log in (alone_lines, lines)]
+    assert len(losses[0]) == 3 and np.allclose(losses[1], losses[0], rtol=0, atol=1.5e-3)  # logged to 3 places
+    assert np.array_equal(before_too, before)
+    update = alone - before
+    assert np.linalg.norm(update) > 0
+    assert np.linalg.norm((grouped - before) - update) <= 1e-3 * np.linalg.norm(update)
 
 
 def test_position_directions_recover_a_known_place_component():

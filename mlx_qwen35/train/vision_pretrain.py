@@ -16,8 +16,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from mlx.utils import tree_map
 
-from . import world
+from . import parallel, trainer, world
 from .data import prefetched
 from .trainer import warmup_cosine
 
@@ -112,13 +113,41 @@ def batch(rng: random.Random, processor, pictures: int, videos: int, max_shapes:
 def batch_arrays(rng: random.Random, processor, pictures: int, videos: int,
                  max_shapes: int = world.MAX_SHAPES) -> dict:
     """`batch` in NumPy arrays (no MLX: what a prefetching thread may make)."""
+    return batch_parts(rng, processor, pictures, videos, max_shapes)[0]
+
+
+def batch_parts(rng: random.Random, processor, pictures: int, videos: int, max_shapes: int = world.MAX_SHAPES,
+                parts: int = 1) -> list[dict]:
+    """`batch_arrays`' items (the same draws) in at most `parts` parts, each with every parts-th picture and clip."""
     # (Pictures of one size sent as one (count, h, w) grid were no faster here: the time is in the blocks.)
-    items = ([picture_item(rng, processor, max_shapes) for _ in range(pictures)]
-             + [video_item(rng, processor) for _ in range(videos)])
-    out = {"pixels": np.concatenate([p for p, _, _ in items]), "grid": [g for _, g, _ in items]}
-    for key in items[0][2]:
-        out[key] = np.concatenate([labels[key] for _, _, labels in items])
+    made = ([picture_item(rng, processor, max_shapes) for _ in range(pictures)],
+            [video_item(rng, processor) for _ in range(videos)])
+    out = []
+    for part in range(parts):
+        items = made[0][part::parts] + made[1][part::parts]
+        if not items:
+            break
+        arrays = {"pixels": np.concatenate([p for p, _, _ in items]), "grid": [g for _, g, _ in items]}
+        for key in items[0][2]:
+            arrays[key] = np.concatenate([labels[key] for _, _, labels in items])
+        out.append(arrays)
     return out
+
+
+def loss_counts(parts: list[dict]) -> dict:
+    """The tokens each of `loss`'s means averages over, counted over all of a batch's `parts` (NumPy arrays): its
+    denominators when each part's loss is taken alone and the parts' losses are added."""
+    counts = {"centre": 0, "motion": 0}
+    for b in parts:
+        at = b["has_centre"].astype(bool)
+        counts["centre"] += int(at.sum())
+        for name in ("colour", "kind"):
+            valid = b[name] != IGNORE
+            counts[name + "_at"] = counts.get(name + "_at", 0) + int((valid & at).sum())
+            counts[name + "_off"] = counts.get(name + "_off", 0) + int((valid & ~at).sum())
+        if "motion" in b:
+            counts["motion"] += int((b["motion"] != IGNORE).sum())
+    return counts
 
 
 def as_mlx(arrays: dict) -> dict:
@@ -140,24 +169,33 @@ class Probe(nn.Module):
         return dict(zip(("colour", "kind", "centre", "motion"), parts))
 
 
-def _ce(logits, labels):
+def _ce(logits, labels, count=None):
+    """Mean cross-entropy over the tokens with a label, or their sum over `count` when given."""
     valid = labels != IGNORE
     loss = nn.losses.cross_entropy(logits, mx.maximum(labels, 0), reduction="none")
-    return (loss * valid).sum() / mx.maximum(valid.sum(), 1)
+    return (loss * valid).sum() / max(count, 1) if count is not None else (loss * valid).sum() / mx.maximum(
+        valid.sum(), 1)
 
 
-def _balanced_ce(logits, labels, at):
+def _balanced_ce(logits, labels, at, counts=(None, None)):
     """Cross-entropy averaged over centre tokens and over the others separately: centres are rare."""
-    return _ce(logits, mx.where(at, labels, IGNORE)) + _ce(logits, mx.where(at | (labels == IGNORE), IGNORE, labels))
+    return (_ce(logits, mx.where(at, labels, IGNORE), counts[0])
+            + _ce(logits, mx.where(at | (labels == IGNORE), IGNORE, labels), counts[1]))
 
 
-def loss(probe, b, kind_weight: float = KIND_WEIGHT, motion_weight: float = 0.0) -> mx.array:
+def loss(probe, b, kind_weight: float = KIND_WEIGHT, motion_weight: float = 0.0, counts: dict | None = None):
+    """The tower's loss on batch `b`; `counts` (`loss_counts`), when `b` is one part of a batch: each mean's
+    denominator the whole batch's, so that the parts' losses add up to the batch's."""
     out, at = probe(b["pixels"], b["grid"]), b["has_centre"]
-    centre = (((out["centre"] - b["centre"]) ** 2).sum(-1) * at).sum() / mx.maximum(at.sum(), 1)
-    total = (_balanced_ce(out["colour"], b["colour"], at) + kind_weight * _balanced_ce(out["kind"], b["kind"], at)
+    centres = max(counts["centre"], 1) if counts else mx.maximum(at.sum(), 1)
+    centre = (((out["centre"] - b["centre"]) ** 2).sum(-1) * at).sum() / centres
+    total = (_balanced_ce(out["colour"], b["colour"], at, (counts["colour_at"], counts["colour_off"]) if counts
+                          else (None, None))
+             + kind_weight * _balanced_ce(out["kind"], b["kind"], at, (counts["kind_at"], counts["kind_off"])
+                                          if counts else (None, None))
              + centre)
     if motion_weight:
-        total = total + motion_weight * _ce(out["motion"], b["motion"])
+        total = total + motion_weight * _ce(out["motion"], b["motion"], counts["motion"] if counts else None)
     return total
 
 
@@ -199,10 +237,18 @@ def pretrain_vision(visual, processor, steps: int, seed: int = 0,
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
     held_out = batch(random.Random(seed + 5_000_077), processor, 96, 16)
     step_fn = nn.value_and_grad(probe, partial(loss, kind_weight=kind_weight, motion_weight=motion_weight))
+    group = parallel.group()  # in a group of processes, each takes its part of every batch and the sums are added
+    rank, size = group.rank(), group.size()
     start, scores = time.perf_counter(), {}
-    batches = prefetched(batch_arrays(rng, processor, pictures, videos, max_shapes) for _ in range(steps))
-    for step, arrays in enumerate(batches, start=1):
-        value, grads = step_fn(probe, as_mlx(arrays))
+    batches = prefetched(batch_parts(rng, processor, pictures, videos, max_shapes, size) for _ in range(steps))
+    for step, parts in enumerate(batches, start=1):
+        if size == 1:
+            value, grads = step_fn(probe, as_mlx(parts[0]))
+        else:
+            mine = step_fn(probe, as_mlx(parts[min(rank, len(parts) - 1)]), counts=loss_counts(parts))
+            if rank >= len(parts):  # fewer items than processes: this one adds nothing
+                mine = tree_map(mx.zeros_like, mine)
+            value, grads = trainer.all_sum(mine, group)
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         optimizer.update(probe, grads)
         mx.eval(probe.parameters(), optimizer.state, value)
