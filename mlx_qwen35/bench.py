@@ -524,6 +524,43 @@ def train_pass_seconds(path: str, workers: int, pool: int, rows: int, seed: int)
     return seconds, sum(len(r) for r in drawn), (len(batches), padded)
 
 
+def tower_bench(workers=(1, 2), steps=30, repeats=3, seed=0):
+    """The default model's tower pretraining (`pretrain_vision` with run 45's batches: 24 pictures and 12 clips,
+    the motion head on) in each number of processes of `workers`, each in fresh processes once a round, rounds
+    interleaved: seconds a step and each round's ratio to the first, medians."""
+    from .train.parallel import run_in_processes
+
+    if not workers or any(w < 1 for w in workers) or steps < 1:
+        raise ValueError(f"--tower-workers {' '.join(map(str, workers))} --tower-steps {steps}: whole numbers from 1")
+    rounds = [{w: run_in_processes(tower_pass_seconds, w, steps, seed) for w in workers} for _ in range(repeats)]
+    print(f"# tower pretraining step of the default model (24 pictures and 12 clips, motion head on), {steps} steps "
+          f"after 5 untimed, {repeats} rounds, each in fresh processes; {platform.cpu_setup()}")
+    for w in workers:
+        ratio = statistics.median(r[workers[0]] / r[w] for r in rounds)
+        print(f"{w} process{'es' if w > 1 else '  '}  {statistics.median(r[w] for r in rounds) / steps:6.3f} s a step   "
+              f"{ratio:.2f}x {workers[0]} (median of per-round ratios)", flush=True)
+    return rounds
+
+
+def tower_pass_seconds(steps: int, seed: int) -> float:
+    """Seconds of `pretrain_vision` over `steps` steps (and its one held-out check) in this process's group, after
+    a first call of 5 steps."""
+    import tempfile
+
+    from .train import default_model as recipe
+    from .train.vision_pretrain import pretrain_vision
+
+    with tempfile.TemporaryDirectory() as directory:
+        _, processor = recipe.write_skeleton(Path(directory) / "model", seed)
+        model = recipe.build_model(Path(directory) / "model", seed)
+    settings = dict(seed=seed, log=lambda line: None, max_shapes=recipe.VISION_MAX_SHAPES, pictures=24, videos=12,
+                    motion_weight=1.0)
+    pretrain_vision(model.model.visual, processor, 5, **settings)
+    start = time.perf_counter()
+    pretrain_vision(model.model.visual, processor, steps, log_every=steps, **settings)
+    return time.perf_counter() - start
+
+
 if __name__ == "__main__":  # the child processes of `bench` and `cpu_bench`
     if sys.argv[1] == "cpu-probe":
         cpu_probe(int(sys.argv[2]))

@@ -230,8 +230,11 @@ def cmd_convert(args):
 
 
 def cmd_bench(args):
-    from .bench import attention_memory, bench, cpu_bench, kernels_bench, speculative_bench, train_bench, vision_bench
+    from .bench import (attention_memory, bench, cpu_bench, kernels_bench, speculative_bench, tower_bench, train_bench,
+                        vision_bench)
 
+    if args.tower_workers:
+        return tower_bench(tuple(args.tower_workers), steps=args.tower_steps, repeats=args.repeats)
     if args.train:
         return train_bench(tuple(args.train_setups), rows=args.train_rows, repeats=args.repeats)
     if args.speculative:
@@ -361,6 +364,10 @@ def main(argv=None):
                        "1), batches "
                        "cut from pools of POOL rows (default the recipe's BATCH_POOL); the first is the baseline")
     bench.add_argument("--train-rows", type=int, default=192, help="with --train: rows of the mixed stream timed")
+    bench.add_argument("--tower-workers", type=int, nargs="+", metavar="WORKERS", help="the default model's tower "
+                       "pretraining (run 45's batches: 24 pictures and 12 clips, motion head on) in each of these "
+                       "numbers of processes, interleaved; the first is the baseline")
+    bench.add_argument("--tower-steps", type=int, default=30, help="with --tower-workers: steps timed")
     bench.add_argument("--vision-depth", type=int, help="with --vision: fewer blocks (memory runs at large sizes)")
     bench.set_defaults(run=cmd_bench)
 

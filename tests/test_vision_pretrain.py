@@ -171,8 +171,9 @@ def test_pretraining_changes_the_tower_and_nothing_else():
 
 
 def test_a_batch_in_parts_with_the_whole_batchs_counts_adds_up_to_the_batchs_loss_and_gradients():
-    """`batch_parts` draws `batch_arrays`' items (the same rng) and deals them out; each part's `loss` with
-    `loss_counts` of all parts as its denominators, added, is the whole batch's loss, and so are the gradients."""
+    """`batch_part` deals `batch_arrays`' batch out (the same draws from the rng, each part making only its own
+    items); each part's `loss` with `loss_counts` added over the parts as its denominators, added, is the whole
+    batch's loss, and so are the gradients."""
     from functools import partial
 
     from mlx.utils import tree_map
@@ -180,14 +181,14 @@ def test_a_batch_in_parts_with_the_whole_batchs_counts_adds_up_to_the_batchs_los
     from mlx_qwen35.models.vision import VisionConfig, VisionModel
 
     whole = vp.batch_arrays(random.Random(5), PROCESSOR, 5, 3)
-    parts = vp.batch_parts(random.Random(5), PROCESSOR, 5, 3, parts=3)
-    assert sum(len(p["grid"]) for p in parts) == len(whole["grid"]) and len(parts) == 3
+    parts = [vp.batch_part(random.Random(5), PROCESSOR, 5, 3, part=i, parts=3) for i in range(3)]
     assert sorted(map(tuple, whole["grid"])) == sorted(tuple(g) for p in parts for g in p["grid"])
+    assert sum(len(p["pixels"]) for p in parts) == len(whole["pixels"])
     mx.random.seed(3)
     probe = vp.Probe(VisionModel(VisionConfig.from_dict(dict(dm.VISION_CONFIG, depth=1))), motion=True)
     step = nn.value_and_grad(probe, partial(vp.loss, motion_weight=1.0))
     value, grads = step(probe, vp.as_mlx(whole))
-    counts = vp.loss_counts(parts)
+    counts = mx.array(sum(vp.loss_counts(p) for p in parts))
     results = [step(probe, vp.as_mlx(p), counts=counts) for p in parts]
     part_value = sum(v for v, _ in results)
     part_grads = tree_map(lambda *g: sum(g[1:], g[0]), *[g for _, g in results])
@@ -196,7 +197,7 @@ def test_a_batch_in_parts_with_the_whole_batchs_counts_adds_up_to_the_batchs_los
         np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-4, atol=1e-6, err_msg=name)
 
 
-def pretrained_tower(steps: int) -> tuple[np.ndarray, np.ndarray, list]:
+def pretrained_tower(steps: int, pictures: int = 3, videos: int = 2) -> tuple[np.ndarray, np.ndarray, list]:
     """A fresh one-block tower's weights before and after `steps` pretraining steps (flat), and its log."""
     from mlx_qwen35.models.vision import VisionConfig, VisionModel
 
@@ -207,8 +208,8 @@ def pretrained_tower(steps: int) -> tuple[np.ndarray, np.ndarray, list]:
         return np.concatenate([np.array(v).reshape(-1) for _, v in tree_flatten(tower.parameters())])
 
     before, lines = flat(), []
-    vp.pretrain_vision(tower, PROCESSOR, steps=steps, pictures=3, videos=2, motion_weight=1.0, log=lines.append,
-                       log_every=1)
+    vp.pretrain_vision(tower, PROCESSOR, steps=steps, pictures=pictures, videos=videos, motion_weight=1.0,
+                       log=lines.append, log_every=1)
     return before, flat(), lines
 
 
@@ -216,7 +217,8 @@ def test_pretraining_in_two_processes_trains_as_one_process():
     """The tower's pretraining in a group of two processes (train/parallel.py: each its part of every batch, the
     sums added) logs one process's losses (the whole batch's denominators), and its weights move as one process's
     do: the updates' difference a thousandth of their size at most (AdamW turns rounding-level gradients of a
-    few weights into steps of any sign, so weights are compared as a whole, not one by one)."""
+    few weights into steps of any sign, so weights are compared as a whole, not one by one). Batches that cannot
+    give each process a part are refused by name."""
     from mlx_qwen35.train.parallel import run_in_processes
 
     before, alone, alone_lines = pretrained_tower(3)
@@ -227,6 +229,8 @@ def test_pretraining_in_two_processes_trains_as_one_process():
     update = alone - before
     assert np.linalg.norm(update) > 0
     assert np.linalg.norm((grouped - before) - update) <= 1e-3 * np.linalg.norm(update)
+    with pytest.raises(ValueError, match="pictures=1, videos=1: the pictures or the clips at least as many as the 2"):
+        run_in_processes(pretrained_tower, 2, 1, 1, 1)
 
 
 def test_position_directions_recover_a_known_place_component():

@@ -343,8 +343,8 @@ class Trainer:
         return order[i * size:(i + 1) * size].tolist()
 
     def train_step(self, batch: dict | list | None = None) -> dict:
-        """One optimizer step on `batch`: a collated dict, or rows (in `config.workers` parts, `split_rows`, at
-        least one a process of the group), or None: the rows this trainer holds for this step."""
+        """One optimizer step on `batch`: a collated dict, or rows (in `config.workers` parts, `split_rows`, or in
+        as many as the group has processes when it has more), or None: the rows this trainer holds for this step."""
         if batch is None:
             batch = [self.rows[i] for i in self.batch_indices(self.step)]
         if isinstance(batch, list):

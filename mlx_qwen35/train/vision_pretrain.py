@@ -16,7 +16,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_map
 
 from . import parallel, trainer, world
 from .data import prefetched
@@ -75,11 +74,19 @@ def picture_item(rng: random.Random, processor, max_shapes: int = world.MAX_SHAP
     most one per DENSE_AREA_PER_SHAPE px²); 8 gives more labelled centres for the same tokens: 82 % kind at 3,000
     steps against 79 % (docs/default-model.md). The world's own count draws its own scenes, the stream the
     shipped tower was trained on."""
+    return picture_of(picture_scene(rng, max_shapes), processor)
+
+
+def picture_scene(rng: random.Random, max_shapes: int = world.MAX_SHAPES) -> world.Scene:
+    """`picture_item`'s scene, drawn from `rng`."""
     growth = 1.0 if rng.random() < 0.75 else rng.random()
     if max_shapes == world.MAX_SHAPES:
-        scene = world.random_scene(rng, growth=growth)
-    else:
-        scene = dense_scene(rng, max_shapes, growth)
+        return world.random_scene(rng, growth=growth)
+    return dense_scene(rng, max_shapes, growth)
+
+
+def picture_of(scene: world.Scene, processor):
+    """(pixels, grid, labels) of a picture's scene: no draws from any rng."""
     [(pixels, grid)] = processor.prepare(images=[world.draw(scene)])["image"]
     grid = tuple(int(v) for v in grid)
     return pixels, grid, token_labels([scene], grid)
@@ -99,7 +106,12 @@ def dense_scene(rng: random.Random, max_shapes: int, growth: float) -> world.Sce
 
 
 def video_item(rng: random.Random, processor):
-    scenes, mover, direction = world.video_scenes(rng)
+    return video_of(world.video_scenes(rng), processor)
+
+
+def video_of(clip: tuple, processor):
+    """(pixels, grid, labels) of `world.video_scenes`' (scenes, mover, direction): no draws from any rng."""
+    scenes, mover, direction = clip
     [(pixels, grid, _)] = processor.prepare(videos=[[world.draw(s) for s in scenes]])["video"]
     grid = tuple(int(v) for v in grid)
     paired = {slot for slot in range(grid[0]) if 2 * slot + 1 < len(scenes)}  # not a last frame padded by itself
@@ -113,41 +125,37 @@ def batch(rng: random.Random, processor, pictures: int, videos: int, max_shapes:
 def batch_arrays(rng: random.Random, processor, pictures: int, videos: int,
                  max_shapes: int = world.MAX_SHAPES) -> dict:
     """`batch` in NumPy arrays (no MLX: what a prefetching thread may make)."""
-    return batch_parts(rng, processor, pictures, videos, max_shapes)[0]
+    return batch_part(rng, processor, pictures, videos, max_shapes)
 
 
-def batch_parts(rng: random.Random, processor, pictures: int, videos: int, max_shapes: int = world.MAX_SHAPES,
-                parts: int = 1) -> list[dict]:
-    """`batch_arrays`' items (the same draws) in at most `parts` parts, each with every parts-th picture and clip."""
+def batch_part(rng: random.Random, processor, pictures: int, videos: int, max_shapes: int = world.MAX_SHAPES,
+               part: int = 0, parts: int = 1) -> dict:
+    """Part `part` of `parts` of `batch_arrays`' batch (the same draws from `rng`): every parts-th picture and clip
+    from the part-th on, the others' scenes drawn but not made."""
     # (Pictures of one size sent as one (count, h, w) grid were no faster here: the time is in the blocks.)
-    made = ([picture_item(rng, processor, max_shapes) for _ in range(pictures)],
-            [video_item(rng, processor) for _ in range(videos)])
-    out = []
-    for part in range(parts):
-        items = made[0][part::parts] + made[1][part::parts]
-        if not items:
-            break
-        arrays = {"pixels": np.concatenate([p for p, _, _ in items]), "grid": [g for _, g, _ in items]}
-        for key in items[0][2]:
-            arrays[key] = np.concatenate([labels[key] for _, _, labels in items])
-        out.append(arrays)
-    return out
+    picture_scenes = [picture_scene(rng, max_shapes) for _ in range(pictures)]
+    clips = [world.video_scenes(rng) for _ in range(videos)]
+    items = ([picture_of(scene, processor) for scene in picture_scenes[part::parts]]
+             + [video_of(clip, processor) for clip in clips[part::parts]])
+    arrays = {"pixels": np.concatenate([p for p, _, _ in items]), "grid": [g for _, g, _ in items]}
+    for key in items[0][2]:
+        arrays[key] = np.concatenate([labels[key] for _, _, labels in items])
+    return arrays
 
 
-def loss_counts(parts: list[dict]) -> dict:
-    """The tokens each of `loss`'s means averages over, counted over all of a batch's `parts` (NumPy arrays): its
-    denominators when each part's loss is taken alone and the parts' losses are added."""
-    counts = {"centre": 0, "motion": 0}
-    for b in parts:
-        at = b["has_centre"].astype(bool)
-        counts["centre"] += int(at.sum())
-        for name in ("colour", "kind"):
-            valid = b[name] != IGNORE
-            counts[name + "_at"] = counts.get(name + "_at", 0) + int((valid & at).sum())
-            counts[name + "_off"] = counts.get(name + "_off", 0) + int((valid & ~at).sum())
-        if "motion" in b:
-            counts["motion"] += int((b["motion"] != IGNORE).sum())
-    return counts
+LOSS_COUNTS = ("centre", "colour_at", "colour_off", "kind_at", "kind_off", "motion")
+
+
+def loss_counts(b: dict) -> np.ndarray:
+    """The tokens of batch `b` (NumPy arrays) each of `loss`'s means averages over, in LOSS_COUNTS' order: added
+    over a batch's parts, the denominators that make the parts' losses add up to the batch's."""
+    at = b["has_centre"].astype(bool)
+    counts = [at.sum()]
+    for name in ("colour", "kind"):
+        valid = b[name] != IGNORE
+        counts += [(valid & at).sum(), (valid & ~at).sum()]
+    counts.append((b["motion"] != IGNORE).sum() if "motion" in b else 0)
+    return np.array(counts, np.float32)
 
 
 def as_mlx(arrays: dict) -> dict:
@@ -173,8 +181,7 @@ def _ce(logits, labels, count=None):
     """Mean cross-entropy over the tokens with a label, or their sum over `count` when given."""
     valid = labels != IGNORE
     loss = nn.losses.cross_entropy(logits, mx.maximum(labels, 0), reduction="none")
-    return (loss * valid).sum() / max(count, 1) if count is not None else (loss * valid).sum() / mx.maximum(
-        valid.sum(), 1)
+    return (loss * valid).sum() / mx.maximum(valid.sum() if count is None else count, 1)
 
 
 def _balanced_ce(logits, labels, at, counts=(None, None)):
@@ -183,19 +190,18 @@ def _balanced_ce(logits, labels, at, counts=(None, None)):
             + _ce(logits, mx.where(at | (labels == IGNORE), IGNORE, labels), counts[1]))
 
 
-def loss(probe, b, kind_weight: float = KIND_WEIGHT, motion_weight: float = 0.0, counts: dict | None = None):
-    """The tower's loss on batch `b`; `counts` (`loss_counts`), when `b` is one part of a batch: each mean's
-    denominator the whole batch's, so that the parts' losses add up to the batch's."""
+def loss(probe, b, kind_weight: float = KIND_WEIGHT, motion_weight: float = 0.0, counts=None):
+    """The tower's loss on batch `b`; `counts` ([6] in LOSS_COUNTS' order), when `b` is one part of a batch: each
+    mean's denominator the whole batch's (`loss_counts` added over the parts), so the parts' losses add up to the
+    batch's."""
     out, at = probe(b["pixels"], b["grid"]), b["has_centre"]
-    centres = max(counts["centre"], 1) if counts else mx.maximum(at.sum(), 1)
-    centre = (((out["centre"] - b["centre"]) ** 2).sum(-1) * at).sum() / centres
-    total = (_balanced_ce(out["colour"], b["colour"], at, (counts["colour_at"], counts["colour_off"]) if counts
-                          else (None, None))
-             + kind_weight * _balanced_ce(out["kind"], b["kind"], at, (counts["kind_at"], counts["kind_off"])
-                                          if counts else (None, None))
-             + centre)
+    centre, colour_at, colour_off, kind_at, kind_off, motion = (None,) * 6 if counts is None else counts
+    centre = (((out["centre"] - b["centre"]) ** 2).sum(-1) * at).sum() / mx.maximum(
+        at.sum() if centre is None else centre, 1)
+    total = (_balanced_ce(out["colour"], b["colour"], at, (colour_at, colour_off))
+             + kind_weight * _balanced_ce(out["kind"], b["kind"], at, (kind_at, kind_off)) + centre)
     if motion_weight:
-        total = total + motion_weight * _ce(out["motion"], b["motion"], counts["motion"] if counts else None)
+        total = total + motion_weight * _ce(out["motion"], b["motion"], motion)
     return total
 
 
@@ -228,6 +234,11 @@ def pretrain_vision(visual, processor, steps: int, seed: int = 0,
         raise ValueError(f"motion_weight={motion_weight}: a loss weight, 0 (off) or more")
     if pictures < 0 or videos < 0 or pictures + videos == 0:
         raise ValueError(f"pictures={pictures}, videos={videos}: counts of a batch's items, 0 or more, not both 0")
+    group = parallel.group()  # in a group of processes, each takes its part of every batch and the sums are added
+    rank, size = group.rank(), group.size()
+    if max(pictures, videos) < size:
+        raise ValueError(f"pictures={pictures}, videos={videos}: the pictures or the clips at least as many as the "
+                         f"{size} processes (each takes its part of a batch)")
     rng = random.Random(seed + 5_000_011)
     probe = Probe(visual, motion=motion_weight > 0)
     probe.head.weight = 0.02 * mx.random.normal(probe.head.weight.shape, key=mx.random.key(seed))
@@ -237,18 +248,14 @@ def pretrain_vision(visual, processor, steps: int, seed: int = 0,
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
     held_out = batch(random.Random(seed + 5_000_077), processor, 96, 16)
     step_fn = nn.value_and_grad(probe, partial(loss, kind_weight=kind_weight, motion_weight=motion_weight))
-    group = parallel.group()  # in a group of processes, each takes its part of every batch and the sums are added
-    rank, size = group.rank(), group.size()
     start, scores = time.perf_counter(), {}
-    batches = prefetched(batch_parts(rng, processor, pictures, videos, max_shapes, size) for _ in range(steps))
-    for step, parts in enumerate(batches, start=1):
+    batches = prefetched(batch_part(rng, processor, pictures, videos, max_shapes, rank, size) for _ in range(steps))
+    for step, part in enumerate(batches, start=1):
         if size == 1:
-            value, grads = step_fn(probe, as_mlx(parts[0]))
+            value, grads = step_fn(probe, as_mlx(part))
         else:
-            mine = step_fn(probe, as_mlx(parts[min(rank, len(parts) - 1)]), counts=loss_counts(parts))
-            if rank >= len(parts):  # fewer items than processes: this one adds nothing
-                mine = tree_map(mx.zeros_like, mine)
-            value, grads = trainer.all_sum(mine, group)
+            counts = mx.distributed.all_sum(mx.array(loss_counts(part)), group=group)
+            value, grads = trainer.all_sum(step_fn(probe, as_mlx(part), counts=counts), group)
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         optimizer.update(probe, grads)
         mx.eval(probe.parameters(), optimizer.state, value)
