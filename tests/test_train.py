@@ -701,6 +701,53 @@ def test_an_error_or_a_death_in_a_training_process_is_raised_where_the_group_was
         run_in_processes(os._exit, 2, 3)
 
 
+def weights_by_rank(offset: float):
+    """Checks a group's weights after adding `offset` times the rank to them: the same only when offset is 0."""
+    from mlx_qwen35.train.parallel import check_in_step, rank
+
+    check_in_step({"w": mx.arange(6.0) + offset * rank()}, "weights")
+    return "same"
+
+
+def test_processes_that_no_longer_hold_the_same_weights_are_stopped_by_name():
+    from mlx_qwen35.train.parallel import run_in_processes
+
+    assert run_in_processes(weights_by_rank, 2, 0.0) == "same"
+    with pytest.raises(RuntimeError, match="the training processes hold different weights"):
+        run_in_processes(weights_by_rank, 2, 1e-6)
+
+
+def test_training_processes_end_when_the_process_that_started_them_is_killed(tmp_path):
+    """A group of training processes whose starting process is SIGKILLed (a killed `train-default --workers 2`)
+    leaves no process behind to wait on the others for ever."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    starter = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                                "from mlx_qwen35.train.parallel import run_in_processes\n"
+                                "run_in_processes(time.sleep, 2, 600)"], start_new_session=True)
+    time.sleep(8)  # spawned and sleeping
+    ranks = subprocess.run(["pgrep", "-P", str(starter.pid)], capture_output=True, text=True).stdout.split()
+    assert len(ranks) >= 2
+    os.kill(starter.pid, signal.SIGKILL)
+    starter.wait()
+
+    def alive(pid):
+        try:
+            os.kill(int(pid), 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+    deadline = time.time() + 10
+    while time.time() < deadline and any(map(alive, ranks)):
+        time.sleep(0.2)
+    assert not any(map(alive, ranks))
+
+
 def test_train_command_fine_tunes_in_parts_and_refuses_workers_below_one(tmp_path, capsys):
     """`mlx-qwen35 train --workers 2` on the shipped default model: a LoRA fine-tune whose steps run in two parts
     writes its adapter; --workers 0 is refused by name before anything is loaded."""

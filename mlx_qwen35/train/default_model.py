@@ -906,6 +906,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
             line = (f"step {step:5d}  " + "  ".join(f"{k} {v:.4f}" for k, v in mean.items()) + skipped
                     + f"  lr {float(schedule(step)):.2e}  tokens {tokens}  {tokens / elapsed:.0f} tok/s  "
                     f"elapsed {elapsed / 60:.1f} min")
+            parallel.check_in_step(model.parameters(), f"weights at step {step}")
             if probe_every and (step % probe_every == 0 or step == last):
                 model.eval()
                 scores = {kind: answer_accuracy(teacher_forced(model), rows)

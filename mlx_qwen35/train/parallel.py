@@ -17,10 +17,13 @@ import os
 import socket
 import sys
 import tempfile
+import threading
+import time
 import traceback
 from multiprocessing.connection import wait
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from ..platform import blas_threads
 
@@ -32,6 +35,18 @@ def group():
 
 def rank() -> int:
     return group().rank()
+
+
+def check_in_step(tree, what: str):
+    """Raise when the processes of this group hold different arrays in `tree` (they must take the same steps): a
+    sum and a sum of squares of all of it, compared exactly."""
+    members = group()
+    if members.size() == 1:
+        return
+    flat = mx.concatenate([v.astype(mx.float32).reshape(-1) for _, v in tree_flatten(tree)])
+    checks = mx.distributed.all_gather(mx.stack([flat.sum(), (flat * flat).sum()])[None], group=members)
+    if not bool((checks == checks[0]).all()):
+        raise RuntimeError(f"the training processes hold different {what}: they no longer take the same steps")
 
 
 def over_processes(parameter: str = "workers"):
@@ -77,8 +92,8 @@ def run_in_processes(function, workers: int, /, *args, **kwargs):
         context = multiprocessing.get_context("spawn")
         pipes = [context.Pipe(duplex=False) for _ in range(workers)]
         processes = [context.Process(target=_rank_main, daemon=True, name=f"rank {rank}",
-                                     args=(rank, hostfile if workers > 1 else None, threads, pipes[rank][1],
-                                           function, args, kwargs))
+                                     args=(rank, hostfile if workers > 1 else None, threads, os.getpid(),
+                                           pipes[rank][1], function, args, kwargs))
                      for rank in range(workers)]
         for process in processes:
             process.start()
@@ -91,6 +106,14 @@ def run_in_processes(function, workers: int, /, *args, **kwargs):
                 if process.is_alive():
                     process.terminate()
                 process.join()
+
+
+def _end_with(starter: int):
+    """End this process once the process that started it is gone (killed, say): a rank left alone would wait on
+    the others for ever, spinning a core."""
+    while os.getppid() == starter:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def _first_outcome(processes, receivers):
@@ -112,7 +135,8 @@ def _first_outcome(processes, receivers):
     return result
 
 
-def _rank_main(rank: int, hostfile: str | None, threads: int, sender, function, args, kwargs):
+def _rank_main(rank: int, hostfile: str | None, threads: int, starter: int, sender, function, args, kwargs):
+    threading.Thread(target=_end_with, args=(starter,), daemon=True).start()
     try:
         if hostfile:  # one process alone is no ring
             os.environ.update(MLX_RANK=str(rank), MLX_HOSTFILE=hostfile)
