@@ -537,8 +537,9 @@ def tower_bench(workers=(1, 2), steps=30, repeats=3, seed=0):
           f"after 5 untimed, {repeats} rounds, each in fresh processes; {platform.cpu_setup()}")
     for w in workers:
         ratio = statistics.median(r[workers[0]] / r[w] for r in rounds)
-        print(f"{w} process{'es' if w > 1 else '  '}  {statistics.median(r[w] for r in rounds) / steps:6.3f} s a step   "
-              f"{ratio:.2f}x {workers[0]} (median of per-round ratios)", flush=True)
+        seconds = statistics.median(r[w] for r in rounds) / steps
+        print(f"{w} process{'es' if w > 1 else '  '}  {seconds:6.3f} s a step   {ratio:.2f}x {workers[0]} (median of "
+              "per-round ratios)", flush=True)
     return rounds
 
 

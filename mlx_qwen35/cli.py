@@ -360,8 +360,8 @@ def main(argv=None):
                        "--train-setups, interleaved")
     bench.add_argument("--train-setups", nargs="+", default=["dense", "segmented", "gathered"],
                        metavar="PATH[:WORKERS[:POOL]]", help="with --train: the routed experts' path (train-default "
-                       "--experts), each step's rows in WORKERS parts, each in a process of its own (--workers, default "
-                       "1), batches "
+                       "--experts), each step's rows in WORKERS parts, each in a process of its own (--workers, "
+                       "default 1), batches "
                        "cut from pools of POOL rows (default the recipe's BATCH_POOL); the first is the baseline")
     bench.add_argument("--train-rows", type=int, default=192, help="with --train: rows of the mixed stream timed")
     bench.add_argument("--tower-workers", type=int, nargs="+", metavar="WORKERS", help="the default model's tower "

@@ -389,7 +389,8 @@ def test_answer_accuracy_counts_rows_with_every_assistant_token_right(tmp_path):
 
 
 def test_train_default_writes_weights_and_a_log_with_held_out_checks(tmp_path, monkeypatch):
-    """Two steps of the real pipeline (with the next run's gathered experts): the run lands atomically with its weights, configs, tokenizer and a log that carries the per-skill held-out line."""
+    """Two steps of the real pipeline (with the next run's gathered experts): the run lands atomically with its
+    weights, configs, tokenizer and a log that carries the per-skill held-out line."""
     from mlx_qwen35.loading import load
     from mlx_qwen35.train import default_model
     from mlx_qwen35.train.default_model import train_default

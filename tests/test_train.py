@@ -621,9 +621,10 @@ def test_split_rows_keeps_every_row_and_cuts_at_the_smallest_largest_padded_part
 
 
 def test_a_step_in_parts_trains_as_the_whole_batch(processor):
-    """TrainConfig.workers: a step's rows in parts, each part's loss and gradients summed. With the load-balancing loss off, the parts' cross-entropy and MTP losses and their gradients are the whole
-    batch's (token means over the whole step), and three optimizer steps leave the same weights; with it on, every
-    step still runs and its loss is finite. Rows of different lengths, pictures among them."""
+    """TrainConfig.workers: a step's rows in parts, each part's loss and gradients summed. With the load-balancing
+    loss off, the parts' cross-entropy and MTP losses and their gradients are the whole batch's (token means over
+    the whole step), and three optimizer steps leave the same weights; with it on, every step still runs and its
+    loss is finite. Rows of different lengths, pictures among them."""
     rng = random.Random(21)
     rows = encode_all([world.image_example(rng), world.sum_example(rng), world.image_example(rng),
                        world.recall_example(rng, max_tokens=120), world.sum_example(rng)], processor)

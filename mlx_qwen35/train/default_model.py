@@ -698,7 +698,8 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     a VISION_LR_SCALE of it; None: the schedule's final rate); `late_images`: the share of the late stages' rows
     that are the mixed stage's image conversations through the tower (LATE_IMAGES); `settle_left_right`: the
     settling mix's weight of lone left/right questions (SETTLE_LEFT_RIGHT); `experts`: how the routed experts run
-    (EXPERTS, one of trainer.EXPERT_PATHS); `workers`: each step's rows in this many parts, each in a process of its own (WORKERS)."""
+    (EXPERTS, one of trainer.EXPERT_PATHS); `workers`: the run in this many processes, each step's rows and each
+    tower pretraining batch in as many parts (WORKERS; train/parallel.py)."""
     from ..platform import cpu_setup
     from . import world
     from .trainer import TrainConfig, Trainer, warmup_cosine

@@ -2,7 +2,8 @@
 loss and gradients of its own part of every step's rows, and the sums are added across processes
 (`mx.distributed.all_sum`, MLX's ring backend over localhost) before the same optimizer step in each. On a CPU,
 MLX runs one graph's ops one after another on one core, and the small ops of two threads in one process largely
-in turn (`scripts/thread_scaling.py`), while two processes run side by side at full speed.
+in turn (`scripts/thread_scaling.py`), while two processes each have a core (docs/benchmarks.md: the decoder's
+steps 1.09x two threads, the tower's pretraining, which threads did not split, 1.48x one process).
 
 `over_processes("workers")` makes a function run so: called with workers > 1 outside a group, it starts that many
 processes (spawned: fresh interpreters) that each call it inside one group, and returns rank 0's result. Inside
@@ -81,8 +82,9 @@ def free_ports(count: int) -> list[int]:
 
 def run_in_processes(function, workers: int, /, *args, **kwargs):
     """`function(*args, **kwargs)` in `workers` spawned processes (fresh interpreters) joined in one ring group on
-    localhost, each with its share of the machine's cores for BLAS; returns rank 0's result. An exception in any process is raised here
-    (the others are stopped); so is a process that dies without one."""
+    localhost, each with its share of the machine's cores for BLAS; returns rank 0's result. An exception in any
+    process is raised here (the others are stopped), with the rank's traceback as a note; so is a process that
+    dies without one."""
     ports = free_ports(workers)
     with tempfile.TemporaryDirectory(prefix="mlx-qwen35-group-") as directory:
         hostfile = os.path.join(directory, "hosts.json")
@@ -128,6 +130,9 @@ def _first_outcome(processes, receivers):
                 process.join()
                 raise RuntimeError(f"training process {process.name} ended with exit code {process.exitcode} "
                                    "and no result") from None
+            except Exception as error:  # an exception that pickled but does not unpickle
+                raise RuntimeError(f"training process {process.name} failed, and its error could not be read "
+                                   f"back: {error}") from None
             if outcome == "error":
                 raise value
             if process.name == "rank 0":
@@ -144,6 +149,7 @@ def _rank_main(rank: int, hostfile: str | None, threads: int, starter: int, send
         with blas_threads(threads):
             sender.send(("ok", function(*args, **kwargs)))
     except BaseException as error:  # reported to the starting process, which raises it
+        error.add_note(f"in training process rank {rank}:\n" + "".join(traceback.format_exception(error)).strip())
         try:
             sender.send(("error", error))
         except Exception:  # an exception that does not pickle
