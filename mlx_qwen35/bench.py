@@ -495,19 +495,27 @@ def train_bench(setups=("dense", "segmented", "gathered"), rows=192, repeats=5, 
     return rounds
 
 
+def fresh_default_model(seed: int):
+    """(model, training processor) of train-default's recipe at its initial weights for `seed`."""
+    import tempfile
+
+    from .train import default_model as recipe
+
+    with tempfile.TemporaryDirectory() as directory:
+        _, processor = recipe.write_skeleton(Path(directory) / "model", seed)
+        return recipe.build_model(Path(directory) / "model", seed), processor
+
+
 def train_pass_seconds(path: str, workers: int, pool: int, rows: int, seed: int):
     """(seconds, the rows' own tokens, (batches, padded tokens)) of the second pass of `train_bench`'s setup over
     its batches in this process's group: the first takes the first calls' costs (memory first touched)."""
-    import tempfile
     from itertools import islice
 
     from .train import default_model as recipe
     from .train.data import collate
     from .train.trainer import TrainConfig, Trainer, split_rows
 
-    with tempfile.TemporaryDirectory() as directory:
-        _, processor = recipe.write_skeleton(Path(directory) / "model", seed)
-        model = recipe.build_model(Path(directory) / "model", seed)
+    model, processor = fresh_default_model(seed)
     drawn = list(islice(recipe.grown_rows(seed, processor), rows))
     trainer = Trainer(model, None, TrainConfig(moe_aux_weight=0.01, mtp_weight=0.3, experts=path, workers=workers,
                                                progress=False))
@@ -546,14 +554,10 @@ def tower_bench(workers=(1, 2), steps=30, repeats=3, seed=0):
 def tower_pass_seconds(steps: int, seed: int) -> float:
     """Seconds of `pretrain_vision` over `steps` steps (and its one held-out check) in this process's group, after
     a first call of 5 steps."""
-    import tempfile
-
     from .train import default_model as recipe
     from .train.vision_pretrain import pretrain_vision
 
-    with tempfile.TemporaryDirectory() as directory:
-        _, processor = recipe.write_skeleton(Path(directory) / "model", seed)
-        model = recipe.build_model(Path(directory) / "model", seed)
+    model, processor = fresh_default_model(seed)
     settings = dict(seed=seed, log=lambda line: None, max_shapes=recipe.VISION_MAX_SHAPES, pictures=24, videos=12,
                     motion_weight=1.0)
     pretrain_vision(model.model.visual, processor, 5, **settings)

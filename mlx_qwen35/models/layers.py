@@ -55,7 +55,7 @@ class MRoPE:
         half = rotary_dim // 2
         self.inv_freq = theta ** (-mx.arange(0, rotary_dim, 2, dtype=mx.float32) / rotary_dim)
         # Not a parameter, so nothing else evaluates it: left lazy, it would belong to this thread's stream, and
-        # a forward on another thread (training's parts, `Trainer.gradients`) could not evaluate it.
+        # a forward on another thread could not evaluate it (MLX's streams belong to their thread).
         mx.eval(self.inv_freq)
         axis = [0] * half
         if interleaved:

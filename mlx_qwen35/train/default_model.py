@@ -249,7 +249,7 @@ SETTLE_SEED = 777
 ADAM_BETAS = [0.9, 0.95]
 # How the routed experts run in training (trainer.EXPERT_PATHS): the same sums in another order, so another run
 # bit for bit. Run 40, the shipped model, ran "dense" (all 8 experts); "segmented" (each expert's own rows) is
-# about 1.2x the tok/s on these CPUs in one part, "gathered" in two parts (WORKERS) 1.39x segmented's
+# about 1.2x the tok/s on these CPUs in one process, "gathered" in two processes (WORKERS) 1.48x segmented's
 # (docs/benchmarks.md): that pair is for the next shipped run.
 EXPERTS = "dense"
 # A step's rows in this many parts, each part's loss and gradients in a process of its own (TrainConfig.workers,

@@ -24,7 +24,8 @@ import traceback
 from multiprocessing.connection import wait
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
 
 from ..platform import blas_threads
 
@@ -36,6 +37,15 @@ def group():
 
 def rank() -> int:
     return group().rank()
+
+
+def all_sum(tree, group):
+    """Every array of `tree` summed across the processes of `group`, in one exchange."""
+    leaves = tree_flatten(tree)
+    flat = mx.distributed.all_sum(mx.concatenate([v.astype(mx.float32).reshape(-1) for _, v in leaves]), group=group)
+    offsets = np.cumsum([0] + [v.size for _, v in leaves]).tolist()
+    return tree_unflatten([(k, flat[a:b].reshape(v.shape).astype(v.dtype))
+                           for (k, v), a, b in zip(leaves, offsets, offsets[1:])])
 
 
 def check_in_step(tree, what: str):

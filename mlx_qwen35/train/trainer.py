@@ -287,15 +287,6 @@ def step_totals(parts: list[dict], prompt_weight: float = 0.0) -> list[dict]:
     return [{"count": count, "mtp_count": mtp_count, "share": p["input_ids"].size / tokens} for p in parts]
 
 
-def all_sum(tree, group):
-    """Every array of `tree` summed across the processes of `group`, in one exchange."""
-    leaves = tree_flatten(tree)
-    flat = mx.distributed.all_sum(mx.concatenate([v.astype(mx.float32).reshape(-1) for _, v in leaves]), group=group)
-    offsets = np.cumsum([0] + [v.size for _, v in leaves]).tolist()
-    return tree_unflatten([(k, flat[a:b].reshape(v.shape).astype(v.dtype))
-                           for (k, v), a, b in zip(leaves, offsets, offsets[1:])])
-
-
 def warmup_cosine(peak: float, warmup: int, total: int, start: float, final: float):
     """Learning rate rising linearly from `start` to `peak` over `warmup` steps, then cosine-decaying to `final`
     by step `total`."""
@@ -383,7 +374,7 @@ class Trainer:
             return total
         if not mine:  # fewer parts than processes: this one adds nothing
             total = tree_map(mx.zeros_like, total)
-        return all_sum(total, self.group)
+        return parallel.all_sum(total, self.group)
 
     def _grad(self, model, batch: dict, step: dict | None = None):
         """((loss, (target weight, parts)), gradients) of one batch or part."""

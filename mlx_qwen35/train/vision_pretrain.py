@@ -17,7 +17,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 
-from . import parallel, trainer, world
+from . import parallel, world
 from .data import prefetched
 from .trainer import warmup_cosine
 
@@ -255,7 +255,7 @@ def pretrain_vision(visual, processor, steps: int, seed: int = 0,
             value, grads = step_fn(probe, as_mlx(part))
         else:
             counts = mx.distributed.all_sum(mx.array(loss_counts(part)), group=group)
-            value, grads = trainer.all_sum(step_fn(probe, as_mlx(part), counts=counts), group)
+            value, grads = parallel.all_sum(step_fn(probe, as_mlx(part), counts=counts), group)
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         optimizer.update(probe, grads)
         mx.eval(probe.parameters(), optimizer.state, value)
