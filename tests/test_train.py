@@ -727,18 +727,28 @@ def test_training_processes_end_when_the_process_that_started_them_is_killed(tmp
     import sys
     import time
 
-    starter = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
-                                "from mlx_qwen35.train.parallel import run_in_processes\n"
-                                "run_in_processes(time.sleep, 2, 600)"], start_new_session=True)
-    time.sleep(8)  # spawned and sleeping
-    ranks = subprocess.run(["pgrep", "-P", str(starter.pid)], capture_output=True, text=True).stdout.split()
-    assert len(ranks) >= 2
-    os.kill(starter.pid, signal.SIGKILL)
-    starter.wait()
+    starter = tmp_path / "starter.py"  # a script file: spawned processes import their function from it
+    starter.write_text("import os, sys, time\n"
+                       "from pathlib import Path\n"
+                       "from mlx_qwen35.train.parallel import run_in_processes\n\n"
+                       "def hold(folder):\n"
+                       "    Path(folder, str(os.getpid())).touch()\n"
+                       "    time.sleep(600)\n\n"
+                       "if __name__ == '__main__':\n"
+                       "    run_in_processes(hold, 2, sys.argv[1])\n")
+    (tmp_path / "ranks").mkdir()
+    process = subprocess.Popen([sys.executable, str(starter), str(tmp_path / "ranks")], start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list((tmp_path / "ranks").iterdir())) < 2:
+        time.sleep(0.2)
+    ranks = [int(p.name) for p in (tmp_path / "ranks").iterdir()]
+    assert len(ranks) == 2
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
 
     def alive(pid):
         try:
-            os.kill(int(pid), 0)
+            os.kill(pid, 0)
             return True
         except ProcessLookupError:
             return False
