@@ -388,6 +388,42 @@ def test_answer_accuracy_counts_rows_with_every_assistant_token_right(tmp_path):
     assert answer_accuracy(oracle(spoil=False), rows[:4], batch_size=4) == 1.0
 
 
+def odd_rows_wrong(batch):
+    """Predictions that get a row's first assistant token wrong when the row's token ids add up to an odd number
+    (padding adds 0), every other token right: `answer_accuracy`'s `logits_fn`, however the rows are batched."""
+    import mlx.core as mx
+
+    ids, mask = np.array(batch["input_ids"]), np.array(batch["mask"][:, 1:])
+    targets = ids[:, 1:].copy()
+    for i in np.flatnonzero(ids.sum(-1) % 2):
+        first = np.flatnonzero(mask[i])[0]
+        targets[i, first] = (targets[i, first] + 1) % 1024
+    return mx.array(np.eye(1024, dtype=np.float32)[targets])
+
+
+def held_out_scores_in_a_group(probes, parts):
+    from mlx_qwen35.train.default_model import held_out_scores
+
+    return held_out_scores(odd_rows_wrong, probes, parts)
+
+
+def test_held_out_scores_in_two_processes_are_each_kinds_share_of_right_answers(tmp_path):
+    """The log's held-out line in a run of several processes: each process answers its share of every kind's
+    rows and the right answers are added across the group; in one process or two, with the rows in two or three
+    batches, each kind's score is its share of rows answered right (here: rows whose ids add up to an even
+    number)."""
+    from mlx_qwen35.train.default_model import held_out_scores, probe_rows, write_skeleton
+    from mlx_qwen35.train.parallel import run_in_processes
+
+    _, processor = write_skeleton(tmp_path / "skeleton", seed=0)
+    probes = probe_rows(0, processor, per_kind=5)
+    expected = {kind: sum(int(row.input_ids.sum()) % 2 == 0 for row in rows) / 5 for kind, rows in probes.items()}
+    assert 0 < np.mean(list(expected.values())) < 1  # both kinds of rows occur
+    for parts in (2, 3):
+        assert held_out_scores(odd_rows_wrong, probes, parts) == expected
+        assert run_in_processes(held_out_scores_in_a_group, 2, probes, parts) == expected
+
+
 def test_train_default_writes_weights_and_a_log_with_held_out_checks(tmp_path, monkeypatch):
     """Two steps of the real pipeline (with the next run's gathered experts): the run lands atomically with its
     weights, configs, tokenizer and a log that carries the per-skill held-out line."""

@@ -256,6 +256,10 @@ EXPERTS = "dense"
 # train/parallel.py): the same token-mean losses, the load-balancing loss each part's own, so another run. Run 40
 # ran 1.
 WORKERS = 1
+# Held-out answers every 200 steps: a check (144 rows through the model) added about 12 s to its step in run 46e's
+# log, each process then answering every row; every 100 steps that was about 1/8 of the run. The rows are now
+# dealt out among the processes (`held_out_scores`), and the checks come half as often.
+PROBE_EVERY = 200
 
 
 def write_skeleton(directory: Path, seed: int, city_words: bool = CITY_WORDS,
@@ -618,6 +622,11 @@ def teacher_forced(model):
 def answer_accuracy(logits_fn, rows, batch_size: int = 16) -> float:
     """Share of rows whose every assistant token is the argmax of `logits_fn(batch)` ([B, L-1, V] predictions
     of tokens 1..L-1) given the true prefix: greedy decoding's answer without running generation."""
+    return right_answers(logits_fn, rows, batch_size) / max(1, len(rows))
+
+
+def right_answers(logits_fn, rows, batch_size: int = 16) -> int:
+    """How many of `rows` `answer_accuracy` counts right."""
     from .data import collate
 
     correct = 0
@@ -626,7 +635,21 @@ def answer_accuracy(logits_fn, rows, batch_size: int = 16) -> float:
         predicted = logits_fn(batch).argmax(-1)
         wrong = ((predicted != batch["input_ids"][:, 1:]) & batch["mask"][:, 1:]).sum(-1)
         correct += int((wrong == 0).sum())
-    return correct / max(1, len(rows))
+    return correct
+
+
+def held_out_scores(logits_fn, probes: dict, parts: int = 1) -> dict:
+    """`answer_accuracy` on each kind of `probes`, each kind's rows in `parts` batches (every parts-th
+    row; as many as the group has processes when it has more) dealt out among the group's processes, the right
+    answers added across it: the same batches, so the same numbers, in one process or several."""
+    members = parallel.group()
+    parts = max(parts, members.size())
+    right = [sum(right_answers(logits_fn, rows[part::parts], batch_size=len(rows))
+                 for part in range(parts) if (index * parts + part) % members.size() == members.rank())
+             for index, rows in enumerate(probes.values())]
+    if members.size() > 1:
+        right = parallel.all_sum(mx.array(right, mx.float32), members).tolist()
+    return {kind: round(count) / max(1, len(rows)) for (kind, rows), count in zip(probes.items(), right)}
 
 
 class RecipeError(ValueError):
@@ -672,7 +695,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                   settle_left_right: float = SETTLE_LEFT_RIGHT,
                   late_rate: float | None = None, late_images: float = LATE_IMAGES, experts: str = EXPERTS,
                   workers: int = WORKERS, learning_rate: float = 2e-3,
-                  warmup: int = 100, log_every: int = 25, probe_every: int = 100, progress: bool = True) -> Path:
+                  warmup: int = 100, log_every: int = 25, probe_every: int = PROBE_EVERY, progress: bool = True) -> Path:
     """Train the default model into `output` (written atomically: weights, configs, tokenizer, training_log.txt).
     At logging steps that are multiples of `probe_every` (0: never) the log also gets held-out per-skill
     answer accuracy (`answer_accuracy` on `probe_rows`). `vision_weights`: a tower that `pretrain_vision`
@@ -910,8 +933,7 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
             parallel.check_in_step(model.parameters(), f"weights at step {step}")
             if probe_every and (step % probe_every == 0 or step == last):
                 model.eval()
-                scores = {kind: answer_accuracy(teacher_forced(model), rows)
-                          for kind, rows in probes.items()}
+                scores = held_out_scores(teacher_forced(model), probes, workers)
                 line += "\n  held-out answers right: " + "  ".join(f"{k} {v:.0%}" for k, v in scores.items())
                 if writer:  # a run cut short keeps its latest weights
                     save_weights(model, partial / "model.safetensors")
