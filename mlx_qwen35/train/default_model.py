@@ -694,11 +694,11 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
                   late_stages: int = LATE_STAGES, late_count_stage: int = LATE_COUNT_STAGE,
                   settle_left_right: float = SETTLE_LEFT_RIGHT,
                   late_rate: float | None = None, late_images: float = LATE_IMAGES, experts: str = EXPERTS,
-                  workers: int = WORKERS, learning_rate: float = 2e-3,
-                  warmup: int = 100, log_every: int = 25, probe_every: int = PROBE_EVERY, progress: bool = True) -> Path:
+                  workers: int = WORKERS, learning_rate: float = 2e-3, warmup: int = 100, log_every: int = 25,
+                  probe_every: int = PROBE_EVERY, progress: bool = True) -> Path:
     """Train the default model into `output` (written atomically: weights, configs, tokenizer, training_log.txt).
     At logging steps that are multiples of `probe_every` (0: never) the log also gets held-out per-skill
-    answer accuracy (`answer_accuracy` on `probe_rows`). `vision_weights`: a tower that `pretrain_vision`
+    answer accuracy (`held_out_scores` on `probe_rows`). `vision_weights`: a tower that `pretrain_vision`
     already trained (with this seed and `vision_steps`) to start from instead of pretraining again.
     `scaffold_rows`: the binding scaffold's length (SCAFFOLD_ROWS); `city_words`: CITY_WORDS; `city_pieces`:
     CITY_PIECES; `tool_tail`: the tool-heavy tail's steps, taken from `steps` (None: the recipe's
