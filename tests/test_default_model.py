@@ -910,6 +910,20 @@ def test_a_flag_without_the_one_it_needs_is_refused_before_anything_is_written(c
     assert not any(tmp_path.iterdir())
 
 
+def test_a_recipe_for_several_processes_is_refused_before_they_start(tmp_path, monkeypatch):
+    """A setting that cannot run is refused in the calling process (`over_processes`' check), not in the training
+    processes after they have started."""
+    from mlx_qwen35.train import parallel
+    from mlx_qwen35.train.default_model import RecipeError, train_default
+
+    monkeypatch.setattr(parallel, "run_in_processes", lambda *args, **kwargs: pytest.fail("processes started"))
+    with pytest.raises(RecipeError, match="late_images 1.0: a share"):
+        train_default(tmp_path / "model", workers=2, late_images=1.0)
+    with pytest.raises(FileNotFoundError, match="--vision-weights: no such file"):
+        train_default(tmp_path / "model", workers=2, vision_weights=tmp_path / "none.safetensors")
+    assert not any(tmp_path.iterdir())
+
+
 def test_binding_stage_shuffles_colour_questions_on_the_scaffold_among_the_sums(tmp_path):
     """The opening stage holds `sum_stage` sums and `binding_stage` colour questions about the world's scenes (some
     with several shapes) in a shuffled order, each picture reading the scaffold; the first stage follows unchanged

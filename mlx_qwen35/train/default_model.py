@@ -678,56 +678,14 @@ class RecipeError(ValueError):
 FLAGS = {"settle_steps": "settle"}  # train_default's parameters whose flags are not their names
 
 
-@parallel.over_processes("workers")
-@exact_activations()  # the logged accuracies, like the weights, must not depend on the inference activations
-def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_batch: int = 2048,
-                  vision_steps: int = VISION_PRETRAIN_STEPS, vision_weights: Path | None = None,
-                  scaffold_rows: int = SCAFFOLD_ROWS, city_words: bool = CITY_WORDS, city_pieces: bool = CITY_PIECES,
-                  tool_tail: int | None = None, picture_curriculum: int = PICTURE_CURRICULUM,
-                  grown_first_stage: bool = GROWN_FIRST_STAGE, binding_stage: int = BINDING_STAGE,
-                  tower_first_stage: bool = TOWER_FIRST_STAGE, binding_questions: tuple = BINDING_QUESTIONS,
-                  sum_stage: int = SUM_STAGE, stretch_opening: bool = False, schedule_steps: int | None = None,
-                  settle_steps: int = SETTLE_STEPS, count_rows: float = COUNT_ROWS,
-                  vision_motion: float = VISION_MOTION_WEIGHT, vision_pictures: int = VISION_PICTURES,
-                  vision_clips: int = VISION_CLIPS, scaffold_position: bool = SCAFFOLD_POSITION,
-                  side_stage: int = SIDE_STAGE, left_right_stage: int = LEFT_RIGHT_STAGE,
-                  late_stages: int = LATE_STAGES, late_count_stage: int = LATE_COUNT_STAGE,
-                  settle_left_right: float = SETTLE_LEFT_RIGHT,
-                  late_rate: float | None = None, late_images: float = LATE_IMAGES, experts: str = EXPERTS,
-                  workers: int = WORKERS, learning_rate: float = 2e-3, warmup: int = 100, log_every: int = 25,
-                  probe_every: int = PROBE_EVERY, progress: bool = True) -> Path:
-    """Train the default model into `output` (written atomically: weights, configs, tokenizer, training_log.txt).
-    At logging steps that are multiples of `probe_every` (0: never) the log also gets held-out per-skill
-    answer accuracy (`held_out_scores` on `probe_rows`). `vision_weights`: a tower that `pretrain_vision`
-    already trained (with this seed and `vision_steps`) to start from instead of pretraining again.
-    `scaffold_rows`: the binding scaffold's length (SCAFFOLD_ROWS); `city_words`: CITY_WORDS; `city_pieces`:
-    CITY_PIECES; `tool_tail`: the tool-heavy tail's steps, taken from `steps` (None: the recipe's
-    TOOL_TAIL_STEPS of STEPS, in proportion);
-    `picture_curriculum`: mixed rows over which single-picture scenes grow (PICTURE_CURRICULUM);
-    `grown_first_stage`: GROWN_FIRST_STAGE; `binding_stage`: BINDING_STAGE; `tower_first_stage`: TOWER_FIRST_STAGE;
-    `binding_questions`: BINDING_QUESTIONS; `sum_stage`: the opening's sums (SUM_STAGE); `stretch_opening`: an
-    opening longer than run 31's runs through its part of the learning-rate schedule (`stretched_opening`);
-    `schedule_steps`: the schedule is that of a run of this many steps, and the steps after the opening pass
-    through its remainder more slowly to fill `steps` (`stretched_after_opening`; None: SCHEDULE_STEPS
-    for STEPS, else `steps`); `settle_steps`: steps added after `steps` at the schedule's final rate, drawing
-    SETTLE_MIX (SETTLE_STEPS); `count_rows`: the mixed stage's weight of counting rows (`count_example`,
-    COUNT_ROWS) beside TRAIN_MIX's; `vision_motion`: the tower pretraining's motion head weight
-    (VISION_MOTION_WEIGHT); `vision_pictures`, `vision_clips`: each tower pretraining batch's pictures and clips
-    (VISION_PICTURES, VISION_CLIPS); `scaffold_position`: the scaffold's centre tokens carry their place (SCAFFOLD_POSITION);
-    `side_stage`, `left_right_stage`: the stages of side, then left/right questions after the opening (SIDE_STAGE,
-    LEFT_RIGHT_STAGE); `late_stages`: steps of side rows, then as many of left/right rows, after `steps` and before
-    the settling steps (LATE_STAGES); `late_count_stage`: steps of counting rows after them (LATE_COUNT_STAGE);
-    `late_rate`: the decoder's learning rate in the late stages (the tower's
-    a VISION_LR_SCALE of it; None: the schedule's final rate); `late_images`: the share of the late stages' rows
-    that are the mixed stage's image conversations through the tower (LATE_IMAGES); `settle_left_right`: the
-    settling mix's weight of lone left/right questions (SETTLE_LEFT_RIGHT); `experts`: how the routed experts run
-    (EXPERTS, one of trainer.EXPERT_PATHS); `workers`: the run in this many processes, each step's rows and each
-    tower pretraining batch in as many parts (WORKERS; train/parallel.py)."""
-    from ..platform import cpu_setup
-    from . import world
-    from .trainer import TrainConfig, Trainer, warmup_cosine
-    from .vision_pretrain import class_means, pretrain_vision
-
+def recipe_plan(*, vision_weights, scaffold_rows, sum_stage, binding_stage, picture_curriculum, side_stage,
+                left_right_stage, settle_steps, late_stages, late_count_stage, count_rows, vision_motion,
+                settle_left_right, experts, workers, tool_tail, steps, stretch_opening, warmup, schedule_steps,
+                vision_pictures, vision_clips, scaffold_position, late_rate, late_images, tower_first_stage,
+                grown_first_stage, city_pieces, city_words, binding_questions, **_) -> tuple:
+    """Refuse a `train_default` setting that cannot run (RecipeError, naming it; FileNotFoundError for a missing
+    tower), before anything is written or any process started; else what follows from the settings: (tool_tail,
+    opening_steps, stretch, added_steps, schedule_steps, mix_stretch). Takes train_default's arguments by name."""
     if vision_weights and not Path(vision_weights).is_file():
         raise FileNotFoundError(f"--vision-weights: no such file {vision_weights}")
     for setting, rows in (("scaffold_rows", scaffold_rows), ("sum_stage", sum_stage),
@@ -790,6 +748,61 @@ def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_ba
     if unknown or not binding_questions:
         raise RecipeError(f"{{binding_questions}} {{0}}: one or more of {SCAFFOLD_QUESTIONS}",
                           tuple(binding_questions))
+    return tool_tail, opening_steps, stretch, added_steps, schedule_steps, mix_stretch
+
+
+@parallel.over_processes("workers", check=lambda settings: recipe_plan(**settings))
+@exact_activations()  # the logged accuracies, like the weights, must not depend on the inference activations
+def train_default(output: Path, seed: int = 0, steps: int = STEPS, tokens_per_batch: int = 2048,
+                  vision_steps: int = VISION_PRETRAIN_STEPS, vision_weights: Path | None = None,
+                  scaffold_rows: int = SCAFFOLD_ROWS, city_words: bool = CITY_WORDS, city_pieces: bool = CITY_PIECES,
+                  tool_tail: int | None = None, picture_curriculum: int = PICTURE_CURRICULUM,
+                  grown_first_stage: bool = GROWN_FIRST_STAGE, binding_stage: int = BINDING_STAGE,
+                  tower_first_stage: bool = TOWER_FIRST_STAGE, binding_questions: tuple = BINDING_QUESTIONS,
+                  sum_stage: int = SUM_STAGE, stretch_opening: bool = False, schedule_steps: int | None = None,
+                  settle_steps: int = SETTLE_STEPS, count_rows: float = COUNT_ROWS,
+                  vision_motion: float = VISION_MOTION_WEIGHT, vision_pictures: int = VISION_PICTURES,
+                  vision_clips: int = VISION_CLIPS, scaffold_position: bool = SCAFFOLD_POSITION,
+                  side_stage: int = SIDE_STAGE, left_right_stage: int = LEFT_RIGHT_STAGE,
+                  late_stages: int = LATE_STAGES, late_count_stage: int = LATE_COUNT_STAGE,
+                  settle_left_right: float = SETTLE_LEFT_RIGHT,
+                  late_rate: float | None = None, late_images: float = LATE_IMAGES, experts: str = EXPERTS,
+                  workers: int = WORKERS, learning_rate: float = 2e-3, warmup: int = 100, log_every: int = 25,
+                  probe_every: int = PROBE_EVERY, progress: bool = True) -> Path:
+    """Train the default model into `output` (written atomically: weights, configs, tokenizer, training_log.txt).
+    At logging steps that are multiples of `probe_every` (0: never) the log also gets held-out per-skill
+    answer accuracy (`held_out_scores` on `probe_rows`). `vision_weights`: a tower that `pretrain_vision`
+    already trained (with this seed and `vision_steps`) to start from instead of pretraining again.
+    `scaffold_rows`: the binding scaffold's length (SCAFFOLD_ROWS); `city_words`: CITY_WORDS; `city_pieces`:
+    CITY_PIECES; `tool_tail`: the tool-heavy tail's steps, taken from `steps` (None: the recipe's
+    TOOL_TAIL_STEPS of STEPS, in proportion);
+    `picture_curriculum`: mixed rows over which single-picture scenes grow (PICTURE_CURRICULUM);
+    `grown_first_stage`: GROWN_FIRST_STAGE; `binding_stage`: BINDING_STAGE; `tower_first_stage`: TOWER_FIRST_STAGE;
+    `binding_questions`: BINDING_QUESTIONS; `sum_stage`: the opening's sums (SUM_STAGE); `stretch_opening`: an
+    opening longer than run 31's runs through its part of the learning-rate schedule (`stretched_opening`);
+    `schedule_steps`: the schedule is that of a run of this many steps, and the steps after the opening pass
+    through its remainder more slowly to fill `steps` (`stretched_after_opening`; None: SCHEDULE_STEPS
+    for STEPS, else `steps`); `settle_steps`: steps added after `steps` at the schedule's final rate, drawing
+    SETTLE_MIX (SETTLE_STEPS); `count_rows`: the mixed stage's weight of counting rows (`count_example`,
+    COUNT_ROWS) beside TRAIN_MIX's; `vision_motion`: the tower pretraining's motion head weight
+    (VISION_MOTION_WEIGHT); `vision_pictures`, `vision_clips`: each tower pretraining batch's pictures and clips
+    (VISION_PICTURES, VISION_CLIPS); `scaffold_position`: the scaffold's centre tokens carry their place (SCAFFOLD_POSITION);
+    `side_stage`, `left_right_stage`: the stages of side, then left/right questions after the opening (SIDE_STAGE,
+    LEFT_RIGHT_STAGE); `late_stages`: steps of side rows, then as many of left/right rows, after `steps` and before
+    the settling steps (LATE_STAGES); `late_count_stage`: steps of counting rows after them (LATE_COUNT_STAGE);
+    `late_rate`: the decoder's learning rate in the late stages (the tower's
+    a VISION_LR_SCALE of it; None: the schedule's final rate); `late_images`: the share of the late stages' rows
+    that are the mixed stage's image conversations through the tower (LATE_IMAGES); `settle_left_right`: the
+    settling mix's weight of lone left/right questions (SETTLE_LEFT_RIGHT); `experts`: how the routed experts run
+    (EXPERTS, one of trainer.EXPERT_PATHS); `workers`: the run in this many processes, each step's rows and each
+    tower pretraining batch in as many parts (WORKERS; train/parallel.py)."""
+    settings = dict(locals())
+    from ..platform import cpu_setup
+    from . import world
+    from .trainer import TrainConfig, Trainer, warmup_cosine
+    from .vision_pretrain import class_means, pretrain_vision
+
+    tool_tail, opening_steps, stretch, added_steps, schedule_steps, mix_stretch = recipe_plan(**settings)
     run_start = time.perf_counter()
     output = Path(output)
     writer = parallel.rank() == 0  # in a group of processes (`workers`) the others write nothing

@@ -60,17 +60,22 @@ def check_in_step(tree, what: str):
         raise RuntimeError(f"the training processes hold different {what}: they no longer take the same steps")
 
 
-def over_processes(parameter: str = "workers"):
+def over_processes(parameter: str = "workers", check=None):
     """Decorator: a call whose `parameter` is above 1, made outside a group, runs in that many processes
-    (`run_in_processes`)."""
+    (`run_in_processes`). `check`, given the call's arguments by name (defaults filled in), runs first in the
+    calling process: what it raises is raised before any process starts."""
 
     def decorate(function):
         signature = inspect.signature(function)
 
         @functools.wraps(function)
         def call(*args, **kwargs):
-            workers = signature.bind(*args, **kwargs).arguments.get(parameter, signature.parameters[parameter].default)
+            arguments = signature.bind(*args, **kwargs)
+            arguments.apply_defaults()
+            workers = arguments.arguments[parameter]
             if isinstance(workers, int) and workers > 1 and group().size() == 1:
+                if check is not None:
+                    check(arguments.arguments)
                 return run_in_processes(call, workers, *args, **kwargs)
             return function(*args, **kwargs)
 
