@@ -256,8 +256,8 @@ EXPERTS = "dense"
 # train/parallel.py): the same token-mean losses, the load-balancing loss each part's own, so another run. Run 40
 # ran 1.
 WORKERS = 1
-# Held-out answers every 200 steps: a check (144 rows through the model) added about 12 s to its step in run 46e's
-# log, each process then answering every row; every 100 steps that was about 1/8 of the run. The rows are now
+# Held-out answers every 200 steps: a check (144 rows through the model) added 6-12 s to its step in run 46e's
+# log, each process then answering every row; every 100 steps that was 7-13 % of the run. The rows are now
 # dealt out among the processes (`held_out_scores`), and the checks come half as often.
 PROBE_EVERY = 200
 
