@@ -642,8 +642,7 @@ def held_out_scores(logits_fn, probes: dict, parts: int = 1) -> dict:
     """`answer_accuracy` on each kind of `probes`, each kind's rows in `parts` batches (every parts-th
     row; as many as the group has processes when it has more) dealt out among the group's processes, the right
     answers added across it: the same batches, so the same numbers, in one process or several."""
-    members = parallel.group()
-    parts = max(parts, members.size())
+    members, parts = parallel.group(), parallel.parts(parts)
     right = [sum(right_answers(logits_fn, rows[part::parts], batch_size=len(rows))
                  for part in range(parts) if (index * parts + part) % members.size() == members.rank())
              for index, rows in enumerate(probes.values())]

@@ -39,10 +39,21 @@ def rank() -> int:
     return group().rank()
 
 
+def parts(count: int) -> int:
+    """How many parts work dealt out among this group's processes is cut into: `count`, or as many as the group
+    has processes when it has more (each process takes every size-th part)."""
+    return max(count, group().size())
+
+
+def _flat(leaves) -> mx.array:
+    """The arrays of `tree_flatten`'s `leaves` as one float32 vector."""
+    return mx.concatenate([v.astype(mx.float32).reshape(-1) for _, v in leaves])
+
+
 def all_sum(tree, group):
     """Every array of `tree` summed across the processes of `group`, in one exchange."""
     leaves = tree_flatten(tree)
-    flat = mx.distributed.all_sum(mx.concatenate([v.astype(mx.float32).reshape(-1) for _, v in leaves]), group=group)
+    flat = mx.distributed.all_sum(_flat(leaves), group=group)
     offsets = np.cumsum([0] + [v.size for _, v in leaves]).tolist()
     return tree_unflatten([(k, flat[a:b].reshape(v.shape).astype(v.dtype))
                            for (k, v), a, b in zip(leaves, offsets, offsets[1:])])
@@ -54,7 +65,7 @@ def check_in_step(tree, what: str):
     members = group()
     if members.size() == 1:
         return
-    flat = mx.concatenate([v.astype(mx.float32).reshape(-1) for _, v in tree_flatten(tree)])
+    flat = _flat(tree_flatten(tree))
     checks = mx.distributed.all_gather(mx.stack([flat.sum(), (flat * flat).sum()])[None], group=members)
     if not bool((checks == checks[0]).all()):
         raise RuntimeError(f"the training processes hold different {what}: they no longer take the same steps")

@@ -340,7 +340,7 @@ class Trainer:
             batch = [self.rows[i] for i in self.batch_indices(self.step)]
         if isinstance(batch, list):
             batch = [collate(part, self.config.pad_id, self.spatial_merge)
-                     for part in split_rows(batch, max(self.config.workers, self.group.size()))]
+                     for part in split_rows(batch, parallel.parts(self.config.workers))]
         self.model.train()
         loss, count, parts, grads = self.gradients(batch)
         tokens = sum(b["input_ids"].size for b in (batch if isinstance(batch, list) else [batch]))
